@@ -1,0 +1,1 @@
+"""The RLHF trainer over the fused ops in `kernels`."""
