@@ -1,0 +1,268 @@
+"""Row kernels shared by the vocabulary ops: token_stats, full_kl and the fused-linear ops.
+
+Letters: N tokens (rows), V vocabulary. Per row, with x = logits / T, z = ref_logits / T,
+p = softmax(x), q = softmax(z), lse = logsumexp(x), lse_ref = logsumexp(z):
+
+    logp    = x[label] - lse                      (LABELS)
+    entropy = -sum_v p_v log p_v                  (ENTROPY)
+    kl      = sum_v p_v (log p_v - log q_v)       (KL)
+
+and the gradient of (g_logp * logp + g_ent * entropy + g_kl * kl) with respect to the logits:
+
+    d/dx_v = g_logp 1[v == label] - p_v (g_logp + g_ent (log p_v + H) - g_kl (log p_v - log q_v - KL))
+
+divided by T. One forward pass reads each row of logits and ref_logits once (online softmax in
+base 2, running maxima from -inf, rescaled sums); the backward reads them once more and writes the
+gradient in the logits' dtype.
+
+Numerics: the entropy numerator t = sum e^(y-m) (y-m) and the KL numerator
+u = sum e^(y-m) ((y-m) - (w-m_ref)) are kept relative to the running maxima (y = x log2 e, w = z log2 e),
+so neither forms lse - E[x] at |logits| ~ 1e4, where fp32 would cancel to ~1e-3 absolute. KL of a row
+with itself is exactly 0 (u = 0 and log s = log s_ref bit for bit); a negative rounding residue is
+clamped to 0 so that KL >= 0 always holds.
+
+Rows whose label == ignore_index (with LABELS) yield zeros, read nothing and get a zero gradient.
+Masked vocabulary (-inf at the same positions in logits and ref_logits) contributes 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._dispatch import ext_op
+from kernels._triton import row_launch, tl, triton
+
+
+@triton.jit
+def _vocab_fwd_kernel(
+    # data pointers
+    x_ptr,  # [A, R, V] strided view of logits, any float dtype
+    z_ptr,  # [A2, R2, V] strided view of ref_logits (read only if KL)
+    labels_ptr,  # [N] int (read only if LABELS)
+    logp_ptr,  # [N] fp32 out (written only if LABELS)
+    entropy_ptr,  # [N] fp32 out (written only if ENTROPY)
+    kl_ptr,  # [N] fp32 out (written only if KL)
+    lse_ptr,  # [N] fp32 out: logsumexp(logits / T)
+    lse_ref_ptr,  # [N] fp32 out: logsumexp(ref_logits / T) (written only if KL)
+    # strides (elements)
+    sx_outer,
+    sx_inner,
+    sx_v,
+    sz_outer,
+    sz_inner,
+    sz_v,
+    # shapes and scalars
+    x_rows_inner,
+    z_rows_inner,
+    V,
+    inv_temp,
+    ignore_index,
+    # meta
+    LABELS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    KL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    NEG_INF: tl.constexpr = -float("inf")
+    if LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        n_cols = tl.where(label != ignore_index, V, 0)  # ignored tokens stream nothing
+    else:
+        label = row * 0 - 1
+        n_cols = V
+    xb = x_ptr + (row // x_rows_inner) * sx_outer + (row % x_rows_inner) * sx_inner
+    zb = z_ptr + (row // z_rows_inner) * sz_outer + (row % z_rows_inner) * sz_inner
+    scale = inv_temp * LOG2E  # base 2: y = x log2(e) / T
+    m = NEG_INF  # running max of y
+    s = 0.0  # sum exp2(y - m)
+    t = 0.0  # sum exp2(y - m) (y - m)
+    mr = NEG_INF  # running max of w
+    sr = 0.0  # sum exp2(w - mr)
+    u = 0.0  # sum exp2(y - m) ((y - m) - (w - mr))
+    for start in range(0, n_cols, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < V
+        offs64 = offs.to(tl.int64)
+        y = tl.load(xb + offs64 * sx_v, mask=inb, other=NEG_INF).to(tl.float32) * scale
+        m_new = tl.maximum(m, tl.max(y, axis=0))
+        # m_new == -inf only while every y so far is -inf: then nothing is added and s stays 0.
+        alpha = tl.where(m_new > NEG_INF, tl.exp2(m - m_new), 1.0)
+        d = y - m_new
+        e = tl.where(y > NEG_INF, tl.exp2(d), 0.0)
+        if ENTROPY:
+            shift = tl.where(s > 0, (m - m_new) * s, 0.0)
+            t = alpha * (t + shift) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+        if KL:
+            w = tl.load(zb + offs64 * sz_v, mask=inb, other=NEG_INF).to(tl.float32) * scale
+            mr_new = tl.maximum(mr, tl.max(w, axis=0))
+            alpha_r = tl.where(mr_new > NEG_INF, tl.exp2(mr - mr_new), 1.0)
+            sr = sr * alpha_r + tl.sum(tl.where(w > NEG_INF, tl.exp2(w - mr_new), 0.0), axis=0)
+            # (y - m) - (w - mr) moves by (m - m_new) - (mr - mr_new) when the maxima move.
+            shift_u = tl.where(s > 0, ((m - m_new) - (mr - mr_new)) * s, 0.0)
+            u = alpha * (u + shift_u) + tl.sum(tl.where(e > 0, e * (d - (w - mr_new)), 0.0), axis=0)
+            mr = mr_new
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    valid = n_cols > 0
+    log2_s = tl.log2(s)
+    tl.store(lse_ptr + row, tl.where(valid, (m + log2_s) * LN2, 0.0))
+    if LABELS:
+        safe_label = tl.where(valid & (label >= 0) & (label < V), label, 0)
+        y_label = tl.load(xb + safe_label * sx_v, mask=valid).to(tl.float32) * scale
+        tl.store(logp_ptr + row, tl.where(valid, (y_label - m - log2_s) * LN2, 0.0))
+    if ENTROPY:
+        tl.store(entropy_ptr + row, tl.where(valid, (log2_s - t / s) * LN2, 0.0))
+    if KL:
+        log2_sr = tl.log2(sr)
+        kl = tl.maximum((u / s - log2_s + log2_sr) * LN2, 0.0)
+        tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
+        tl.store(lse_ref_ptr + row, tl.where(valid, (mr + log2_sr) * LN2, 0.0))
+
+
+@triton.jit
+def _vocab_bwd_kernel(
+    # data pointers
+    x_ptr,  # [A, R, V] strided view of logits
+    z_ptr,  # [A2, R2, V] strided view of ref_logits (read only if KL)
+    labels_ptr,  # [N] int (read only if LABELS)
+    lse_ptr,  # [N] fp32 from the forward
+    lse_ref_ptr,  # [N] fp32 from the forward (read only if KL)
+    entropy_ptr,  # [N] fp32 from the forward (read only if ENTROPY)
+    kl_ptr,  # [N] fp32 from the forward (read only if KL)
+    grad_logp_ptr,  # [N] fp32 upstream (read only if LABELS)
+    grad_entropy_ptr,  # [N] fp32 upstream (read only if ENTROPY)
+    grad_kl_ptr,  # [N] fp32 upstream (read only if KL)
+    grad_x_ptr,  # [N, V] contiguous out, logits' dtype; may alias x when x is that same [N, V] buffer
+    # strides (elements)
+    sx_outer,
+    sx_inner,
+    sx_v,
+    sz_outer,
+    sz_inner,
+    sz_v,
+    # shapes and scalars
+    x_rows_inner,
+    z_rows_inner,
+    V,
+    inv_temp,
+    ignore_index,
+    # meta
+    LABELS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    KL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        valid = label != ignore_index
+        g_logp = tl.where(valid, tl.load(grad_logp_ptr + row), 0.0) * inv_temp
+    else:
+        label = row * 0 - 1
+        valid = row >= 0
+        g_logp = 0.0
+    xb = x_ptr + (row // x_rows_inner) * sx_outer + (row % x_rows_inner) * sx_inner
+    zb = z_ptr + (row // z_rows_inner) * sz_outer + (row % z_rows_inner) * sz_inner
+    out = grad_x_ptr + row * V
+    lse = tl.load(lse_ptr + row)
+    # c_v = g_logp + g_ent (log p_v + H) - g_kl (log p_v - log q_v - KL) = c0 + c1 log p_v + g_kl log q_v
+    c0 = g_logp
+    c1 = 0.0
+    g_kl = 0.0
+    if ENTROPY:
+        g_ent = tl.where(valid, tl.load(grad_entropy_ptr + row), 0.0) * inv_temp
+        c0 += g_ent * tl.load(entropy_ptr + row)
+        c1 += g_ent
+    if KL:
+        g_kl = tl.where(valid, tl.load(grad_kl_ptr + row), 0.0) * inv_temp
+        lse_ref = tl.load(lse_ref_ptr + row)
+        c0 += g_kl * tl.load(kl_ptr + row)
+        c1 -= g_kl
+    n_read = tl.where(valid, V, 0)  # ignored tokens write zeros without reading
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        offs64 = offs.to(tl.int64)
+        rd = offs < n_read
+        x = tl.load(xb + offs64 * sx_v, mask=rd, other=-float("inf")).to(tl.float32)
+        logp = x * inv_temp - lse  # -inf where p_v == 0
+        p = tl.exp(logp)
+        c = c0 + c1 * logp
+        if KL:
+            zv = tl.load(zb + offs64 * sz_v, mask=rd, other=0.0).to(tl.float32)
+            c += g_kl * (zv * inv_temp - lse_ref)
+        g = tl.where(offs == label, g_logp, 0.0) - tl.where(p > 0, p * c, 0.0)
+        tl.store(out + offs64, g.to(grad_x_ptr.dtype.element_ty), mask=offs < V)
+
+
+def _empty(device):
+    return torch.empty(0, device=device, dtype=torch.float32)
+
+
+def vocab_fwd(backend, x3, z3, labels, inv_temp, ignore_index, entropy):
+    """x3 [A, R, V] (and z3, the ref rows, or None), labels [N] or None
+    -> (logp, entropy, kl, lse, lse_ref), each [N] fp32 or empty when not asked for."""
+    if backend in ("cpp", "cuda"):
+        return ext_op("token_stats_fwd")(x3, z3, labels, inv_temp, ignore_index, entropy)
+    A, R, V = x3.shape
+    N = A * R
+    dev = x3.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    has_labels, has_kl = labels is not None, z3 is not None
+    lse = torch.empty(N, **f32)
+    logp = torch.empty(N, **f32) if has_labels else _empty(dev)
+    ent = torch.empty(N, **f32) if entropy else _empty(dev)
+    kl = torch.empty(N, **f32) if has_kl else _empty(dev)
+    lse_ref = torch.empty(N, **f32) if has_kl else _empty(dev)
+    zz = z3 if has_kl else x3
+    launch = row_launch(V, max_block=4096 if not has_kl else 2048)
+    if N:
+        _vocab_fwd_kernel[(N,)](
+            x3, zz, labels if has_labels else lse, logp if has_labels else lse, ent if entropy else lse,
+            kl if has_kl else lse, lse, lse_ref if has_kl else lse,
+            x3.stride(0), x3.stride(1), x3.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
+            x3.shape[1], zz.shape[1], V, inv_temp, ignore_index,
+            LABELS=has_labels, ENTROPY=bool(entropy), KL=has_kl,
+            BLOCK=launch["BLOCK"], num_warps=launch["num_warps"],
+        )  # fmt: skip
+    return logp, ent, kl, lse, lse_ref
+
+
+def vocab_bwd(backend, x3, z3, labels, saved, grads, inv_temp, ignore_index, out=None):
+    """Gradient w.r.t. the logits of sum(g_logp logp + g_ent entropy + g_kl kl).
+
+    saved = (lse, lse_ref, entropy, kl) from vocab_fwd; grads = (g_logp, g_ent, g_kl), each [N] fp32
+    contiguous or None (None: that output gets no gradient). `out` ([N, V] contiguous, x3's dtype) is
+    written in place when given (Triton only; it may be x3 itself). -> grad [N, V] in x3's dtype.
+    """
+    lse, lse_ref, ent, kl = saved
+    g_logp, g_ent, g_kl = grads
+    with_logp = labels is not None and g_logp is not None
+    with_ent, with_kl = g_ent is not None, g_kl is not None and z3 is not None
+    if backend in ("cpp", "cuda"):
+        return ext_op("token_stats_bwd")(
+            x3, z3 if with_kl else None, labels, lse, lse_ref if with_kl else None, ent if with_ent else None,
+            kl if with_kl else None, g_logp if with_logp else None, g_ent, g_kl if with_kl else None,
+            inv_temp, ignore_index,
+        )  # fmt: skip
+    A, R, V = x3.shape
+    N = A * R
+    grad = out if out is not None else torch.empty((N, V), device=x3.device, dtype=x3.dtype)
+    zz = z3 if with_kl else x3
+    # With labels but no logp gradient the row still has a label (ignore_index masks it): pass zeros.
+    if labels is not None and g_logp is None:
+        g_logp = torch.zeros(N, device=x3.device, dtype=torch.float32)
+    launch = row_launch(V, max_block=4096 if not with_kl else 2048)
+    if N:
+        _vocab_bwd_kernel[(N,)](
+            x3, zz, labels if labels is not None else lse, lse, lse_ref if with_kl else lse,
+            ent if with_ent else lse, kl if with_kl else lse,
+            g_logp if labels is not None else lse, g_ent if with_ent else lse, g_kl if with_kl else lse, grad,
+            x3.stride(0), x3.stride(1), x3.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
+            x3.shape[1], zz.shape[1], V, inv_temp, ignore_index,
+            LABELS=labels is not None, ENTROPY=with_ent, KL=with_kl,
+            BLOCK=launch["BLOCK"], num_warps=launch["num_warps"],
+        )  # fmt: skip
+    return grad
