@@ -1,0 +1,113 @@
+"""The engine's command line; one subcommand per stage.
+
+    python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/rm
+
+A bad path, config or data line prints one `error: ...` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from engine.config import MODEL_PRESETS, REWARD_PRESETS, EngineError, RewardConfig, reward_preset
+
+EXIT_USAGE = 2
+
+
+def _add_rm(sub) -> None:
+    d = RewardConfig()
+    p = sub.add_parser(
+        "rm",
+        help="train a reward model from pairwise or ranked feedback",
+        description=(
+            "Train the reward adapter + scalar head on one (4-bit) base from a feedback JSONL file "
+            "(pairwise {prompt, chosen, rejected} and/or ranked {prompt, completions, rankings}; see README). "
+            "Ranked records become the C(n,2) pairs of the labelers' mean-rank consensus; labelers whose "
+            "Kendall tau with the consensus is below --agreement-threshold are flagged in OUT/labelers.json. "
+            "Writes OUT/adapter_reward.safetensors, OUT/heads.safetensors, OUT/stack.json, OUT/metrics.jsonl, "
+            "OUT/result.json and OUT/checkpoint.pt; rerunning with the same OUT resumes from the checkpoint."
+        ),
+    )
+    p.add_argument("--data", required=True, help="feedback JSONL file")
+    p.add_argument(
+        "--model", required=True,
+        help=f"a preset ({', '.join(MODEL_PRESETS)}) or a local save_pretrained directory: a causal LM "
+        "(gets a LoRA reward adapter + head) or a ...ForSequenceClassification model with num_labels=1 (trained whole)",
+    )
+    p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
+    p.add_argument("--preset", default="default", choices=sorted(REWARD_PRESETS), help="training preset the flags below override (default: default; tiny: CPU smoke run)")
+    p.add_argument("--epochs", type=int, help=f"passes over the training pairs (default preset: {d.epochs})")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, help=f"preference pairs per step (default preset: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default preset: {d.lr})")
+    p.add_argument("--max-length", type=int, help=f"tokens per prompt+completion, the end is kept (default preset: {d.max_length})")
+    p.add_argument("--margin", type=float, help="margin added to every pair in -log sigmoid(s_chosen - s_rejected - margin) (default: 0)")
+    p.add_argument("--eval-fraction", type=float, help=f"share of prompts held out for accuracy (default preset: {d.eval_fraction})")
+    p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: at the end)")
+    p.add_argument("--checkpoint-every", type=int, help=f"checkpoint every N steps (default preset: {d.checkpoint_every})")
+    p.add_argument("--agreement-threshold", type=float, help=f"flag labelers with Kendall tau below this (default: {d.agreement_threshold})")
+    p.add_argument("--exclude-flagged", action="store_true", default=None, help="leave flagged labelers out of the consensus")
+    p.add_argument("--quantization", choices=["nf4", "none"], help="base weights: 4-bit NF4 (default) or unquantized")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: auto)")
+    p.add_argument("--lora-r", type=int, help=f"LoRA rank (default: {d.stack.lora_r})")
+    p.add_argument("--seed", type=int, help="seed of the split, data order and init (default: 0)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None, help="ignore OUT/checkpoint.pt")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.set_defaults(func=_run_rm)
+
+
+def _rm_config(args) -> RewardConfig:
+    fields = (
+        "epochs", "max_steps", "batch_size", "lr", "max_length", "margin", "eval_fraction", "eval_every",
+        "checkpoint_every", "agreement_threshold", "exclude_flagged", "seed", "resume", "progress",
+    )
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    stack = {"model": args.model, "adapters": ("reward",)}
+    if args.quantization is not None:
+        stack["quantization"] = None if args.quantization == "none" else args.quantization
+    if args.device is not None:
+        stack["device"] = args.device
+    if args.lora_r is not None:
+        stack["lora_r"] = args.lora_r
+        stack["lora_alpha"] = 2 * args.lora_r
+    if args.seed is not None:
+        stack["seed"] = args.seed
+    return reward_preset(args.preset, data=args.data, out=args.out, stack=stack, **overrides).validate()
+
+
+def _run_rm(args) -> int:
+    config = _rm_config(args)  # validated before the heavy imports, so a typo fails in a second
+    from engine.reward import train_reward_model
+
+    result = train_reward_model(config)
+    acc = "n/a" if result.eval_accuracy is None else f"{result.eval_accuracy:.3f}"
+    print(
+        f"rm: {result.steps} steps ({result.train_pairs} train pairs), held-out accuracy {acc} "
+        f"on {result.eval_pairs} pairs; flagged labelers: {', '.join(result.flagged_labelers) or 'none'}; "
+        f"saved to {result.out}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine",
+        description="Kernel-backed RLHF engine: one 4-bit base serves the policy, reference, value and reward roles.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_rm(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Reward-model training from preference pairs: Bradley-Terry loss on the stack's reward adapter.
+
+    python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/rm
+
+`train_reward_model(RewardConfig)` runs the numbered steps below; the RM is either the `reward`
+adapter + scalar head of a ModelStack (default) or, when the model directory holds a
+`...ForSequenceClassification` model with one label, that model itself (all of it trains).
+
+Letters: B pairs in a batch, T time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ConfigError, RewardConfig, StackConfig
+from engine.feedback import PreferencePair, build_pairs, load_feedback
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+LABELERS_FILE = "labelers.json"
+RESULT_FILE = "result.json"
+CLASSIFIER_DIR = "classifier"
+
+
+# ---- the loss -----------------------------------------------------------------------------------
+
+
+class RewardLossStats(NamedTuple):
+    accuracy: torch.Tensor  # () share of pairs with s_chosen > s_rejected
+    reward_margin: torch.Tensor  # () mean of s_chosen - s_rejected
+
+
+def reward_loss(
+    chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | float = 0.0
+) -> tuple[torch.Tensor, RewardLossStats]:
+    """Pairwise Bradley-Terry loss, mean over B pairs (InstructGPT, Ouyang et al. 2022, eq. 1):
+
+        loss = -log sigmoid(s_chosen - s_rejected - margin)
+
+    `margin` (a float or (B,)) demands a larger gap (Llama 2, Touvron et al. 2023, eq. 2).
+    Returns (loss, RewardLossStats(accuracy, reward_margin)), stats detached."""
+    diff = chosen_scores.float() - rejected_scores.float()
+    loss = -F.logsigmoid(diff - margin).mean()
+    with torch.no_grad():
+        stats = RewardLossStats((diff > 0).float().mean(), diff.mean())
+    return loss, stats
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+def format_sample(prompt: str, completion: str) -> str:
+    """The one place a prompt and a completion become the RM's input text."""
+    return f"{prompt}\n{completion}"
+
+
+def encode(tokenizer, text: str, max_length: int) -> list[int]:
+    """Token ids ending with eos; longer texts keep their LAST max_length tokens, since the score
+    is read at the last token and the completion is at the end."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    return ids[-max_length:]
+
+
+@dataclass
+class PairBatch:
+    """B pairs packed for ONE forward: rows [0, B) are the chosen sequences, rows [B, 2B) the rejected."""
+
+    input_ids: torch.Tensor  # (2B, T) right-padded
+    attention_mask: torch.Tensor  # (2B, T)
+    margins: torch.Tensor  # (B,) per-pair margin (data margin + config margin)
+
+    def to(self, device) -> PairBatch:
+        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.margins.to(device))
+
+
+def collate_pairs(encoded: list[tuple[list[int], list[int], float]], pad_id: int) -> PairBatch:
+    """[(chosen ids, rejected ids, margin)] * B -> PairBatch."""
+    seqs = [c for c, _, _ in encoded] + [r for _, r, _ in encoded]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        input_ids[row, : len(s)] = torch.tensor(s)
+        attention_mask[row, : len(s)] = 1
+    margins = torch.tensor([m for _, _, m in encoded], dtype=torch.float32)
+    return PairBatch(input_ids, attention_mask, margins)
+
+
+def split_by_prompt(pairs: list[PreferencePair], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held_out): whole prompts are held out, so held-out accuracy is on unseen prompts."""
+    prompts = sorted({p.prompt for p in pairs})
+    random.Random(seed).shuffle(prompts)
+    n_eval = math.ceil(eval_fraction * len(prompts)) if eval_fraction > 0 else 0
+    n_eval = min(n_eval, len(prompts) - 1)  # keep at least one training prompt
+    held = set(prompts[:n_eval])
+    return [p for p in pairs if p.prompt not in held], [p for p in pairs if p.prompt in held]
+
+
+# ---- reward models ---------------------------------------------------------------------------
+
+
+class StackRewardModel:
+    """The `reward` adapter + head of a ModelStack; only those train."""
+
+    def __init__(self, stack):
+        self.stack = stack
+        self.tokenizer = stack.tokenizer
+        self.device = stack.device
+        stack.set_trainable("reward")
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return self.stack.named_role_parameters("reward")
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, T) -> (N,) scores."""
+        return self.stack.reward(input_ids, attention_mask)
+
+    def train(self, mode: bool = True) -> None:
+        self.stack.train(mode)
+
+    def save(self, out_dir: str) -> list[str]:
+        return self.stack.save(out_dir, roles=("reward",))
+
+
+class ClassifierRewardModel:
+    """A user's `AutoModelForSequenceClassification` directory with num_labels=1; all of it trains."""
+
+    def __init__(self, path: str, device: torch.device):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model {path!r}: cannot load as a sequence classifier ({str(e).splitlines()[0]})") from e
+        if self.model.config.num_labels != 1:
+            raise ConfigError(f"model {path!r}: a reward model has num_labels=1, this one has {self.model.config.num_labels}")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # the classifier finds the last token through it
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device = device
+        self.model.requires_grad_(True)
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.model.named_parameters())
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def save(self, out_dir: str) -> list[str]:
+        path = os.path.join(out_dir, CLASSIFIER_DIR)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return [path]
+
+
+def is_sequence_classifier(path: str) -> bool:
+    """True when path/config.json names a ...ForSequenceClassification architecture."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            archs = json.load(f).get("architectures") or []
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def load_reward_model(stack_config: StackConfig):
+    """StackRewardModel on a (quantized) base, or ClassifierRewardModel for a classifier directory."""
+    from engine.stack import ModelStack, resolve_device
+
+    if is_sequence_classifier(stack_config.model):
+        return ClassifierRewardModel(stack_config.model, resolve_device(stack_config.device))
+    if "reward" not in stack_config.adapters:
+        raise ConfigError(f"adapters {stack_config.adapters}: reward-model training needs the 'reward' adapter")
+    return StackRewardModel(ModelStack.build(stack_config))
+
+
+@torch.no_grad()
+def evaluate(rm, batches: list[PairBatch]) -> dict:
+    """Held-out pairwise accuracy and loss over all pairs of `batches`."""
+    if not batches:
+        return {"eval_accuracy": None, "eval_loss": None, "eval_pairs": 0}
+    rm.train(False)
+    correct = loss_sum = n = 0.0
+    for batch in batches:
+        batch = batch.to(rm.device)
+        scores = rm.score(batch.input_ids, batch.attention_mask)
+        b = batch.margins.shape[0]
+        loss, stats = reward_loss(scores[:b], scores[b:], batch.margins)
+        correct += stats.accuracy.item() * b
+        loss_sum += loss.item() * b
+        n += b
+    rm.train(True)
+    return {"eval_accuracy": correct / n, "eval_loss": loss_sum / n, "eval_pairs": int(n)}
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str, step: int, rm, optimizer, config: RewardConfig) -> None:
+    """Trainable weights, optimizer state, RNG state and config at `step`, written atomically."""
+    state = {
+        "step": step,
+        "weights": {n: p.detach().cpu().clone() for n, p in rm.named_trainable_parameters()},
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "config": config.to_dict(),
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, rm, optimizer, config: RewardConfig) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns its step."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved, current = state["config"], config.to_dict()
+    changed = sorted(k for k in current if k not in RewardConfig.RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        raise ConfigError(
+            f"{path}: written with a different config ({', '.join(changed)}); use another --out or --no-resume"
+        )
+    params = dict(rm.named_trainable_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["weights"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metric rows past `step` (written after the checkpoint a resumed run restarts from)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+# ---- the trainer -----------------------------------------------------------------------------
+
+
+@dataclass
+class RewardResult:
+    out: str  # output directory
+    steps: int  # optimizer steps done in total (resumed ones included)
+    resumed_from: int  # step the run resumed from (0: fresh)
+    train_pairs: int
+    eval_pairs: int
+    eval_accuracy: float | None  # held-out pairwise accuracy at the end
+    eval_loss: float | None
+    flagged_labelers: list[str]
+    files: list[str]  # what the final save wrote
+
+
+def train_reward_model(config: RewardConfig) -> RewardResult:
+    """Train a reward model from config.data; see the module docstring for the command."""
+    from tqdm.auto import tqdm
+
+    config.validate()
+    os.makedirs(config.out, exist_ok=True)
+    metrics_path = os.path.join(config.out, METRICS_FILE)
+    ckpt_path = os.path.join(config.out, CHECKPOINT_FILE)
+
+    # step 1. feedback -> pairs: consensus of the labelers, agreement report, held-out prompts
+    records = load_feedback(config.data)
+    pairs, reports = build_pairs(records, config.agreement_threshold, config.exclude_flagged)
+    with open(os.path.join(config.out, LABELERS_FILE), "w") as f:
+        json.dump({name: rep.to_dict() for name, rep in reports.items()}, f, indent=2)
+    flagged = sorted(name for name, rep in reports.items() if rep.flagged)
+    train_pairs, eval_pairs = split_by_prompt(pairs, config.eval_fraction, config.seed)
+    if not train_pairs:
+        raise ConfigError(f"{config.data}: no preference pairs to train on")
+
+    # step 2. the reward model: the stack's reward adapter + head (or a classifier), seeded
+    torch.manual_seed(config.seed)
+    rm = load_reward_model(config.stack)
+    rm.train(True)
+    pad_id = rm.tokenizer.pad_token_id
+
+    def encode_all(ps: list[PreferencePair]) -> list[tuple[list[int], list[int], float]]:
+        return [
+            (
+                encode(rm.tokenizer, format_sample(p.prompt, p.chosen), config.max_length),
+                encode(rm.tokenizer, format_sample(p.prompt, p.rejected), config.max_length),
+                p.margin + config.margin,
+            )
+            for p in ps
+        ]
+
+    train_data = encode_all(train_pairs)
+    eval_data = encode_all(eval_pairs)
+    eval_batches = [
+        collate_pairs(eval_data[i : i + config.batch_size], pad_id) for i in range(0, len(eval_data), config.batch_size)
+    ]
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+
+    # step 3. optimizer over the trainable parameters only; resume when a checkpoint exists
+    params = [p for _, p in rm.named_trainable_parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    start = 0
+    if config.resume and os.path.isfile(ckpt_path):
+        start = load_checkpoint(ckpt_path, rm, optimizer, config)
+        _truncate_metrics(metrics_path, start)
+    elif os.path.isfile(metrics_path):
+        os.remove(metrics_path)
+
+    def batch_at(step: int) -> PairBatch:
+        """The data order is a function of (seed, epoch), so a resumed run sees the same batches."""
+        epoch, k = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
+        idx = perm[k * config.batch_size : (k + 1) * config.batch_size].tolist()
+        return collate_pairs([train_data[i] for i in idx], pad_id)
+
+    bar = tqdm(total=total_steps, initial=start, desc="rm", unit="step", disable=not config.progress)
+    last_eval: dict = {}
+    t0 = time.perf_counter()
+    with open(metrics_path, "a") as metrics:
+        for step in range(start, total_steps):
+            # step 4. one forward over chosen and rejected together: rows [0, B) and [B, 2B)
+            batch = batch_at(step).to(rm.device)
+            b = batch.margins.shape[0]
+            scores = rm.score(batch.input_ids, batch.attention_mask)  # (2B,)
+            loss, stats = reward_loss(scores[:b], scores[b:], batch.margins)
+
+            # step 5. update the reward parameters
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                if config.max_grad_norm > 0
+                else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            )
+            optimizer.step()
+            done = step + 1
+
+            # step 6. log, evaluate on held-out prompts, checkpoint
+            row = None
+            if done % config.log_every == 0 or done == total_steps:
+                row = {
+                    "step": done, "epoch": done / steps_per_epoch, "loss": loss.item(),
+                    "accuracy": stats.accuracy.item(), "reward_margin": stats.reward_margin.item(),
+                    "grad_norm": float(grad_norm), "lr": config.lr, "elapsed_s": time.perf_counter() - t0,
+                }
+            if (config.eval_every and done % config.eval_every == 0) or done == total_steps:
+                last_eval = evaluate(rm, eval_batches)
+                row = {**(row or {"step": done}), **last_eval}
+            if row is not None:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if done % config.checkpoint_every == 0 or done == total_steps:
+                save_checkpoint(ckpt_path, done, rm, optimizer, config)
+            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{stats.accuracy.item():.2f}")
+            bar.update(1)
+    bar.close()
+
+    # step 7. save the trained RM: adapter + head (a few MB) with the base named in stack.json
+    if not last_eval:
+        last_eval = evaluate(rm, eval_batches)
+    files = rm.save(config.out)
+    result = RewardResult(
+        out=config.out, steps=max(total_steps, start), resumed_from=start, train_pairs=len(train_pairs),
+        eval_pairs=len(eval_pairs), eval_accuracy=last_eval["eval_accuracy"], eval_loss=last_eval["eval_loss"],
+        flagged_labelers=flagged, files=files,
+    )
+    with open(os.path.join(config.out, RESULT_FILE), "w") as f:
+        json.dump(result.__dict__, f, indent=2)
+    return result
