@@ -1,0 +1,129 @@
+// kernels.value_loss on CPU: the clipped value loss + clip fraction forward and its backward
+// (gradient to values), the math of kernels/value_loss.py. Fixed kChunk chunks summed in double and
+// added in order: the result does not depend on the thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_math.h"
+
+namespace rlhf {
+namespace {
+
+struct ValueToken {
+  float diff, e1, e2, l1, l2;  // values - old_values, values - returns, values_clipped - returns, squares
+};
+
+inline ValueToken value_token(float v, float old, float ret, float clip) {
+  ValueToken k;
+  k.diff = v - old;
+  k.e1 = v - ret;
+  k.e2 = (old + std::min(std::max(k.diff, -clip), clip)) - ret;
+  k.l1 = k.e1 * k.e1;
+  k.l2 = k.e2 * k.e2;
+  return k;
+}
+
+struct Partial {
+  double loss = 0, count = 0, clipped = 0;
+};
+
+void check_inputs(const at::Tensor& v, const at::Tensor& old, const at::Tensor& ret, const at::Tensor& m,
+                  const char* op) {
+  TORCH_CHECK(v.is_contiguous() && old.is_contiguous() && ret.is_contiguous() && m.is_contiguous(), op,
+              ": inputs must be contiguous");
+  TORCH_CHECK(old.numel() == v.numel() && ret.numel() == v.numel() && m.numel() == v.numel(), op,
+              ": inputs must have the same number of elements");
+  TORCH_CHECK(old.scalar_type() == v.scalar_type() && ret.scalar_type() == v.scalar_type(), op,
+              ": values, old_values and returns must share a dtype");
+  TORCH_CHECK(m.scalar_type() == at::kByte, op, ": mask must be uint8");
+  TORCH_CHECK(v.device().is_cpu(), op, " (cpp): tensors must be on CPU");
+}
+
+// -> [4] fp32: (vf_loss, vf_clipfrac, count, 0).
+at::Tensor value_loss_fwd(const at::Tensor& v, const at::Tensor& old, const at::Tensor& ret, const at::Tensor& m,
+                          double clip_d) {
+  check_inputs(v, old, ret, m, "value_loss_fwd");
+  const int64_t N = v.numel(), n_chunks = (N + kChunk - 1) / kChunk;
+  const float clip = static_cast<float>(clip_d);
+  std::vector<Partial> parts(n_chunks);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "value_loss_fwd", [&] {
+    const scalar_t* v_p = v.const_data_ptr<scalar_t>();
+    const scalar_t* o_p = old.const_data_ptr<scalar_t>();
+    const scalar_t* r_p = ret.const_data_ptr<scalar_t>();
+    const uint8_t* m_p = m.const_data_ptr<uint8_t>();
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        Partial p;
+        for (int64_t i = c * kChunk, e = std::min(N, (c + 1) * kChunk); i < e; ++i) {
+          if (m_p[i] == 0) continue;
+          const ValueToken k = value_token(to_f32(v_p[i]), to_f32(o_p[i]), to_f32(r_p[i]), clip);
+          p.loss += std::max(k.l1, k.l2);
+          p.count += 1;
+          p.clipped += k.l2 > k.l1 ? 1 : 0;
+        }
+        parts[c] = p;
+      }
+    });
+  });
+  Partial t;
+  for (const Partial& p : parts) {
+    t.loss += p.loss;
+    t.count += p.count;
+    t.clipped += p.clipped;
+  }
+  const double denom = std::max(t.count, 1.0);
+  at::Tensor out = at::zeros({4}, v.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  o[0] = static_cast<float>(0.5 * t.loss / denom);
+  o[1] = static_cast<float>(t.clipped / denom);
+  o[2] = static_cast<float>(t.count);
+  return out;
+}
+
+at::Tensor value_loss_bwd(const at::Tensor& v, const at::Tensor& old, const at::Tensor& ret, const at::Tensor& m,
+                          const at::Tensor& out, const at::Tensor& grad_out, double clip_d) {
+  check_inputs(v, old, ret, m, "value_loss_bwd");
+  const int64_t N = v.numel();
+  const float clip = static_cast<float>(clip_d);
+  const float count = out.to(at::kFloat).contiguous().const_data_ptr<float>()[2];
+  // 0.5 * d/dv of a square is the residual: the 0.5 and the 2 cancel
+  const float scale = grad_out.to(at::kFloat).item<float>() / std::max(count, 1.f);
+  at::Tensor grad = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "value_loss_bwd", [&] {
+    const scalar_t* v_p = v.const_data_ptr<scalar_t>();
+    const scalar_t* o_p = old.const_data_ptr<scalar_t>();
+    const scalar_t* r_p = ret.const_data_ptr<scalar_t>();
+    const uint8_t* m_p = m.const_data_ptr<uint8_t>();
+    scalar_t* g_p = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, N, kChunk, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        float g = 0.f;
+        if (m_p[i] != 0) {
+          const ValueToken k = value_token(to_f32(v_p[i]), to_f32(o_p[i]), to_f32(r_p[i]), clip);
+          const float g2 = (k.diff >= -clip && k.diff <= clip) ? k.e2 : 0.f;
+          g = (k.l1 > k.l2 ? k.e1 : (k.l2 > k.l1 ? g2 : 0.5f * (k.e1 + g2))) * scale;
+        }
+        g_p[i] = static_cast<scalar_t>(g);
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace rlhf
+
+TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
+  m.def("value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip) -> Tensor");
+  m.def(
+      "value_loss_bwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor out, Tensor grad_out, "
+      "float clip) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
+  m.impl("value_loss_fwd", &rlhf::value_loss_fwd);
+  m.impl("value_loss_bwd", &rlhf::value_loss_bwd);
+}
