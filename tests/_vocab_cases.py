@@ -11,10 +11,13 @@ import kernels._vocab as vocab
 # (dtype, fwd_atol, fwd_rtol, grad_atol, grad_rtol). The forward outputs are fp32 computed in fp32
 # from inputs the float64 reference sees rounded identically, so every dtype gets fp32 tolerances;
 # gradients are stored in the input dtype, so they get that dtype's rounding (bf16: 2^-8, fp16: 2^-11).
+# Gradient atol: grad_v = -p_v c_v where c_v sums O(10) terms that cancel (g_ent (log p_v + H),
+# g_kl (log p_v - log q_v - KL) at logit scale 3), so fp32 leaves ~p_v * 10 * 6e-8 * |g| absolute:
+# 1.5e-6 measured at p_v ~ 1e-2 (token_stats, V=37), hence 4e-6 rather than 1e-6.
 DTYPES = [
-    pytest.param(torch.float32, 2e-5, 2e-5, 1e-6, 1e-5, id="fp32"),
+    pytest.param(torch.float32, 2e-5, 2e-5, 4e-6, 1e-5, id="fp32"),
     pytest.param(torch.bfloat16, 2e-5, 2e-5, 1e-5, 8e-3, id="bf16"),
-    pytest.param(torch.float16, 2e-5, 2e-5, 1e-6, 1e-3, id="fp16"),
+    pytest.param(torch.float16, 2e-5, 2e-5, 4e-6, 1e-3, id="fp16"),
 ]
 BACKENDS = ["triton", "cpp"]
 
