@@ -28,7 +28,7 @@ RowStats row_stats(const T* row, int64_t sv, int64_t V, float inv_temp, bool wan
     load_scaled(row + start * sv, sv, len, inv_temp, buf);
     float cmax = kNegInf;
 #pragma omp simd reduction(max : cmax)
-    for (int64_t i = 0; i < len; ++i) cmax = std::max(cmax, buf[i]);
+    for (int64_t i = 0; i < len; ++i) cmax = buf[i] > cmax ? buf[i] : cmax;
     const float m_new = std::max(m, cmax);
     if (m_new == kNegInf) continue;  // every entry so far is -inf: nothing to add
     const float alpha = exp_nonpos(m - m_new);
@@ -41,7 +41,7 @@ RowStats row_stats(const T* row, int64_t sv, int64_t V, float inv_temp, bool wan
         const float d = buf[i] - m_new;
         const float e = exp_nonpos(d);
         cs += e;
-        ct += e > 0.f ? e * d : 0.f;
+        ct += e * (d < -100.f ? -100.f : d);  // e == 0 below d = -87.3: keeps 0 * -inf out
       }
     } else {
 #pragma omp simd reduction(+ : cs)
@@ -105,7 +105,8 @@ void row_grad(const T* row, int64_t sv, int64_t V, int64_t label, float inv_temp
     for (int64_t i = 0; i < len; ++i) {
       const float logp = buf[i] - l;
       const float p = exp_nonpos(logp);
-      const float ent_term = p > 0.f ? p * (logp + h) : 0.f;
+      // p == 0 exactly below logp = -87.3, so clamping logp keeps 0 * -inf out without a branch
+      const float ent_term = p * ((logp < -100.f ? -100.f : logp) + h);
       buf[i] = -gl * p - ge * ent_term;
     }
     if (label >= start && label < start + len) buf[label - start] += gl;

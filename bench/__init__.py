@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench <op> [--quick] [--json PATH]` runs bench/bench_<op>.py."""

@@ -1,0 +1,69 @@
+"""kernels.logprobs (+ entropy): python -m bench logprobs [--quick] [--json PATH]
+
+Baselines: "eager" = logprobs_ref (the PyTorch reference), "compile" = torch.compile of it, "liger" =
+Liger's cross entropy with reduction="none" (its per-token -logp; CUDA only, when installed).
+Roofline bytes: fwd reads the logits once; fwd+bwd reads them twice and writes the gradient once
+(three [N, V] passes); the per-token vectors are negligible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from bench.harness import Bench, Case, grad_step, liger_available
+from kernels.logprobs import IMPLEMENTED, logprobs_ref
+
+
+def cases(quick: bool, device: torch.device) -> list[Case]:
+    if device.type == "cuda":
+        shapes = [(4096, 32000)] if quick else [(16384, 128256), (4096, 151936)]
+        dtypes = [torch.bfloat16]
+    else:
+        shapes = [(512, 32000)] if quick else [(2048, 32000)]
+        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    out = []
+    for N, V in shapes:
+        for dtype in dtypes:
+            elt = torch.finfo(dtype).bits // 8
+            out.append(Case("fwd", {"N": N, "V": V}, dtype, bytes=N * V * elt, extra={"entropy": True}))
+            out.append(Case("fwd+bwd", {"N": N, "V": V}, dtype, bytes=3 * N * V * elt, extra={"entropy": True}))
+    return out
+
+
+def _liger_fn():
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    return lambda logits, labels: -liger_cross_entropy(logits, labels, reduction="none")
+
+
+def build(case: Case, provider: str, device: torch.device):
+    N, V = case.shape["N"], case.shape["V"]
+    g = torch.Generator(device=device).manual_seed(0)
+    entropy = case.extra["entropy"]
+    if provider in IMPLEMENTED:
+        status = kernels.backends()[provider]
+        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
+            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        fn = lambda x, y: kernels.logprobs(x, y, entropy=entropy, backend=provider)  # noqa: E731
+    elif provider == "eager":
+        fn = lambda x, y: logprobs_ref(x, y, entropy=entropy)  # noqa: E731
+    elif provider == "compile":
+        fn = torch.compile(lambda x, y: logprobs_ref(x, y, entropy=entropy))
+    elif provider == "liger":
+        if not liger_available():
+            return "liger-kernel not installed or no CUDA"
+        fn = _liger_fn()
+    else:
+        return f"unknown provider {provider}"
+    logits = torch.randn(N, V, device=device, dtype=case.dtype, generator=g)
+    labels = torch.randint(0, V, (N,), device=device, generator=g)
+    if case.mode == "fwd":
+        return lambda: fn(logits, labels)
+    logits.requires_grad_(True)
+    outs = 1 if provider == "liger" or not entropy else 2
+    grads = [torch.randn(N, device=device, generator=g) for _ in range(outs)]
+    return grad_step(lambda: fn(logits, labels), [logits], grads)
+
+
+BENCH = Bench(op="logprobs", cases=cases, providers=("cpp", "triton", "cuda", "eager", "compile", "liger"), build=build)

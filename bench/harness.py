@@ -1,0 +1,240 @@
+"""Benchmark harness shared by every bench/bench_<op>.py.
+
+A bench module defines `BENCH = Bench(...)`:
+    op         the op name (as in kernels.<op>)
+    cases      cases(quick: bool, device: torch.device) -> list[Case]
+    providers  names, in table order: our backends ("torch", "triton", "cpp", "cuda") and the
+               baselines ("eager", "compile", "liger")
+    build      build(case, provider, device) -> a zero-argument callable running ONE iteration of
+               case.mode, or None when that provider cannot run the case (its reason is printed)
+
+The harness times every (case, provider) in one process, measures the roofline in the same run
+(copy bandwidth for bytes, matmul rate for flops), and reports median/p20/p80 time, achieved GB/s
+and TFLOP/s, the ratio to the roofline and the peak extra memory. `--json PATH` writes one
+machine-readable row per measurement with device, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+BASELINES = ("eager", "compile", "liger")
+
+
+@dataclass
+class Case:
+    """One shape/dtype/mode. `bytes` and `flops` are what the op MUST move/compute (the roofline)."""
+
+    mode: str  # "fwd" or "fwd+bwd"
+    shape: dict  # e.g. {"N": 2048, "V": 32000}
+    dtype: torch.dtype
+    bytes: int = 0  # bytes that must cross the memory bus: inputs read + outputs written, per pass
+    flops: int = 0  # flops that must be done (GEMM-bound ops), 0 if memory-bound
+    extra: dict = field(default_factory=dict)  # op-specific settings (temperature, entropy, ...)
+
+    def label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+@dataclass
+class Bench:
+    op: str
+    cases: Callable[[bool, torch.device], list]
+    providers: tuple
+    build: Callable
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable, device: torch.device, *, min_time_s: float = 0.5, max_reps: int = 100) -> list[float]:
+    """Per-iteration wall times in ms, after warm-up (the first call compiles/autotunes)."""
+    fn()
+    _sync(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        # do_bench flushes L2 between reps and returns the requested quantiles.
+        p20, med, p80 = do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=25, rep=max(100, int(min_time_s * 1000)))
+        return [p20, med, p80]
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < min_time_s or len(times) < 5):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn: Callable, device: torch.device) -> int | None:
+    """Peak memory one call allocates beyond what was live before it (None if unmeasurable).
+
+    CUDA: the caching allocator's peak. CPU: the process high-water mark (VmHWM, reset through
+    /proc/self/clear_refs) minus the resident set before the call.
+    """
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS")
+        fn()
+        return max(0, _rss_kib("VmHWM") - base) * 1024
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Rooflines, measured in the same run
+# --------------------------------------------------------------------------------------------------
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Device copy bandwidth in GB/s (read + write counted), from a large tensor copy."""
+    n_bytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(n_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    times = time_fn(lambda: dst.copy_(src), device, min_time_s=0.3)
+    return 2 * n_bytes / (statistics.median(times) * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul rate in TFLOP/s for `dtype` (fp32 on CPU)."""
+    n = 8192 if device.type == "cuda" else 2048
+    if device.type == "cpu":
+        dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = time_fn(lambda: a @ b, device, min_time_s=0.3, max_reps=20)
+    return 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Running and reporting
+# --------------------------------------------------------------------------------------------------
+def run_bench(bench: Bench, argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog=f"python -m bench {bench.op}", description=f"Benchmark kernels.{bench.op}")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few reps (smoke run)")
+    parser.add_argument("--json", metavar="PATH", help="write one JSON row per measurement to PATH")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--providers", help=f"comma-separated subset of: {','.join(bench.providers)}")
+    parser.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated subset of: fwd,fwd+bwd")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    providers = [p for p in bench.providers if not args.providers or p in args.providers.split(",")]
+    modes = args.modes.split(",")
+    cases = [c for c in bench.cases(args.quick, device) if c.mode in modes]
+    min_time = 0.2 if args.quick else 1.0
+
+    bw = copy_bandwidth_gbs(device)
+    needs_flops = any(c.flops for c in cases)
+    rate = matmul_tflops(device, cases[0].dtype) if needs_flops and cases else 0.0
+    meta = {"device": device_name(device), "versions": versions(), "date": _dt.date.today().isoformat()}
+    print(f"# {bench.op} on {meta['device']} | {meta['versions']} | {meta['date']}")
+    roof = f"# roofline: copy {bw:.1f} GB/s" + (f", matmul {rate:.2f} TFLOP/s" if needs_flops else "")
+    print(roof + " (measured in this run)")
+    header = f"{'mode':8} {'shape':28} {'dtype':9} {'provider':8} {'median ms':>10} {'p20':>9} {'p80':>9} "
+    header += f"{'GB/s':>8} {'TFLOP/s':>8} {'x roof':>7} {'extra MiB':>10}"
+    print(header)
+    rows = []
+    for case in cases:
+        ideal_ms = max(case.bytes / (bw * 1e9), case.flops / (rate * 1e12) if case.flops else 0.0) * 1e3
+        for provider in providers:
+            fn = bench.build(case, provider, device)
+            dtype = str(case.dtype).replace("torch.", "")
+            if isinstance(fn, str) or fn is None:
+                why = fn or "unavailable"
+                print(f"{case.mode:8} {case.label():28} {dtype:9} {provider:8} {'-':>10}  ({why})")
+                continue
+            times = time_fn(fn, device, min_time_s=min_time)
+            qs = statistics.quantiles(times, n=10) if len(times) >= 3 else times * 9
+            med = statistics.median(times) if device.type == "cpu" else times[1]
+            p20, p80 = (qs[1], qs[7]) if device.type == "cpu" else (times[0], times[2])
+            extra = peak_extra_bytes(fn, device)
+            row = {
+                "op": bench.op, "provider": provider, "mode": case.mode, "shape": case.shape, "dtype": dtype,
+                "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+                "gb_s": case.bytes / (med * 1e-3) / 1e9 if case.bytes else None,
+                "tflop_s": case.flops / (med * 1e-3) / 1e12 if case.flops else None,
+                "x_roofline": med / ideal_ms if ideal_ms else None,
+                "roofline": {"copy_gb_s": bw, "matmul_tflop_s": rate or None},
+                "peak_extra_mib": extra / 2**20 if extra is not None else None,
+                **case.extra, **meta,
+            }  # fmt: skip
+            rows.append(row)
+            fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+            print(
+                f"{case.mode:8} {case.label():28} {dtype:9} {provider:8} {med:10.3f} {p20:9.3f} {p80:9.3f} "
+                f"{fmt(row['gb_s'], '8.1f')} {fmt(row['tflop_s'], '8.2f')} {fmt(row['x_roofline'], '7.2f')} "
+                f"{fmt(row['peak_extra_mib'], '10.1f')}"
+            )
+            sys.stdout.flush()
+            del fn
+    if args.json:
+        with open(args.json, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=str) + "\n")
+        print(f"# wrote {len(rows)} rows to {args.json}")
+    return rows
+
+
+def grad_step(forward: Callable, inputs: list, grads: list) -> Callable:
+    """A fwd+bwd iteration: outputs = forward(); d(outputs . grads)/d(inputs), nothing accumulated."""
+
+    def step():
+        outs = forward()
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        torch.autograd.grad(outs, inputs, grads[: len(outs)])
+
+    return step
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
