@@ -1,0 +1,206 @@
+"""Token-chunked fused linear + vocabulary statistics, shared by linear_logprobs and linear_token_stats.
+
+Letters: N tokens (all leading dims flattened), M tokens whose label is not ignore_index, C tokens per
+chunk, H hidden, V vocabulary. Logits are `hidden @ weight.T (+ bias)`; the reference logits
+`ref_hidden @ weight.T (+ bias)` are a constant (no gradient to ref_hidden, none to weight through them).
+
+Memory: only [C, V] chunks of logits exist (one, two with ref_hidden); the matmuls are torch's per
+chunk (F.linear / matmul), the row math is the shared vocabulary kernels (kernels/_vocab.py, Triton, or
+csrc/vocab_rows.h, C++). Ignored tokens are dropped before the first GEMM (one nonzero() over labels,
+a device sync on GPU), so they cost no vocabulary work. The weight/bias gradients accumulate in fp32
+[V, H] / [V] buffers across chunks and are cast to the weight's dtype once at the end.
+
+GEMM count, in units of one 2 M H V-flop GEMM, forward + backward:
+
+    linear_logprobs, frozen weight, entropy=False   2  fwd: logits, D @ W             bwd: none
+    linear_logprobs, frozen weight, entropy=True    3  fwd: logits                    bwd: logits, dl @ W
+    linear_logprobs, weight grad                    4  fwd: logits                    bwd: logits, dl @ W, dl.T @ h
+    linear_token_stats, frozen weight               5  fwd: logits, ref               bwd: logits, ref, dl @ W
+    linear_token_stats, weight grad                 6  fwd: logits, ref               bwd: logits, ref, dl @ W, dl.T @ h
+    (linear_token_stats whose loss does not use kl: one fewer, the ref logits are not recomputed)
+
+Why these are the minimum with per-token upstream gradients g (unknown in the forward):
+grad_h = sum_k g_k (D_k @ W) with one D_k = d out_k / d logits per output, so the forward can
+precompute grad_h only as one [M, H] product per output: for logp alone (D = onehot - p) that is
+1 GEMM instead of the backward's recompute + dl @ W (2), the frozen LoRA case above; for entropy or
+KL (D needs p log p, p log q) it is 2 or 3 products, never fewer than recomputing. grad_W =
+sum_n g_n D_n^T h_n weights each token by its own g_n, so it needs D in the backward: recompute
+(1) + dl.T @ h (1). A scalar-loss op (Liger's fused linear cross-entropy) gets 3 with weight gradient
+because its upstream gradient is one number known to scale everything; per-token logp cannot.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._checks import check_float, check_labels, check_same_device, check_temperature
+from kernels._dispatch import resolve
+from kernels._vocab import vocab_bwd, vocab_fwd
+
+IMPLEMENTED = ("torch", "triton", "cpp")
+
+# Bytes of one [C, V] logits chunk by default: 128 MiB (C = 512 tokens at V = 128256 bf16), small next to
+# the [N, V] logits (2 GiB at N = 8192) yet C >= 512 rows keeps the chunk GEMMs in their efficient range.
+DEFAULT_CHUNK_BYTES = 1 << 27
+
+
+def default_chunk(V: int, dtype: torch.dtype) -> int:
+    elsize = torch.empty(0, dtype=dtype).element_size()
+    return max(1, DEFAULT_CHUNK_BYTES // (V * elsize))
+
+
+def resolve_linear(backend, device, op):
+    """The backend for the row math: the linear ops run token_stats' row kernels."""
+    try:
+        return resolve(backend, device, "token_stats", IMPLEMENTED)
+    except ValueError as exc:
+        raise ValueError(f"{op}: {exc} (its vocabulary math runs the token_stats kernels)") from None
+
+
+def check_linear(hidden, ref_hidden, weight, bias, labels, temperature, ignore_index, chunk_size):
+    check_float("hidden", hidden, min_dim=1)
+    check_float("weight", weight, min_dim=2)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    V, H = weight.shape
+    if hidden.shape[-1] != H:
+        raise ValueError(f"hidden's last dim {hidden.shape[-1]} must equal weight's H = {H} (weight is [V, H])")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} must equal hidden's {hidden.dtype}")
+    if ref_hidden is not None:
+        check_float("ref_hidden", ref_hidden, min_dim=1)
+        if ref_hidden.shape != hidden.shape or ref_hidden.dtype != hidden.dtype:
+            raise ValueError(
+                f"ref_hidden {tuple(ref_hidden.shape)} {ref_hidden.dtype} must match hidden "
+                f"{tuple(hidden.shape)} {hidden.dtype}"
+            )
+    if bias is not None:
+        check_float("bias", bias, min_dim=1)
+        if bias.shape != (V,) or bias.dtype != hidden.dtype:
+            raise ValueError(f"bias must be [V] = [{V}] of dtype {hidden.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    check_same_device(hidden=hidden, ref_hidden=ref_hidden, weight=weight, bias=bias, labels=labels)
+    check_temperature(temperature)
+    check_labels(labels, hidden.shape[:-1], V, ignore_index)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _accumulate_f32(acc, a, b):
+    """acc [P, Q] fp32 += a [P, K] @ b [K, Q], a and b in their (maybe 16-bit) dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        # cuBLAS bf16/fp16 GEMM with an fp32 C/D: no [P, Q] fp32 temporary, no 16-bit rounding per chunk.
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class LinearVocab(torch.autograd.Function):
+    """(hidden, ref_hidden or None, weight, bias or None, labels) -> (logp, entropy or None, kl or None)."""
+
+    @staticmethod
+    def forward(ctx, hidden, ref_hidden, weight, bias, labels, inv_temp, ignore_index, entropy, backend, chunk):
+        H = hidden.shape[-1]
+        h2 = hidden.reshape(-1, H)  # [N, H]
+        rh2 = ref_hidden.detach().reshape(-1, H) if ref_hidden is not None else None
+        lab = labels.reshape(-1)
+        N = lab.numel()
+        idx = (lab != ignore_index).nonzero().squeeze(1)  # [M] tokens that do vocabulary work
+        M = idx.numel()
+        has_kl = rh2 is not None
+        f32 = dict(device=hidden.device, dtype=torch.float32)
+        logp = torch.zeros(N, **f32)
+        ent = torch.zeros(N, **f32) if entropy else None
+        kl = torch.zeros(N, **f32) if has_kl else None
+        # per valid token, for the backward
+        lse_v = torch.empty(M, **f32)
+        lse_ref_v = torch.empty(M, **f32) if has_kl else None
+        ent_v = torch.empty(M, **f32) if entropy else None
+        kl_v = torch.empty(M, **f32) if has_kl else None
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[2] or (bias is not None and ctx.needs_input_grad[3])
+        # Frozen weight, logp only: grad_h = g (onehot - p) @ W / T, so the forward computes G = D @ W
+        # once and the backward needs no GEMM (2 GEMMs in all instead of 3; see the module docstring).
+        precompute = need_h and not need_w and not entropy and not has_kl
+        G = torch.empty((M, H), device=hidden.device, dtype=hidden.dtype) if precompute else None
+        for c0 in range(0, M, chunk):
+            ci = idx[c0 : c0 + chunk]
+            C = ci.numel()
+            lab_c = lab.index_select(0, ci)
+            x = F.linear(h2.index_select(0, ci), weight, bias)  # [C, V]
+            z = F.linear(rh2.index_select(0, ci), weight, bias) if has_kl else None  # [C, V]
+            x3 = x.unsqueeze(0)  # [1, C, V]
+            lp, en, k, lse, lse_ref = vocab_fwd(
+                backend, x3, z.unsqueeze(0) if has_kl else None, lab_c, inv_temp, ignore_index, entropy
+            )
+            logp.index_copy_(0, ci, lp)
+            lse_v[c0 : c0 + C] = lse
+            if entropy:
+                ent.index_copy_(0, ci, en)
+                ent_v[c0 : c0 + C] = en
+            if has_kl:
+                kl.index_copy_(0, ci, k)
+                kl_v[c0 : c0 + C] = k
+                lse_ref_v[c0 : c0 + C] = lse_ref
+            if precompute:
+                ones = torch.ones(C, **f32)
+                D = vocab_bwd(backend, x3, None, lab_c, (lse, None, None, None), (ones, None, None), inv_temp,
+                              ignore_index, out=x)  # fmt: skip  (D = (onehot - p) / T, in place over x on Triton)
+                torch.matmul(D, weight, out=G[c0 : c0 + C])
+        ctx.save_for_backward(hidden, ref_hidden, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v, G)
+        ctx.meta = (inv_temp, ignore_index, backend, chunk, precompute)
+        ctx.set_materialize_grads(False)
+        shape = labels.shape
+        return logp.view(shape), (ent.view(shape) if entropy else None), (kl.view(shape) if has_kl else None)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, g_kl):
+        hidden, ref_hidden, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v, G = ctx.saved_tensors
+        inv_temp, ignore_index, backend, chunk, precompute = ctx.meta
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_b = bias is not None and ctx.needs_input_grad[3]
+        none = (None,) * 10
+        if g_logp is None and g_ent is None and g_kl is None:
+            return none
+        H = hidden.shape[-1]
+        V = weight.shape[0]
+        M = idx.numel()
+        flat = lambda g: None if g is None else g.reshape(-1).float()  # noqa: E731
+        g_logp, g_ent = flat(g_logp), flat(g_ent)
+        g_kl = flat(g_kl) if ref_hidden is not None else None
+        grad_h = torch.zeros((lab.numel(), H), device=hidden.device, dtype=hidden.dtype) if need_h else None
+        if precompute:
+            if g_logp is not None and M:
+                gh = g_logp.index_select(0, idx).unsqueeze(1) * G.float()  # [M, H]
+                grad_h.index_copy_(0, idx, gh.to(hidden.dtype))
+            return (grad_h.view(hidden.shape),) + none[1:]
+        h2 = hidden.detach().reshape(-1, H)
+        rh2 = ref_hidden.detach().reshape(-1, H) if g_kl is not None else None
+        acc_w = torch.zeros((V, H), device=weight.device, dtype=torch.float32) if need_w else None
+        acc_b = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_b else None
+        for c0 in range(0, M, chunk):
+            ci = idx[c0 : c0 + chunk]
+            C = ci.numel()
+            s = slice(c0, c0 + C)
+            hc = h2.index_select(0, ci)
+            x = F.linear(hc, weight, bias)  # [C, V], recomputed
+            z = F.linear(rh2.index_select(0, ci), weight, bias).unsqueeze(0) if rh2 is not None else None
+            pick = lambda g: None if g is None else g.index_select(0, ci).contiguous()  # noqa: E731
+            saved = (lse_v[s], lse_ref_v[s] if z is not None else None, ent_v[s] if g_ent is not None else None,
+                     kl_v[s] if z is not None else None)  # fmt: skip
+            dl = vocab_bwd(backend, x.unsqueeze(0), z, lab.index_select(0, ci), saved,
+                           (pick(g_logp), pick(g_ent), pick(g_kl)), inv_temp, ignore_index, out=x)  # fmt: skip
+            if need_h:
+                grad_h.index_copy_(0, ci, dl @ weight)  # [C, H]
+            if need_w:
+                _accumulate_f32(acc_w, dl.t(), hc)  # [V, H]
+            if need_b:
+                acc_b += dl.sum(0, dtype=torch.float32)
+        return (
+            grad_h.view(hidden.shape) if need_h else None,
+            None,
+            acc_w.to(weight.dtype) if need_w else None,
+            acc_b.to(bias.dtype) if need_b else None,
+        ) + none[4:]
