@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "cpu_math.h"
@@ -20,7 +21,8 @@ inline ValueToken value_token(float v, float old, float ret, float clip) {
   ValueToken k;
   k.diff = v - old;
   k.e1 = v - ret;
-  k.e2 = (old + std::min(std::max(k.diff, -clip), clip)) - ret;
+  // inside the clip range the clipped value is `v` itself, not old + (v - old), which can be an ulp off
+  k.e2 = (std::fabs(k.diff) <= clip ? v : old + std::min(std::max(k.diff, -clip), clip)) - ret;
   k.l1 = k.e1 * k.e1;
   k.l2 = k.e2 * k.e2;
   return k;

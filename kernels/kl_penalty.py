@@ -31,8 +31,10 @@ KINDS = {"k1": 1, "k2": 2, "k3": 3}
 # Reference
 # --------------------------------------------------------------------------------------------------
 def kl_penalty_ref(logprobs, ref_logprobs, kind="k3", clamp=None):
-    """PyTorch reference; math in max(dtype, fp32) (k3 via expm1). Differentiable."""
-    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    """PyTorch reference; math in max(dtype, fp32), except k3 in float64 (expm1(-x) + x still cancels
+    in fp32 near x = 0). Differentiable; float64 in gives the float64 oracle."""
+    out_dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    dtype = torch.float64 if kind == "k3" else out_dtype
     log_ratio = logprobs.to(dtype) - ref_logprobs.to(dtype)
     if clamp is not None:
         log_ratio = log_ratio.clamp(-clamp, clamp)
@@ -40,7 +42,7 @@ def kl_penalty_ref(logprobs, ref_logprobs, kind="k3", clamp=None):
         return log_ratio
     if kind == "k2":
         return 0.5 * log_ratio**2
-    return torch.expm1(-log_ratio) + log_ratio
+    return (torch.expm1(-log_ratio) + log_ratio).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

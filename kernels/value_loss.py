@@ -14,7 +14,10 @@ A batch with no valid token gives 0 for both. Only `values` gets a gradient:
     d vf_losses1 / d values = 2 (values - returns)
     d vf_losses2 / d values = 2 (values_clipped - returns) * [-clip <= values - old_values <= clip]
 
-with max splitting the gradient evenly on a tie, as torch.maximum does. Kernels as in
+with max splitting the gradient evenly on a tie, as torch.maximum does. Inside the clip range
+values_clipped is `values` itself: equal in exact arithmetic, but in floating point
+old + (values - old) can land an ulp away and turn the tie into a spurious clip (a 1-token
+difference in vf_clipfrac between fp32 and float64 at N = 786, measured before this change). Kernels as in
 kernels/ppo_loss.py: per-block partials, a one-program reduction, an elementwise backward.
 """
 
@@ -49,7 +52,8 @@ def value_loss_ref(values, old_values, returns, mask, clip=0.2):
     v = torch.where(valid, values.to(dtype), zero)
     old = torch.where(valid, old_values.to(dtype), zero)
     ret = torch.where(valid, returns.to(dtype), zero)
-    values_clipped = old + torch.clamp(v - old, -clip, clip)
+    diff = v - old
+    values_clipped = torch.where(diff.abs() <= clip, v, old + torch.clamp(diff, -clip, clip))
     vf_losses1 = (v - ret) ** 2
     vf_losses2 = (values_clipped - ret) ** 2
     vf_loss = 0.5 * masked_mean(torch.maximum(vf_losses1, vf_losses2), mask)
@@ -70,7 +74,7 @@ def _value_token(v_ptr, old_ptr, ret_ptr, m_ptr, offs, N, clip):
     ret = tl.load(ret_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     diff = v - old
     e1 = v - ret
-    e2 = (old + tl.minimum(tl.maximum(diff, -clip), clip)) - ret
+    e2 = tl.where(tl.abs(diff) <= clip, v, old + tl.minimum(tl.maximum(diff, -clip), clip)) - ret
     return valid, diff, e1, e2, e1 * e1, e2 * e2
 
 
