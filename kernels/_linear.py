@@ -89,12 +89,12 @@ def check_linear(hidden, ref_hidden, weight, bias, labels, temperature, ignore_i
 def _accumulate_f32(acc, a, b):
     """acc [P, Q] fp32 += a [P, K] @ b [K, Q], a and b in their (maybe 16-bit) dtype."""
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, out=acc)
     elif a.is_cuda:
         # cuBLAS bf16/fp16 GEMM with an fp32 C/D: no [P, Q] fp32 temporary, no 16-bit rounding per chunk.
         torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        torch.addmm(acc, a.float(), b.float(), out=acc)
 
 
 class LinearVocab(torch.autograd.Function):

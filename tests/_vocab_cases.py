@@ -85,3 +85,22 @@ def make_labels(lead, V, *, seed=0, ignore_index=-100, n_ignored=1, dtype=torch.
 
 def upstream(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+
+
+def make_linear(lead, H, V, dtype, *, seed=0, bias=False, masked=False, extreme=False, ref=False):
+    """(hidden [*lead, H], ref_hidden or None, weight [V, H], bias [V] or None) in `dtype`, logits of
+    scale ~3. masked: bias -inf on the last 3 vocabulary entries (masked for both sides);
+    extreme: bias 1e4 on entry 7 and -1e4 on entry 8."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tuple(lead) + (H,), generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * (3.0 / H**0.5)
+    ref_hidden = hidden + 0.5 * torch.randn(hidden.shape, generator=g, dtype=torch.float64) if ref else None
+    b = None
+    if bias or masked or extreme:
+        b = torch.randn(V, generator=g, dtype=torch.float64)
+        if masked:
+            b[-3:] = float("-inf")
+        if extreme:
+            b[7], b[8] = 1e4, -1e4
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(ref_hidden), cast(weight), cast(b)
