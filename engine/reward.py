@@ -333,6 +333,10 @@ def train_reward_model(config: RewardConfig) -> RewardResult:
         idx = perm[k * config.batch_size : (k + 1) * config.batch_size].tolist()
         return collate_pairs([train_data[i] for i in idx], pad_id)
 
+    if start == 0 and eval_batches:  # the untrained baseline, so a curve starts at chance
+        with open(metrics_path, "a") as metrics:
+            metrics.write(json.dumps({"step": 0, **evaluate(rm, eval_batches)}) + "\n")
+
     bar = tqdm(total=total_steps, initial=start, desc="rm", unit="step", disable=not config.progress)
     last_eval: dict = {}
     t0 = time.perf_counter()
