@@ -28,6 +28,7 @@ def _add_rm(sub) -> None:
             "Writes OUT/adapter_reward.safetensors, OUT/heads.safetensors, OUT/stack.json, OUT/metrics.jsonl, "
             "OUT/result.json and OUT/checkpoint.pt; rerunning with the same OUT resumes from the checkpoint."
         ),
+        epilog="example: python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/rm --preset tiny",
     )
     p.add_argument("--data", required=True, help="feedback JSONL file")
     p.add_argument(
@@ -77,7 +78,10 @@ def _rm_config(args) -> RewardConfig:
 
 
 def _run_rm(args) -> int:
-    config = _rm_config(args)  # validated before the heavy imports, so a typo fails in a second
+    config = _rm_config(args)  # config and data are checked before the heavy imports: a typo fails fast
+    from engine.feedback import load_feedback
+
+    load_feedback(config.data)
     from engine.reward import train_reward_model
 
     result = train_reward_model(config)
