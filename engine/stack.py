@@ -18,7 +18,9 @@ Letters: B batch, T time, H hidden, V vocab.
 peft's own `set_adapter(name)` makes only that adapter trainable (it flips requires_grad), and
 `enable_adapters(True)` does the same, so a PPO step that runs policy then value would silently lose
 the policy's gradients. Trainability here is set once, by `set_trainable`, and role switches leave
-it alone.
+it alone. The routing is read during the forward only (autograd records which LoRA weights were
+used), so backward needs no routing; activation checkpointing, which re-runs the forward inside
+backward, would see the wrong adapter and is therefore not enabled here.
 """
 
 from __future__ import annotations

@@ -56,6 +56,13 @@ def test_bad_data_line_is_named(tmp_path):
     assert out.stderr.strip() == f"error: {data}:2: ranking 0 has 2 ranks for 3 completions"
 
 
+def test_import_engine_stays_light():
+    code = "import sys, engine; assert engine.consensus_ranking([[2, 1, 3]]) == [2, 1, 3]; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+    assert "ModelStack" in __import__("engine").__all__
+
+
 def test_unknown_flag_is_a_usage_error():
     out = run_cli("rm", "--data", EXAMPLES, "--model", "tiny-llama", "--out", "x", "--learning-rate", "1")
     assert out.returncode == 2 and "unrecognized arguments: --learning-rate" in out.stderr
