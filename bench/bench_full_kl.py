@@ -1,0 +1,69 @@
+"""kernels.full_kl: python -m bench full_kl [--quick] [--json PATH]
+
+Baselines: "eager" = full_kl_ref (log_softmax of both, [N, V] temporaries), "compile" = torch.compile
+of it, "liger" = Liger's KLDiv on log_softmax inputs (log_target=True, reduction="none", summed over V;
+CUDA only, when installed). Roofline bytes: fwd reads logits and ref_logits once (2 [N, V] passes);
+fwd+bwd reads both twice and writes the gradient once (5 passes); per-token vectors are negligible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from bench.harness import Bench, Case, grad_step, liger_available
+from kernels.full_kl import IMPLEMENTED, full_kl_ref
+
+
+def cases(quick: bool, device: torch.device) -> list[Case]:
+    if device.type == "cuda":
+        shapes = [(4096, 32000)] if quick else [(16384, 128256), (4096, 151936)]
+        dtypes = [torch.bfloat16]
+    else:
+        shapes = [(512, 32000)] if quick else [(2048, 32000)]
+        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    out = []
+    for N, V in shapes:
+        for dtype in dtypes:
+            elt = torch.finfo(dtype).bits // 8
+            out.append(Case("fwd", {"N": N, "V": V}, dtype, bytes=2 * N * V * elt))
+            out.append(Case("fwd+bwd", {"N": N, "V": V}, dtype, bytes=5 * N * V * elt))
+    return out
+
+
+def _liger_fn():
+    from liger_kernel.transformers.kl_div import LigerKLDIVLoss
+
+    loss = LigerKLDIVLoss(reduction="none", log_target=True)
+    # KLDivLoss(input = log q, target = log p) = sum_v p_v (log p_v - log q_v)
+    return lambda x, z: loss(torch.log_softmax(z.float(), -1), torch.log_softmax(x.float(), -1)).sum(-1)
+
+
+def build(case: Case, provider: str, device: torch.device):
+    N, V = case.shape["N"], case.shape["V"]
+    g = torch.Generator(device=device).manual_seed(0)
+    if provider in IMPLEMENTED:
+        status = kernels.backends()[provider]
+        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
+            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        fn = lambda x, z: kernels.full_kl(x, z, backend=provider)  # noqa: E731
+    elif provider == "eager":
+        fn = full_kl_ref
+    elif provider == "compile":
+        fn = torch.compile(full_kl_ref)
+    elif provider == "liger":
+        if not liger_available():
+            return "liger-kernel not installed or no CUDA"
+        fn = _liger_fn()
+    else:
+        return f"unknown provider {provider}"
+    logits = torch.randn(N, V, device=device, dtype=case.dtype, generator=g)
+    ref_logits = (logits.float() + torch.randn(N, V, device=device, generator=g)).to(case.dtype)
+    if case.mode == "fwd":
+        return lambda: fn(logits, ref_logits)
+    logits.requires_grad_(True)
+    grads = [torch.randn(N, device=device, generator=g)]
+    return grad_step(lambda: fn(logits, ref_logits), [logits], grads)
+
+
+BENCH = Bench(op="full_kl", cases=cases, providers=("cpp", "triton", "eager", "compile", "liger"), build=build)

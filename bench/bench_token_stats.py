@@ -1,0 +1,66 @@
+"""kernels.token_stats: python -m bench token_stats [--quick] [--json PATH]
+
+Baselines: "eager" = token_stats_ref (logprobs_ref + full_kl_ref: [N, V] temporaries), "compile" =
+torch.compile of it, "unfused" = kernels.logprobs(entropy=True) + kernels.full_kl on the same
+backend as "auto" (three reads of logits instead of one). Roofline bytes: fwd reads logits and
+ref_logits once (2 [N, V] passes); fwd+bwd reads both twice and writes the gradient once (5 passes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from bench.harness import Bench, Case, grad_step
+from kernels.token_stats import IMPLEMENTED, token_stats_ref
+
+
+def cases(quick: bool, device: torch.device) -> list[Case]:
+    if device.type == "cuda":
+        shapes = [(4096, 32000)] if quick else [(16384, 128256), (4096, 151936)]
+        dtypes = [torch.bfloat16]
+    else:
+        shapes = [(512, 32000)] if quick else [(2048, 32000)]
+        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    out = []
+    for N, V in shapes:
+        for dtype in dtypes:
+            elt = torch.finfo(dtype).bits // 8
+            out.append(Case("fwd", {"N": N, "V": V}, dtype, bytes=2 * N * V * elt))
+            out.append(Case("fwd+bwd", {"N": N, "V": V}, dtype, bytes=5 * N * V * elt))
+    return out
+
+
+def _unfused(x, z, labels):
+    logp, ent = kernels.logprobs(x, labels, entropy=True)
+    return logp, ent, kernels.full_kl(x, z)
+
+
+def build(case: Case, provider: str, device: torch.device):
+    N, V = case.shape["N"], case.shape["V"]
+    g = torch.Generator(device=device).manual_seed(0)
+    if provider in IMPLEMENTED:
+        status = kernels.backends()[provider]
+        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
+            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        fn = lambda x, z, y: kernels.token_stats(x, z, y, backend=provider)  # noqa: E731
+    elif provider == "eager":
+        fn = token_stats_ref
+    elif provider == "compile":
+        fn = torch.compile(token_stats_ref)
+    elif provider == "unfused":
+        fn = _unfused
+    else:
+        return f"unknown provider {provider}"
+    logits = torch.randn(N, V, device=device, dtype=case.dtype, generator=g)
+    ref_logits = (logits.float() + torch.randn(N, V, device=device, generator=g)).to(case.dtype)
+    labels = torch.randint(0, V, (N,), device=device, generator=g)
+    if case.mode == "fwd":
+        return lambda: fn(logits, ref_logits, labels)
+    logits.requires_grad_(True)
+    grads = [torch.randn(N, device=device, generator=g) for _ in range(3)]
+    return grad_step(lambda: fn(logits, ref_logits, labels), [logits], grads)
+
+
+BENCH = Bench(op="token_stats", cases=cases, providers=("cpp", "triton", "unfused", "eager", "compile"),
+              build=build)  # fmt: skip
