@@ -86,15 +86,25 @@ def check_linear(hidden, ref_hidden, weight, bias, labels, temperature, ignore_i
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
+# Whether this torch's CUDA addmm.dtype_out accepts an fp32 `self` with 16-bit inputs (newer builds do;
+# older ones want `self` in the inputs' dtype). Learned on first use.
+_FP32_OUT_GEMM = {"ok": True}
+
+
 def _accumulate_f32(acc, a, b):
     """acc [P, Q] fp32 += a [P, K] @ b [K, Q], a and b in their (maybe 16-bit) dtype."""
     if a.dtype == torch.float32:
         torch.addmm(acc, a, b, out=acc)
-    elif a.is_cuda:
+        return
+    if a.is_cuda and _FP32_OUT_GEMM["ok"]:
         # cuBLAS bf16/fp16 GEMM with an fp32 C/D: no [P, Q] fp32 temporary, no 16-bit rounding per chunk.
-        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
-    else:
-        torch.addmm(acc, a.float(), b.float(), out=acc)
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            return
+        except RuntimeError:
+            _FP32_OUT_GEMM["ok"] = False
+    # upcast the operands instead: a [P, K] fp32 copy per chunk, an fp32 GEMM
+    torch.addmm(acc, a.float(), b.float(), out=acc)
 
 
 class LinearVocab(torch.autograd.Function):
