@@ -28,27 +28,52 @@ def _add_rm(sub) -> None:
             "Writes OUT/adapter_reward.safetensors, OUT/heads.safetensors, OUT/stack.json, OUT/metrics.jsonl, "
             "OUT/result.json and OUT/checkpoint.pt; rerunning with the same OUT resumes from the checkpoint."
         ),
-        epilog="example: python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/rm --preset tiny",
+        epilog=(
+            "example: python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama "
+            "--out runs/rm --preset tiny"
+        ),
     )
     p.add_argument("--data", required=True, help="feedback JSONL file")
     p.add_argument(
         "--model", required=True,
         help=f"a preset ({', '.join(MODEL_PRESETS)}) or a local save_pretrained directory: a causal LM "
-        "(gets a LoRA reward adapter + head) or a ...ForSequenceClassification model with num_labels=1 (trained whole)",
+        "(gets a LoRA reward adapter + head) or a ...ForSequenceClassification model with num_labels=1 "
+        "(trained whole)",
     )
     p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
-    p.add_argument("--preset", default="default", choices=sorted(REWARD_PRESETS), help="training preset the flags below override (default: default; tiny: CPU smoke run)")
+    p.add_argument(
+        "--preset", default="default", choices=sorted(REWARD_PRESETS),
+        help="training preset the flags below override (default: default; tiny: CPU smoke run)",
+    )
     p.add_argument("--epochs", type=int, help=f"passes over the training pairs (default preset: {d.epochs})")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, help=f"preference pairs per step (default preset: {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"AdamW learning rate (default preset: {d.lr})")
-    p.add_argument("--max-length", type=int, help=f"tokens per prompt+completion, the end is kept (default preset: {d.max_length})")
-    p.add_argument("--margin", type=float, help="margin added to every pair in -log sigmoid(s_chosen - s_rejected - margin) (default: 0)")
-    p.add_argument("--eval-fraction", type=float, help=f"share of prompts held out for accuracy (default preset: {d.eval_fraction})")
+    p.add_argument(
+        "--max-length", type=int,
+        help=f"tokens per prompt+completion, the end is kept (default preset: {d.max_length})",
+    )
+    p.add_argument(
+        "--margin", type=float,
+        help="margin added to every pair in -log sigmoid(s_chosen - s_rejected - margin) (default: 0)",
+    )
+    p.add_argument(
+        "--eval-fraction", type=float,
+        help=f"share of prompts held out for accuracy (default preset: {d.eval_fraction})",
+    )
     p.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0: at the end)")
-    p.add_argument("--checkpoint-every", type=int, help=f"checkpoint every N steps (default preset: {d.checkpoint_every})")
-    p.add_argument("--agreement-threshold", type=float, help=f"flag labelers with Kendall tau below this (default: {d.agreement_threshold})")
-    p.add_argument("--exclude-flagged", action="store_true", default=None, help="leave flagged labelers out of the consensus")
+    p.add_argument(
+        "--checkpoint-every", type=int,
+        help=f"checkpoint every N steps (default preset: {d.checkpoint_every})",
+    )
+    p.add_argument(
+        "--agreement-threshold", type=float,
+        help=f"flag labelers with Kendall tau below this (default: {d.agreement_threshold})",
+    )
+    p.add_argument(
+        "--exclude-flagged", action="store_true", default=None,
+        help="leave flagged labelers out of the consensus",
+    )
     p.add_argument("--quantization", choices=["nf4", "none"], help="base weights: 4-bit NF4 (default) or unquantized")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: auto)")
     p.add_argument("--lora-r", type=int, help=f"LoRA rank (default: {d.stack.lora_r})")

@@ -91,7 +91,8 @@ class RewardConfig:
 
     data: str = ""  # JSONL of pairwise and/or ranked records (README: "Feedback data")
     out: str = ""  # output directory: adapter + head, metrics.jsonl, labelers.json, checkpoint.pt
-    stack: StackConfig = field(default_factory=lambda: StackConfig(adapters=("reward",)))  # the base + reward adapter; a sequence-classification directory trains that model instead
+    # the base + reward adapter; a ...ForSequenceClassification directory as model trains that model instead
+    stack: StackConfig = field(default_factory=lambda: StackConfig(adapters=("reward",)))
     epochs: int = 1  # passes over the training pairs (ignored when max_steps is set)
     max_steps: int | None = None  # stop after this many optimizer steps; a later run with more steps resumes
     batch_size: int = 8  # preference pairs per step; the forward sees 2 * batch_size sequences
@@ -111,7 +112,9 @@ class RewardConfig:
     seed: int = 0  # seeds the held-out split, the data order and the adapter/head init
 
     # Fields a resumed run may change; any other difference from the checkpoint is an error.
-    RESUMABLE_CHANGES = ("epochs", "max_steps", "log_every", "eval_every", "checkpoint_every", "resume", "progress", "out")
+    RESUMABLE_CHANGES = (
+        "epochs", "max_steps", "log_every", "eval_every", "checkpoint_every", "resume", "progress", "out",
+    )
 
     def validate(self) -> RewardConfig:
         if not self.data:

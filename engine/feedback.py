@@ -183,7 +183,9 @@ def consensus_ranking(rankings: Sequence[Sequence[int]]) -> list[int]:
     return ranks
 
 
-def pairs_from_ranking(prompt: str, completions: Sequence[str], ranks: Sequence[int], line: int = 0) -> list[PreferencePair]:
+def pairs_from_ranking(
+    prompt: str, completions: Sequence[str], ranks: Sequence[int], line: int = 0
+) -> list[PreferencePair]:
     """All C(n, 2) pairs of a strict ranking, the better completion first.
 
     Pairs come best-first: (1st, 2nd), (1st, 3rd), ..., (2nd, 3rd), ..."""
@@ -195,7 +197,9 @@ def pairs_from_ranking(prompt: str, completions: Sequence[str], ranks: Sequence[
     ]
 
 
-def pairs_from_thumbs(prompt: str, completions: Sequence[str], thumbs: Sequence[int | None], line: int = 0) -> list[PreferencePair]:
+def pairs_from_thumbs(
+    prompt: str, completions: Sequence[str], thumbs: Sequence[int | None], line: int = 0
+) -> list[PreferencePair]:
     """Every thumbs-up completion preferred to every thumbs-down one (in completion order)."""
     up = [c for c, t in zip(completions, thumbs) if t == 1]
     down = [c for c, t in zip(completions, thumbs) if t == -1]

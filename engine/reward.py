@@ -148,7 +148,8 @@ class ClassifierRewardModel:
         except (OSError, ValueError) as e:
             raise ConfigError(f"model {path!r}: cannot load as a sequence classifier ({str(e).splitlines()[0]})") from e
         if self.model.config.num_labels != 1:
-            raise ConfigError(f"model {path!r}: a reward model has num_labels=1, this one has {self.model.config.num_labels}")
+            n = self.model.config.num_labels
+            raise ConfigError(f"model {path!r}: a reward model has num_labels=1, this one has {n}")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:  # the classifier finds the last token through it

@@ -297,7 +297,9 @@ class ModelStack:
             return self.heads["value"](policy_hidden)
         return self.heads["value"](self.hidden_states("value", input_ids, attention_mask))
 
-    def policy_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def policy_and_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """((B, T, H) policy hidden, (B, T) values): one base forward in policy_head mode, two otherwise."""
         hidden = self.policy(input_ids, attention_mask)
         return hidden, self.values(input_ids, attention_mask, policy_hidden=hidden)
@@ -366,7 +368,9 @@ class ModelStack:
         with torch.no_grad():
             for name, p in params.items():
                 if state[name].shape != p.shape:
-                    raise ConfigError(f"{saved_dir}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
+                    raise ConfigError(
+                        f"{saved_dir}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}"
+                    )
                 p.copy_(state[name])
 
     @classmethod

@@ -57,7 +57,10 @@ def test_bad_data_line_is_named(tmp_path):
 
 
 def test_import_engine_stays_light():
-    code = "import sys, engine; assert engine.consensus_ranking([[2, 1, 3]]) == [2, 1, 3]; print('torch' in sys.modules)"
+    code = (
+        "import sys, engine; assert engine.consensus_ranking([[2, 1, 3]]) == [2, 1, 3]; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
     assert "ModelStack" in __import__("engine").__all__

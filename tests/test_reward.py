@@ -141,7 +141,11 @@ def test_reward_model_learns_a_synthetic_preference(tmp_path):
     _, held = split_by_prompt(pairs, 0.25, seed=0)
     tok = stack.tokenizer
     enc = [
-        (encode(tok, format_sample(p.prompt, p.chosen), 128), encode(tok, format_sample(p.prompt, p.rejected), 128), 0.0)
+        (
+            encode(tok, format_sample(p.prompt, p.chosen), 128),
+            encode(tok, format_sample(p.prompt, p.rejected), 128),
+            0.0,
+        )
         for p in held
     ]
     again = evaluate(StackRewardModel(stack), [collate_pairs(enc, tok.pad_token_id)])
@@ -205,4 +209,5 @@ def test_sequence_classifier_directory_as_the_reward_model(tmp_path):
     cls2.save_pretrained(tmp_path / "two-labels")
     tok.save_pretrained(tmp_path / "two-labels")
     with pytest.raises(ConfigError, match="num_labels=1"):
-        train_reward_model(tiny_config(tmp_path, data, "o2", max_steps=1, stack=dict(model=str(tmp_path / "two-labels"))))
+        two_labels = dict(model=str(tmp_path / "two-labels"))
+        train_reward_model(tiny_config(tmp_path, data, "o2", max_steps=1, stack=two_labels))
