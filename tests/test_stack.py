@@ -132,6 +132,17 @@ def test_unquantized_base_when_asked():
     assert stack.reward(*batch()).shape == (B,)
 
 
+def test_bf16_compute_on_cpu():
+    stack = build(compute_dtype="bfloat16")
+    input_ids, mask = batch()
+    hidden, values = stack.policy_and_values(input_ids, mask)
+    assert hidden.dtype == stack.lm_head_weight.dtype == torch.bfloat16
+    assert values.dtype == stack.reward(input_ids, mask).dtype == torch.float32  # heads run in fp32
+    (hidden.float().square().mean() + values.mean()).backward()
+    for role in ("policy", "value"):
+        assert all(p.dtype == torch.float32 and p.grad is not None for p in stack.role_parameters(role))
+
+
 # ---- gradients ---------------------------------------------------------------------------------
 
 
