@@ -67,6 +67,8 @@ class StackConfig:
             raise ConfigError(
                 f"model {self.model!r}: not a preset ({', '.join(MODEL_PRESETS)}) and no such directory"
             )
+        if self.model not in MODEL_PRESETS and not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ConfigError(f"model {self.model!r}: no config.json (expected a save_pretrained directory)")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization {self.quantization!r}: expected 'nf4' or None")
         if self.compute_dtype not in DTYPES:

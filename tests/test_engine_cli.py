@@ -47,6 +47,14 @@ def test_bad_path_or_config_is_one_line_and_exit_2(tmp_path, args, message):
     assert out.stderr.startswith(message), out.stderr
 
 
+def test_model_directory_without_a_model_is_one_line(tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    out = run_cli("rm", "--data", EXAMPLES, "--model", str(empty), "--out", str(tmp_path / "out"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: model {str(empty)!r}: no config.json (expected a save_pretrained directory)"
+
+
 def test_bad_data_line_is_named(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
