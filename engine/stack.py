@@ -350,6 +350,15 @@ class ModelStack:
         from safetensors.torch import load_file
 
         meta = read_stack_meta(saved_dir)
+        # adapters only make sense on the base (and with the LoRA scale) they were trained with
+        for key in ("model", "quantization", "lora_r", "lora_alpha", "target_modules", "seed"):
+            saved, mine = meta["stack"].get(key), getattr(self.config, key)
+            if isinstance(saved, list):
+                saved = tuple(saved)
+            if key == "seed" and self.config.model not in MODEL_PRESETS:
+                continue  # the seed only names the random init of a preset base
+            if saved != mine:
+                raise ConfigError(f"{saved_dir}: saved with {key}={saved!r}, this stack has {key}={mine!r}")
         roles = tuple(roles or meta["roles"])
         state = {}
         for role in roles:

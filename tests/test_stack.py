@@ -268,8 +268,11 @@ def test_save_load_round_trip(tmp_path, stack):
 def test_load_rejects_a_mismatched_adapter(tmp_path, stack):
     stack.save(str(tmp_path), roles=("reward",))
     other = ModelStack.build(StackConfig(model="tiny-llama", lora_r=4, adapters=("reward",)))
-    with pytest.raises(ConfigError, match="shape"):
+    with pytest.raises(ConfigError, match="saved with lora_r=8, this stack has lora_r=4"):
         other.load_roles(str(tmp_path))
+    other_base = ModelStack.build(StackConfig(model="tiny-llama", seed=1, adapters=("reward",)))
+    with pytest.raises(ConfigError, match="saved with seed=0"):
+        other_base.load_roles(str(tmp_path))
     with pytest.raises(ConfigError, match="stack.json"):
         other.load_roles(str(tmp_path / "nowhere"))
 
@@ -319,3 +322,14 @@ def test_four_roles_add_only_adapter_sized_parameters():
     # load): measured 3.85 MB (2.07 MB base + 3 x 0.59 MB fp32 LoRA + heads) vs 24.3 MB, 6.3x
     four_bf16_copies = 4 * 2 * n_dense
     assert report["total"]["bytes"] < four_bf16_copies / 4
+
+
+def test_reward_from_the_rm_stage_loads_into_a_full_ppo_stack(tmp_path):
+    rm_stack = build(adapters=("reward",))  # what `python -m engine rm` trains and saves
+    rm_stack.save(str(tmp_path))
+    ppo_stack = ModelStack.build(StackConfig(model="tiny-llama"))  # policy, value, reward
+    ppo_stack.load_roles(str(tmp_path))
+    input_ids, mask = batch(seed=4)
+    assert torch.equal(ppo_stack.reward(input_ids, mask), rm_stack.reward(input_ids, mask))
+    # the reward stays frozen in the PPO stack: only policy and value train
+    assert not any(p.requires_grad for p in ppo_stack.role_parameters("reward"))
