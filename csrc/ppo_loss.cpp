@@ -1,12 +1,13 @@
 // kernels.ppo_loss on CPU: the fused clipped PPO loss + stats forward and its backward (gradient to
 // logprobs), the math of kernels/ppo_loss.py. The forward splits the N tokens into fixed kChunk
-// chunks, sums each in double and adds the chunk sums in order, so the result does not depend on
-// the thread count.
+// chunks, sums each in fp32 (a vectorised loop) and adds the chunk sums in double, in order, so the
+// result does not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -17,32 +18,65 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+// Value-based min/max: std::min/std::max return references, and selecting between addresses stops
+// GCC 12 from if-converting (and so vectorising) the loops below.
+__attribute__((always_inline)) inline float minf(float a, float b) { return a < b ? a : b; }
+__attribute__((always_inline)) inline float maxf(float a, float b) { return a > b ? a : b; }
+
+// exp(x) for any x, branch-free so `#pragma omp simd` loops vectorise it (std::exp does not, without
+// -ffast-math): exp_nonpos's Cody-Waite reduction and Cephes polynomial (cpu_math.h), with 2^n split
+// as 2^(n-1) * 2 so n = 128 (x up to 88.72) stays finite. 0 below -87.3, inf above 88.72.
+__attribute__((always_inline)) inline float exp_any(float x) {
+  const float xc = minf(maxf(x, -87.3f), 88.72f);
+  // round to nearest by the 1.5 * 2^23 trick: std::nearbyint is a libm call (no SSE4.1 roundps in
+  // the x86-64 baseline) and would stop the loop from vectorising
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 126) << 23;
+  float half_scale;
+  std::memcpy(&half_scale, &bits, sizeof(half_scale));
+  const float y = p * half_scale * 2.0f;
+  return x < -87.3f ? 0.0f : (x > 88.72f ? kInf : y);
+}
+
 struct PpoToken {
   float A, ratio, log_ratio, pg1, pg2, clip1, loss;
 };
 
-inline PpoToken ppo_token(float lp, float olp, float A, float lo, float hi, float dual_clip) {
+// A masked token (valid == false) computes on zeros, so NaN/inf padding never enters the math.
+__attribute__((always_inline)) inline PpoToken ppo_token(bool valid, float lp, float olp, float A, float lo, float hi, float dual_clip) {
   PpoToken k;
-  k.A = A;
-  k.log_ratio = lp - olp;
-  k.ratio = std::exp(k.log_ratio);
-  k.pg1 = -A * k.ratio;
-  k.pg2 = -A * std::min(std::max(k.ratio, lo), hi);
-  k.clip1 = std::max(k.pg1, k.pg2);
-  k.loss = (dual_clip > 0.f && A < 0.f) ? std::min(k.clip1, -A * dual_clip) : k.clip1;
+  k.A = valid ? A : 0.f;
+  k.log_ratio = valid ? lp - olp : 0.f;
+  k.ratio = exp_any(k.log_ratio);
+  k.pg1 = -k.A * k.ratio;
+  k.pg2 = -k.A * minf(maxf(k.ratio, lo), hi);
+  k.clip1 = maxf(k.pg1, k.pg2);
+  k.loss = ((dual_clip > 0.f) & (k.A < 0.f)) ? minf(k.clip1, -k.A * dual_clip) : k.clip1;
   return k;
 }
 
 // d loss_t / d logprobs_t; max/min split the gradient evenly on ties (as torch.maximum/minimum do).
-inline float ppo_token_grad(const PpoToken& k, float lo, float hi, float dual_clip) {
+// Selects only (bitwise & on the conditions, no early exits), so the loop calling it vectorises.
+__attribute__((always_inline)) inline float ppo_token_grad(const PpoToken& k, float lo, float hi, float dual_clip) {
   const float g1 = -k.A * k.ratio;
-  const float g2 = (k.ratio >= lo && k.ratio <= hi) ? g1 : 0.f;
-  float g = k.pg1 > k.pg2 ? g1 : (k.pg2 > k.pg1 ? g2 : 0.5f * (g1 + g2));
-  if (dual_clip > 0.f && k.A < 0.f) {
-    const float pg3 = -k.A * dual_clip;
-    g = k.clip1 < pg3 ? g : (pg3 < k.clip1 ? 0.f : 0.5f * g);
-  }
-  return g;
+  const float g2 = ((k.ratio >= lo) & (k.ratio <= hi)) ? g1 : 0.f;
+  const float g_tie = 0.5f * (g1 + g2);
+  float g = k.pg1 > k.pg2 ? g1 : g_tie;
+  g = k.pg2 > k.pg1 ? g2 : g;
+  const float pg3 = -k.A * dual_clip;
+  const float g_half = 0.5f * g;
+  float g_dual = k.clip1 < pg3 ? g : g_half;
+  g_dual = pg3 < k.clip1 ? 0.f : g_dual;
+  return ((dual_clip > 0.f) & (k.A < 0.f)) ? g_dual : g;
 }
 
 struct Partial {
@@ -50,22 +84,44 @@ struct Partial {
   float rmin = kInf, rmax = -kInf;
 };
 
+// One chunk (<= kChunk tokens): fp32 sums over the chunk (vectorised), handed on in double.
 template <typename T>
 Partial ppo_chunk(const T* lp, const T* olp, const T* adv, const uint8_t* m, int64_t begin, int64_t end, float lo,
                   float hi, float dual_clip) {
-  Partial p;
+  float loss = 0.f, count = 0.f, clipped = 0.f, kl = 0.f, rsum = 0.f, rmin = kInf, rmax = -kInf;
+#pragma omp simd reduction(+ : loss, count, clipped, kl, rsum) reduction(min : rmin) reduction(max : rmax)
   for (int64_t i = begin; i < end; ++i) {
-    if (m[i] == 0) continue;
-    const PpoToken k = ppo_token(to_f32(lp[i]), to_f32(olp[i]), to_f32(adv[i]), lo, hi, dual_clip);
-    p.loss += k.loss;
-    p.count += 1;
-    p.clipped += k.pg2 > k.pg1 ? 1 : 0;
-    p.kl += (k.ratio - 1.f) - k.log_ratio;
-    p.ratio += k.ratio;
-    p.rmin = std::min(p.rmin, k.ratio);
-    p.rmax = std::max(p.rmax, k.ratio);
+    const bool valid = m[i] != 0;
+    const PpoToken k = ppo_token(valid, to_f32(lp[i]), to_f32(olp[i]), to_f32(adv[i]), lo, hi, dual_clip);
+    loss += valid ? k.loss : 0.f;
+    count += valid ? 1.f : 0.f;
+    clipped += (valid & (k.pg2 > k.pg1)) ? 1.f : 0.f;
+    kl += valid ? (k.ratio - 1.f) - k.log_ratio : 0.f;
+    rsum += valid ? k.ratio : 0.f;
+    rmin = minf(rmin, valid ? k.ratio : kInf);
+    rmax = maxf(rmax, valid ? k.ratio : -kInf);
   }
+  Partial p;
+  p.loss = loss;
+  p.count = count;
+  p.clipped = clipped;
+  p.kl = kl;
+  p.ratio = rsum;
+  p.rmin = rmin;
+  p.rmax = rmax;
   return p;
+}
+
+template <typename T>
+void ppo_grad_range(const T* lp, const T* olp, const T* adv, const uint8_t* m, int64_t begin, int64_t end, float lo,
+                    float hi, float dual_clip, float scale, T* grad) {
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const bool valid = m[i] != 0;
+    const PpoToken k = ppo_token(valid, to_f32(lp[i]), to_f32(olp[i]), to_f32(adv[i]), lo, hi, dual_clip);
+    const float g = ppo_token_grad(k, lo, hi, dual_clip) * scale;
+    grad[i] = static_cast<T>(valid ? g : 0.f);
+  }
 }
 
 void check_inputs(const at::Tensor& lp, const at::Tensor& olp, const at::Tensor& adv, const at::Tensor& m,
@@ -135,14 +191,7 @@ at::Tensor ppo_loss_bwd(const at::Tensor& lp, const at::Tensor& olp, const at::T
     const uint8_t* m_p = m.const_data_ptr<uint8_t>();
     scalar_t* g_p = grad.data_ptr<scalar_t>();
     at::parallel_for(0, N, kChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float g = 0.f;
-        if (m_p[i] != 0) {
-          const PpoToken k = ppo_token(to_f32(lp_p[i]), to_f32(olp_p[i]), to_f32(adv_p[i]), lo, hi, dual);
-          g = ppo_token_grad(k, lo, hi, dual) * scale;
-        }
-        g_p[i] = static_cast<scalar_t>(g);
-      }
+      ppo_grad_range(lp_p, olp_p, adv_p, m_p, begin, end, lo, hi, dual, scale, g_p);
     });
   });
   return grad;

@@ -1,0 +1,51 @@
+"""kernels.gae: python -m bench gae [--quick] [--json PATH] [--device cpu|cuda]
+
+Baseline: "loop" = gae_ref, the Python reverse loop over time that TRL / OpenRLHF / verl / torchtune
+use (one batched step per time position), run in this process on the same tensors. Providers "cpp",
+"triton", "cuda" are the kernels. Roofline bytes: rewards and values read (4 B each in fp32), the
+uint8 mask read, advantages and returns written (4 B each): 17 B per position. GAE is forward only
+(its outputs are targets).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from bench.harness import Bench, Case
+from kernels.gae import IMPLEMENTED, gae_ref
+
+
+def cases(quick: bool, device: torch.device) -> list[Case]:
+    if device.type == "cuda":
+        shapes = [(512, 2048)] if quick else [(512, 2048), (8, 16384), (64, 1024)]
+    else:
+        shapes = [(64, 1024)] if quick else [(64, 1024), (8, 16384)]
+    out = []
+    for B, T in shapes:
+        out.append(Case("fwd", {"B": B, "T": T}, torch.float32, bytes=B * T * 17, extra={"gamma": 1.0, "lam": 0.95}))
+    return out
+
+
+def build(case: Case, provider: str, device: torch.device):
+    B, T = case.shape["B"], case.shape["T"]
+    gamma, lam = case.extra["gamma"], case.extra["lam"]
+    if provider in IMPLEMENTED:
+        status = kernels.backends()[provider]
+        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
+            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        fn = lambda r, v, m: kernels.gae(r, v, m, gamma=gamma, lam=lam, backend=provider)  # noqa: E731
+    elif provider == "loop":
+        fn = lambda r, v, m: gae_ref(r, v, m, gamma, lam)  # noqa: E731
+    else:
+        return f"unknown provider {provider}"
+    g = torch.Generator(device=device).manual_seed(0)
+    rewards = torch.randn(B, T, device=device, generator=g)
+    values = torch.randn(B, T, device=device, generator=g)
+    # right-padded responses of random length in [T/2, T], as a rollout batch looks
+    lengths = torch.randint(T // 2, T + 1, (B, 1), device=device, generator=g)
+    mask = torch.arange(T, device=device)[None, :] < lengths
+    return lambda: fn(rewards, values, mask)
+
+
+BENCH = Bench(op="gae", cases=cases, providers=("cpp", "triton", "cuda", "loop"), build=build)
