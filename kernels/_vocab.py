@@ -98,11 +98,15 @@ def _vocab_fwd_kernel(
         if KL:
             w = tl.load(zb + offs64 * sz_v, mask=inb, other=NEG_INF).to(tl.float32) * scale
             mr_new = tl.maximum(mr, tl.max(w, axis=0))
-            alpha_r = tl.where(mr_new > NEG_INF, tl.exp2(mr - mr_new), 1.0)
-            sr = sr * alpha_r + tl.sum(tl.where(w > NEG_INF, tl.exp2(w - mr_new), 0.0), axis=0)
+            # While every w so far is -inf, subtract 0 instead of -inf (no -inf - -inf = NaN): then
+            # sr stays 0, and x mass there makes u = +inf, i.e. KL = +inf where q_v = 0 < p_v.
+            z_seen = mr_new > NEG_INF
+            mr_sub = tl.where(z_seen, mr_new, 0.0)
+            shift_r = tl.where(z_seen, mr - mr_new, 0.0)
+            sr = sr * tl.exp2(shift_r) + tl.sum(tl.where(w > NEG_INF, tl.exp2(w - mr_sub), 0.0), axis=0)
             # (y - m) - (w - mr) moves by (m - m_new) - (mr - mr_new) when the maxima move.
-            shift_u = tl.where(s > 0, ((m - m_new) - (mr - mr_new)) * s, 0.0)
-            u = alpha * (u + shift_u) + tl.sum(tl.where(e > 0, e * (d - (w - mr_new)), 0.0), axis=0)
+            shift_u = tl.where(s > 0, ((m - m_new) - shift_r) * s, 0.0)
+            u = alpha * (u + shift_u) + tl.sum(tl.where(e > 0, e * (d - (w - mr_sub)), 0.0), axis=0)
             mr = mr_new
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new

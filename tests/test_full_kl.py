@@ -86,6 +86,33 @@ def test_self_kl_is_exactly_zero_and_kl_nonnegative(backend, dtype, small_blocks
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_mass_where_reference_has_none_is_inf(backend):
+    # q_v = 0 < p_v makes KL(p || q) infinite, as in the reference; a masked entry shared by both is 0.
+    x, z = make_pair((3, 29), torch.float32, seed=6)
+    z[:, 5] = float("-inf")
+    z[0, 9] = x[0, 9] = float("-inf")
+    kl = kernels.full_kl(x, z, backend=backend)
+    assert torch.equal(kl, full_kl_ref(x.double(), z.double()).float()) and torch.isinf(kl).all()
+    x[:, 5] = float("-inf")
+    close(kernels.full_kl(x, z, backend=backend), full_kl_ref(x.double(), z.double()), 2e-5, 2e-5, "kl")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reference_masked_first_block_is_inf_not_nan(backend, small_blocks):  # noqa: F811
+    # ref_logits -inf over a whole first block (16-wide Triton blocks; all but the last entry of a
+    # C++ chunk) where logits are finite: the running reference max is still -inf there.
+    x, z = make_pair((2, 40), torch.float32, seed=8)
+    z[0, :20] = float("-inf")
+    z[1, :-1] = float("-inf")
+    kl = kernels.full_kl(x, z, backend=backend)
+    assert torch.isinf(kl).all() and (kl > 0).all(), kl
+    x, z = make_pair((1, 4100), torch.float32, seed=9)  # a whole 4096-entry C++ chunk of -inf
+    z[0, :4096] = float("-inf")
+    kl = kernels.full_kl(x, z, backend=backend)
+    assert torch.isinf(kl).all() and (kl > 0).all(), kl
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_to_ref_and_empty(backend):
     x, z = make_pair((4, 19), torch.float32, seed=2)
     zk = z.clone().requires_grad_()
