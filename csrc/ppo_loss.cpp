@@ -18,6 +18,9 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
 // Value-based min/max: std::min/std::max return references, and selecting between addresses stops
 // GCC 12 from if-converting (and so vectorising) the loops below.
 __attribute__((always_inline)) inline float minf(float a, float b) { return a < b ? a : b; }
@@ -47,36 +50,55 @@ __attribute__((always_inline)) inline float exp_any(float x) {
   return x < -87.3f ? 0.0f : (x > 88.72f ? kInf : y);
 }
 
+// Token math as arithmetic on 0/1 float weights and bit masks, not selects, under no-trapping-math
+// (the pragma above; these kernels never read FP exception flags): GCC 12 will not if-convert
+// conditional floating-point code otherwise. Measured at N = 2^20, one thread, this 2-core EPYC:
+// the backward loop went from ~17 ms (scalar, selects) to ~2 ms (vectorised).
+
 struct PpoToken {
-  float A, ratio, log_ratio, pg1, pg2, clip1, loss;
+  float A, ratio, log_ratio, pg1, pg2, clip1, loss, valid;
 };
 
-// A masked token (valid == false) computes on zeros, so NaN/inf padding never enters the math.
-__attribute__((always_inline)) inline PpoToken ppo_token(bool valid, float lp, float olp, float A, float lo, float hi, float dual_clip) {
+// Zero `x` where `keep` is false by masking its bits (x may be NaN/inf padding: x * 0 would be NaN).
+__attribute__((always_inline)) inline float keep_if(float x, bool keep) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits &= 0u - static_cast<uint32_t>(keep);
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// A masked token computes on zeros (ratio 1, loss 0), so NaN/inf padding never enters the math.
+__attribute__((always_inline)) inline PpoToken ppo_token(bool valid, float lp, float olp, float A, float lo, float hi,
+                                                         float dual_on, float dual_clip) {
   PpoToken k;
-  k.A = valid ? A : 0.f;
-  k.log_ratio = valid ? lp - olp : 0.f;
+  k.valid = static_cast<float>(valid);
+  k.A = keep_if(A, valid);
+  k.log_ratio = keep_if(lp - olp, valid);
   k.ratio = exp_any(k.log_ratio);
   k.pg1 = -k.A * k.ratio;
   k.pg2 = -k.A * minf(maxf(k.ratio, lo), hi);
   k.clip1 = maxf(k.pg1, k.pg2);
-  k.loss = ((dual_clip > 0.f) & (k.A < 0.f)) ? minf(k.clip1, -k.A * dual_clip) : k.clip1;
+  const float capped = minf(k.clip1, -k.A * dual_clip);
+  const float on = dual_on * static_cast<float>(k.A < 0.f);
+  k.loss = k.clip1 + on * (capped - k.clip1);
   return k;
 }
 
 // d loss_t / d logprobs_t; max/min split the gradient evenly on ties (as torch.maximum/minimum do).
-// Selects only (bitwise & on the conditions, no early exits), so the loop calling it vectorises.
-__attribute__((always_inline)) inline float ppo_token_grad(const PpoToken& k, float lo, float hi, float dual_clip) {
+__attribute__((always_inline)) inline float ppo_token_grad(const PpoToken& k, float lo, float hi, float dual_on,
+                                                           float dual_clip) {
   const float g1 = -k.A * k.ratio;
-  const float g2 = ((k.ratio >= lo) & (k.ratio <= hi)) ? g1 : 0.f;
-  const float g_tie = 0.5f * (g1 + g2);
-  float g = k.pg1 > k.pg2 ? g1 : g_tie;
-  g = k.pg2 > k.pg1 ? g2 : g;
+  const float g2 = g1 * static_cast<float>(k.ratio >= lo) * static_cast<float>(k.ratio <= hi);
+  const float s1 = static_cast<float>(k.pg1 > k.pg2), s2 = static_cast<float>(k.pg2 > k.pg1);
+  const float tie = 1.f - s1 - s2;
+  const float g = g1 * (s1 + 0.5f * tie) + g2 * (s2 + 0.5f * tie);
   const float pg3 = -k.A * dual_clip;
-  const float g_half = 0.5f * g;
-  float g_dual = k.clip1 < pg3 ? g : g_half;
-  g_dual = pg3 < k.clip1 ? 0.f : g_dual;
-  return ((dual_clip > 0.f) & (k.A < 0.f)) ? g_dual : g;
+  const float lt = static_cast<float>(k.clip1 < pg3), gt = static_cast<float>(pg3 < k.clip1);
+  const float g_dual = g * (lt + 0.5f * (1.f - lt - gt));
+  const float on = dual_on * static_cast<float>(k.A < 0.f);
+  return g + on * (g_dual - g);
 }
 
 struct Partial {
@@ -84,22 +106,27 @@ struct Partial {
   float rmin = kInf, rmax = -kInf;
 };
 
-// One chunk (<= kChunk tokens): fp32 sums over the chunk (vectorised), handed on in double.
+// One chunk (<= kChunk tokens): fp32 sums over the chunk, handed on in double. GCC 12 keeps this
+// loop scalar despite `omp simd` (perf-checked: ~18 ns/token at N = 2^20 on this 2-core EPYC; splitting
+// it into an elementwise loop plus reductions did not change that); the backward loop vectorises.
 template <typename T>
-Partial ppo_chunk(const T* lp, const T* olp, const T* adv, const uint8_t* m, int64_t begin, int64_t end, float lo,
-                  float hi, float dual_clip) {
+__attribute__((noinline)) Partial ppo_chunk(const T* lp, const T* olp, const T* adv, const uint8_t* m, int64_t begin,
+                                            int64_t end, float lo, float hi, float dual_clip) {
+  const float dual_on = dual_clip > 0.f ? 1.f : 0.f;
   float loss = 0.f, count = 0.f, clipped = 0.f, kl = 0.f, rsum = 0.f, rmin = kInf, rmax = -kInf;
 #pragma omp simd reduction(+ : loss, count, clipped, kl, rsum) reduction(min : rmin) reduction(max : rmax)
   for (int64_t i = begin; i < end; ++i) {
-    const bool valid = m[i] != 0;
-    const PpoToken k = ppo_token(valid, to_f32(lp[i]), to_f32(olp[i]), to_f32(adv[i]), lo, hi, dual_clip);
-    loss += valid ? k.loss : 0.f;
-    count += valid ? 1.f : 0.f;
-    clipped += (valid & (k.pg2 > k.pg1)) ? 1.f : 0.f;
-    kl += valid ? (k.ratio - 1.f) - k.log_ratio : 0.f;
-    rsum += valid ? k.ratio : 0.f;
-    rmin = minf(rmin, valid ? k.ratio : kInf);
-    rmax = maxf(rmax, valid ? k.ratio : -kInf);
+    const bool masked = m[i] == 0;
+    const PpoToken k = ppo_token(!masked, to_f32(lp[i]), to_f32(olp[i]), to_f32(adv[i]), lo, hi, dual_on, dual_clip);
+    loss += k.loss;  // 0 at masked tokens (A = 0)
+    count += k.valid;
+    clipped += k.valid * static_cast<float>(k.pg2 > k.pg1);
+    kl += (k.ratio - 1.f) - k.log_ratio;  // 0 at masked tokens (ratio 1, log_ratio 0)
+    // masked tokens (ratio 1) must not count: 0 in the sum, +-inf in the min/max, by bit masks
+    const float r = keep_if(k.ratio, !masked);
+    rsum += r;
+    rmin = minf(rmin, r + keep_if(kInf, masked));
+    rmax = maxf(rmax, r - keep_if(kInf, masked));
   }
   Partial p;
   p.loss = loss;
@@ -113,16 +140,17 @@ Partial ppo_chunk(const T* lp, const T* olp, const T* adv, const uint8_t* m, int
 }
 
 template <typename T>
-void ppo_grad_range(const T* lp, const T* olp, const T* adv, const uint8_t* m, int64_t begin, int64_t end, float lo,
+__attribute__((noinline)) void ppo_grad_range(const T* lp, const T* olp, const T* adv, const uint8_t* m, int64_t begin, int64_t end, float lo,
                     float hi, float dual_clip, float scale, T* grad) {
+  const float dual_on = dual_clip > 0.f ? 1.f : 0.f;
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    const bool valid = m[i] != 0;
-    const PpoToken k = ppo_token(valid, to_f32(lp[i]), to_f32(olp[i]), to_f32(adv[i]), lo, hi, dual_clip);
-    const float g = ppo_token_grad(k, lo, hi, dual_clip) * scale;
-    grad[i] = static_cast<T>(valid ? g : 0.f);
+    const PpoToken k = ppo_token(m[i] != 0, to_f32(lp[i]), to_f32(olp[i]), to_f32(adv[i]), lo, hi, dual_on, dual_clip);
+    grad[i] = static_cast<T>(ppo_token_grad(k, lo, hi, dual_on, dual_clip) * scale);  // 0 at masked tokens (A = 0)
   }
 }
+
+#pragma GCC pop_options
 
 void check_inputs(const at::Tensor& lp, const at::Tensor& olp, const at::Tensor& adv, const at::Tensor& m,
                   const char* op) {
