@@ -108,6 +108,20 @@ def test_clip_higher(backend):
     assert_close(stats.clipfrac, torch.tensor(0.5), atol=1e-7, name="clipfrac")
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+def test_ratio_overflow_is_clipped_not_nan(backend):
+    # log-ratio 100: the fp32 ratio overflows to inf.
+    #   A = +1: pg_losses = -inf, pg_losses2 = -1.2, so the loss is -1.2 with no gradient
+    #   A = -2, dual clip 3: pg_losses = +inf is capped at -A * 3 = 6, no gradient
+    #   ratio 1, A = +1: loss -1, gradient -1
+    # pg_loss = (-1.2 + 6 - 1) / 3; gradients (0, 0, -1) / 3. Neither overflowed token may give NaN.
+    # (The fp32 torch reference itself gives NaN here: exp's backward multiplies a 0 gradient by inf.)
+    lp = torch.tensor([[100.0, 100.0, 0.0]])
+    loss, _, grad = run(backend, lp, torch.zeros(1, 3), torch.tensor([[1.0, -2.0, 1.0]]), torch.ones(1, 3), dual_clip=3.0)
+    assert_close(loss, torch.tensor(3.8 / 3), atol=1e-6, name="pg_loss")
+    assert_close(grad, torch.tensor([[0.0, 0.0, -1.0 / 3]]), atol=1e-7, name="grad logprobs")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Against the float64 reference
 # ---------------------------------------------------------------------------------------------------
