@@ -1,6 +1,6 @@
 // kernels.value_loss on CPU: the clipped value loss + clip fraction forward and its backward
-// (gradient to values), the math of kernels/value_loss.py. Fixed kChunk chunks summed in double and
-// added in order: the result does not depend on the thread count.
+// (gradient to values), the math of kernels/value_loss.py. Fixed kChunk chunks summed in fp32 and
+// added in double, in order: the result does not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -9,20 +9,25 @@
 #include <vector>
 
 #include "cpu_math.h"
+#include "rl_math.h"
 
 namespace rlhf {
 namespace {
 
 struct ValueToken {
   float diff, e1, e2, l1, l2;  // values - old_values, values - returns, values_clipped - returns, squares
+  bool in_range;               // |values - old_values| <= clip
 };
 
-inline ValueToken value_token(float v, float old, float ret, float clip) {
+// A masked token (valid == false) computes on zeros (losses 0), so NaN/inf padding never enters.
+__attribute__((always_inline)) inline ValueToken value_token(bool valid, float v, float old, float ret, float clip) {
   ValueToken k;
+  v = keep_if(v, valid), old = keep_if(old, valid), ret = keep_if(ret, valid);
   k.diff = v - old;
   k.e1 = v - ret;
   // inside the clip range the clipped value is `v` itself, not old + (v - old), which can be an ulp off
-  k.e2 = (std::fabs(k.diff) <= clip ? v : old + std::min(std::max(k.diff, -clip), clip)) - ret;
+  k.in_range = std::fabs(k.diff) <= clip;
+  k.e2 = keep_if(v, k.in_range) + keep_if(old + minf(maxf(k.diff, -clip), clip), !k.in_range) - ret;
   k.l1 = k.e1 * k.e1;
   k.l2 = k.e2 * k.e2;
   return k;
@@ -31,6 +36,44 @@ inline ValueToken value_token(float v, float old, float ret, float clip) {
 struct Partial {
   double loss = 0, count = 0, clipped = 0;
 };
+
+// One chunk (<= kChunk tokens): fp32 sums, handed on in double. Loops with one or two reductions
+// and bit masks instead of branches vectorise (see rl_math.h).
+template <typename T>
+__attribute__((noinline)) Partial value_chunk(const T* v, const T* old, const T* ret, const uint8_t* m, int64_t n,
+                                              float clip) {
+  float loss = 0.f, clipped = 0.f, count = 0.f;
+#pragma omp simd reduction(+ : loss, clipped)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool valid = m[i] != 0;
+    const ValueToken k = value_token(valid, to_f32(v[i]), to_f32(old[i]), to_f32(ret[i]), clip);
+    loss += maxf(k.l1, k.l2);  // 0 at masked tokens
+    clipped += keep_if(1.f, valid & (k.l2 > k.l1));
+  }
+#pragma omp simd reduction(+ : count)
+  for (int64_t i = 0; i < n; ++i) count += static_cast<float>(m[i] != 0);
+  Partial p;
+  p.loss = loss;
+  p.count = count;
+  p.clipped = clipped;
+  return p;
+}
+
+// d (0.5 * max(l1, l2)) / d values * scale; ties split evenly, as torch.maximum does.
+template <typename T>
+__attribute__((noinline)) void value_grad_range(const T* v, const T* old, const T* ret, const uint8_t* m, int64_t n,
+                                                float clip, float scale, T* grad) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const bool valid = m[i] != 0;
+    const ValueToken k = value_token(valid, to_f32(v[i]), to_f32(old[i]), to_f32(ret[i]), clip);
+    // 0.5 * d/dv of a square is the residual: the 0.5 and the 2 cancel
+    const float g2 = keep_if(k.e2, k.in_range);
+    const bool gt1 = k.l1 > k.l2, gt2 = k.l2 > k.l1;
+    const float g = keep_if(k.e1, gt1) + keep_if(g2, gt2) + keep_if(0.5f * (k.e1 + g2), !(gt1 | gt2));
+    grad[i] = static_cast<T>(keep_if(g * scale, valid));
+  }
+}
 
 void check_inputs(const at::Tensor& v, const at::Tensor& old, const at::Tensor& ret, const at::Tensor& m,
                   const char* op) {
@@ -58,15 +101,8 @@ at::Tensor value_loss_fwd(const at::Tensor& v, const at::Tensor& old, const at::
     const uint8_t* m_p = m.const_data_ptr<uint8_t>();
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        Partial p;
-        for (int64_t i = c * kChunk, e = std::min(N, (c + 1) * kChunk); i < e; ++i) {
-          if (m_p[i] == 0) continue;
-          const ValueToken k = value_token(to_f32(v_p[i]), to_f32(o_p[i]), to_f32(r_p[i]), clip);
-          p.loss += std::max(k.l1, k.l2);
-          p.count += 1;
-          p.clipped += k.l2 > k.l1 ? 1 : 0;
-        }
-        parts[c] = p;
+        const int64_t start = c * kChunk, len = std::min(N, start + kChunk) - start;
+        parts[c] = value_chunk(v_p + start, o_p + start, r_p + start, m_p + start, len, clip);
       }
     });
   });
@@ -91,7 +127,6 @@ at::Tensor value_loss_bwd(const at::Tensor& v, const at::Tensor& old, const at::
   const int64_t N = v.numel();
   const float clip = static_cast<float>(clip_d);
   const float count = out.to(at::kFloat).contiguous().const_data_ptr<float>()[2];
-  // 0.5 * d/dv of a square is the residual: the 0.5 and the 2 cancel
   const float scale = grad_out.to(at::kFloat).item<float>() / std::max(count, 1.f);
   at::Tensor grad = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "value_loss_bwd", [&] {
@@ -101,15 +136,7 @@ at::Tensor value_loss_bwd(const at::Tensor& v, const at::Tensor& old, const at::
     const uint8_t* m_p = m.const_data_ptr<uint8_t>();
     scalar_t* g_p = grad.data_ptr<scalar_t>();
     at::parallel_for(0, N, kChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float g = 0.f;
-        if (m_p[i] != 0) {
-          const ValueToken k = value_token(to_f32(v_p[i]), to_f32(o_p[i]), to_f32(r_p[i]), clip);
-          const float g2 = (k.diff >= -clip && k.diff <= clip) ? k.e2 : 0.f;
-          g = (k.l1 > k.l2 ? k.e1 : (k.l2 > k.l1 ? g2 : 0.5f * (k.e1 + g2))) * scale;
-        }
-        g_p[i] = static_cast<scalar_t>(g);
-      }
+      value_grad_range(v_p + begin, o_p + begin, r_p + begin, m_p + begin, end - begin, clip, scale, g_p + begin);
     });
   });
   return grad;
