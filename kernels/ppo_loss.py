@@ -21,9 +21,9 @@ A batch with no valid token gives 0 for the loss and every stat. Only `logprobs`
     d pg_losses2 / d logprobs = -A r * [1 - clip_low <= r <= 1 + clip_high]
     max / min pass the gradient of the larger / smaller side and split it evenly on a tie, as torch does.
 
-Kernels: one forward pass writes per-block partial sums, a one-program kernel reduces them into
-(loss, stats, count); one elementwise backward reads the count and the upstream gradient from
-device memory, so nothing syncs with the host.
+Kernels: the forward writes per-block partial sums and a one-program kernel reduces them into
+(loss, stats, count), or for up to 64k tokens one program does both (one launch); one elementwise
+backward reads the count and the upstream gradient from device memory, so nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -166,6 +166,47 @@ def _ppo_loss_finalize_kernel(
 
 
 @triton.jit
+def _ppo_loss_fwd_one_program_kernel(
+    # data pointers
+    lp_ptr, olp_ptr, adv_ptr, m_ptr,  # [N] as in _ppo_loss_fwd_kernel
+    out_ptr,  # [8] fp32 out, as written by _ppo_loss_finalize_kernel
+    # shapes and scalars
+    N, lo, hi, dual_clip,
+    # meta
+    DUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Small N: one program streams all tokens and writes the final result (one launch, not two)."""
+    loss = tl.zeros([BLOCK], tl.float32)
+    cnt = tl.zeros([BLOCK], tl.float32)
+    clipped = tl.zeros([BLOCK], tl.float32)
+    kl = tl.zeros([BLOCK], tl.float32)
+    rsum = tl.zeros([BLOCK], tl.float32)
+    rmin = tl.full([BLOCK], float("inf"), tl.float32)
+    rmax = tl.full([BLOCK], -float("inf"), tl.float32)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK).to(tl.int64)
+        valid, A, ratio, log_ratio, pg1, pg2, clip1, tok = _ppo_token(
+            lp_ptr, olp_ptr, adv_ptr, m_ptr, offs, N, lo, hi, dual_clip, DUAL)
+        loss += tl.where(valid, tok, 0.0)
+        cnt += tl.where(valid, 1.0, 0.0)
+        clipped += tl.where(valid & (pg2 > pg1), 1.0, 0.0)
+        kl += tl.where(valid, (ratio - 1.0) - log_ratio, 0.0)
+        rsum += tl.where(valid, ratio, 0.0)
+        rmin = tl.minimum(rmin, tl.where(valid, ratio, float("inf")))
+        rmax = tl.maximum(rmax, tl.where(valid, ratio, -float("inf")))
+    n = tl.sum(cnt, axis=0)
+    denom = tl.maximum(n, 1.0)
+    tl.store(out_ptr + 0, tl.sum(loss, axis=0) / denom)
+    tl.store(out_ptr + 1, tl.sum(clipped, axis=0) / denom)
+    tl.store(out_ptr + 2, tl.sum(kl, axis=0) / denom)
+    tl.store(out_ptr + 3, tl.sum(rsum, axis=0) / denom)
+    tl.store(out_ptr + 4, tl.where(n > 0, tl.min(rmin, axis=0), 0.0))
+    tl.store(out_ptr + 5, tl.where(n > 0, tl.max(rmax, axis=0), 0.0))
+    tl.store(out_ptr + 6, n)
+
+
+@triton.jit
 def _ppo_loss_bwd_kernel(
     # data pointers
     lp_ptr, olp_ptr, adv_ptr, m_ptr,  # [N] as in the forward
@@ -205,20 +246,35 @@ def _block(N: int) -> int:
     return 1024
 
 
-def _fwd(backend, lp, olp, adv, m, lo, hi, dual_clip):
-    """-> out [8] fp32: (pg_loss, clipfrac, approx_kl, ratio_mean, ratio_min, ratio_max, count, 0)."""
+# Up to this many tokens the forward is one program (one launch): 64k tokens x 13 B = 832 KB, a few
+# microseconds for one SM, less than the second launch it saves.
+ONE_PROGRAM_MAX_N = 1 << 16
+
+
+def _fwd(backend, lp, olp, adv, m, lo, hi, dual_clip, *, block=None, one_program=None):
+    """-> out [8] fp32: (pg_loss, clipfrac, approx_kl, ratio_mean, ratio_min, ratio_max, count, 0).
+    `block` and `one_program` override the launch (tests use them to run both Triton paths)."""
     if backend == "cpp":
         return ext_op("ppo_loss_fwd")(lp, olp, adv, m, lo, hi, dual_clip)
     N = lp.numel()
-    block = _block(N)
+    block = block or _block(N)
     P = triton.cdiv(N, block)
-    part = torch.empty((max(P, 1), 8), device=lp.device, dtype=torch.float32)
     out = torch.zeros(8, device=lp.device, dtype=torch.float32)
-    if P:
-        _ppo_loss_fwd_kernel[(P,)](
-            lp, olp, adv, m, part, N, lo, hi, dual_clip, DUAL=dual_clip > 0, BLOCK=block, num_warps=4,
+    if one_program is None:
+        one_program = P == 1 or N <= ONE_PROGRAM_MAX_N
+    if P == 0:
+        return out
+    if one_program:
+        block = block if triton_interpreted() else 2048
+        _ppo_loss_fwd_one_program_kernel[(1,)](
+            lp, olp, adv, m, out, N, lo, hi, dual_clip, DUAL=dual_clip > 0, BLOCK=block, num_warps=8,
         )  # fmt: skip
-        _ppo_loss_finalize_kernel[(1,)](part, out, P, BLOCK=min(next_pow2(P), 1024), num_warps=4)
+        return out
+    part = torch.empty((P, 8), device=lp.device, dtype=torch.float32)
+    _ppo_loss_fwd_kernel[(P,)](
+        lp, olp, adv, m, part, N, lo, hi, dual_clip, DUAL=dual_clip > 0, BLOCK=block, num_warps=4,
+    )  # fmt: skip
+    _ppo_loss_finalize_kernel[(1,)](part, out, P, BLOCK=min(next_pow2(P), 1024), num_warps=4)
     return out
 
 

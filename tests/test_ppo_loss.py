@@ -174,6 +174,26 @@ def test_non_contiguous_garbage_under_mask_and_extremes(backend):
     check(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("one_program", [True, False])
+def test_triton_forward_paths(one_program):
+    # Both Triton forwards at several blocks per row of tokens: one program looping over 16-token
+    # blocks, and per-block partials (7 of them, the last one short) reduced by the finalize kernel.
+    if "triton" not in BACKENDS:
+        pytest.skip("triton does not run here")
+    from kernels._masks import mask_u8
+    from kernels.ppo_loss import _fwd
+
+    lp, olp, adv = inputs(1, 101, seed=10)
+    mask = make_mask(1, 101, "holes", seed=11)
+    flat = [t.reshape(-1).contiguous() for t in (lp, olp, adv, mask_u8(mask))]
+    out = _fwd("triton", *flat, 0.8, 1.28, 3.0, block=16, one_program=one_program)
+    loss, stats, _ = reference(lp, olp, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    assert_close(out[0], loss, atol=2e-6, rtol=1e-5, name="pg_loss")
+    for j, name in enumerate(STAT_NAMES, start=1):
+        assert_close(out[j], getattr(stats, name), atol=2e-6, rtol=1e-5, name=name)
+    assert float(out[6]) == float(mask.sum())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_masked_is_zero(backend):
     lp, olp, adv = inputs(3, 4, seed=7)
