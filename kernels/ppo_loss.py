@@ -353,4 +353,5 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_hig
         logprobs_in, old_logprobs.detach(), advantages.detach(), mask_u8(mask), lo, hi,
         dual_clip if dual_clip is not None else 0.0, chosen,
     )  # fmt: skip
-    return loss, PPOStats(out[1], out[2], out[3], out[4], out[5])
+    _, clipfrac, approx_kl, ratio_mean, ratio_min, ratio_max, _, _ = out.unbind(0)  # one op, not five
+    return loss, PPOStats(clipfrac, approx_kl, ratio_mean, ratio_min, ratio_max)

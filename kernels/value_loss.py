@@ -230,4 +230,4 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, backend="auto"):
     if chosen == "cpp" and len({values.dtype, old_values.dtype, returns.dtype}) > 1:
         values, old_values, returns = values.float(), old_values.float(), returns.float()
     loss, out = _ValueLoss.apply(values, old_values.detach(), returns.detach(), mask_u8(mask), clip, chosen)
-    return loss, ValueStats(out[1])
+    return loss, ValueStats(out.unbind(0)[1])
