@@ -7,39 +7,76 @@
 #include <cmath>
 
 #include "cpu_math.h"
+#include "rl_math.h"
 
 namespace rlhf {
 namespace {
 
 // (exp(-x) - 1 + x, 1 - exp(-x)); the Taylor series to x^8 below |x| = 0.5 avoids the fp32
-// cancellation of exp(-x) - 1 (a 10% error in k3 at x = 1e-3 otherwise).
-inline void k3_and_grad(float x, float& k, float& dk) {
-  if (std::fabs(x) < 0.5f) {
-    float d = x * (-1.f / 5040 + x * (1.f / 40320));
-    d = x * (-1.f / 120 + x * (1.f / 720 + d));
-    d = x * (-1.f / 6 + x * (1.f / 24 + d));
-    k = x * x * (0.5f + d);
-    const float g = x * (1.f / 120 + x * (-1.f / 720 + x * (1.f / 5040 - x * (1.f / 40320))));
-    dk = x * (1.f + x * (-0.5f + x * (1.f / 6 + x * (-1.f / 24 + g))));
-  } else {
-    const float e = std::exp(-x);
-    k = e - 1.f + x;
-    dk = 1.f - e;
-  }
+// cancellation of exp(-x) - 1 (a 10% error in k3 at x = 1e-3 otherwise). Both forms are computed and
+// one is kept by bit masks, so the loops vectorise (see rl_math.h).
+__attribute__((always_inline)) inline void k3_and_grad(float x, float& k, float& dk) {
+  float d = x * (-1.f / 5040 + x * (1.f / 40320));
+  d = x * (-1.f / 120 + x * (1.f / 720 + d));
+  d = x * (-1.f / 6 + x * (1.f / 24 + d));
+  const float k_series = x * x * (0.5f + d);
+  const float g = x * (1.f / 120 + x * (-1.f / 720 + x * (1.f / 5040 - x * (1.f / 40320))));
+  const float dk_series = x * (1.f + x * (-0.5f + x * (1.f / 6 + x * (-1.f / 24 + g))));
+  const float e = exp_any(-x);
+  const bool small = std::fabs(x) < 0.5f;
+  k = keep_if(k_series, small) + keep_if(e - 1.f + x, !small);
+  dk = keep_if(dk_series, small) + keep_if(1.f - e, !small);
 }
 
-inline void kl_token(float raw, int64_t kind, float clamp, float& k, float& dk) {
-  const float x = std::min(std::max(raw, -clamp), clamp);
-  if (kind == 1) {
+// KIND is a template argument so each loop body is straight-line code (it vectorises).
+template <int KIND>
+__attribute__((always_inline)) inline void kl_token(float raw, float clamp, float& k, float& dk) {
+  const float x = minf(maxf(raw, -clamp), clamp);
+  if constexpr (KIND == 1) {
     k = x;
     dk = 1.f;
-  } else if (kind == 2) {
+  } else if constexpr (KIND == 2) {
     k = 0.5f * x * x;
     dk = x;
   } else {
     k3_and_grad(x, k, dk);
   }
-  if (!(raw >= -clamp && raw <= clamp)) dk = 0.f;
+  dk = keep_if(dk, (raw >= -clamp) & (raw <= clamp));
+}
+
+template <int KIND, typename T>
+__attribute__((noinline)) void kl_fwd_kind(const T* lp, const T* ref, int64_t n, float clamp, float* kl) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float k, dk;
+    kl_token<KIND>(to_f32(lp[i]) - to_f32(ref[i]), clamp, k, dk);
+    kl[i] = k;
+  }
+}
+
+template <typename T>
+void kl_fwd_range(const T* lp, const T* ref, int64_t n, int64_t kind, float clamp, float* kl) {
+  if (kind == 1) return kl_fwd_kind<1>(lp, ref, n, clamp, kl);
+  if (kind == 2) return kl_fwd_kind<2>(lp, ref, n, clamp, kl);
+  kl_fwd_kind<3>(lp, ref, n, clamp, kl);
+}
+
+template <int KIND, typename T>
+__attribute__((noinline)) void kl_bwd_kind(const T* lp, const T* ref, const float* grad_kl, int64_t n, float clamp,
+                                           T* grad) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float k, dk;
+    kl_token<KIND>(to_f32(lp[i]) - to_f32(ref[i]), clamp, k, dk);
+    grad[i] = static_cast<T>(grad_kl[i] * dk);
+  }
+}
+
+template <typename T>
+void kl_bwd_range(const T* lp, const T* ref, const float* grad_kl, int64_t n, int64_t kind, float clamp, T* grad) {
+  if (kind == 1) return kl_bwd_kind<1>(lp, ref, grad_kl, n, clamp, grad);
+  if (kind == 2) return kl_bwd_kind<2>(lp, ref, grad_kl, n, clamp, grad);
+  kl_bwd_kind<3>(lp, ref, grad_kl, n, clamp, grad);
 }
 
 void check_inputs(const at::Tensor& lp, const at::Tensor& ref, int64_t kind, const char* op) {
@@ -60,11 +97,7 @@ at::Tensor kl_penalty_fwd(const at::Tensor& lp, const at::Tensor& ref, int64_t k
     const scalar_t* lp_p = lp.const_data_ptr<scalar_t>();
     const scalar_t* ref_p = ref.const_data_ptr<scalar_t>();
     at::parallel_for(0, N, kChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float k, dk;
-        kl_token(to_f32(lp_p[i]) - to_f32(ref_p[i]), kind, clamp, k, dk);
-        kl_p[i] = k;
-      }
+      kl_fwd_range(lp_p + begin, ref_p + begin, end - begin, kind, clamp, kl_p + begin);
     });
   });
   return kl;
@@ -84,11 +117,7 @@ at::Tensor kl_penalty_bwd(const at::Tensor& lp, const at::Tensor& ref, const at:
     const scalar_t* ref_p = ref.const_data_ptr<scalar_t>();
     scalar_t* g_p = grad.data_ptr<scalar_t>();
     at::parallel_for(0, N, kChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float k, dk;
-        kl_token(to_f32(lp_p[i]) - to_f32(ref_p[i]), kind, clamp, k, dk);
-        g_p[i] = static_cast<scalar_t>(gk_p[i] * dk);
-      }
+      kl_bwd_range(lp_p + begin, ref_p + begin, gk_p + begin, end - begin, kind, clamp, g_p + begin);
     });
   });
   return grad;
