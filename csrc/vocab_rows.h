@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "cpu_math.h"
 
@@ -106,25 +107,47 @@ RowOut row_fwd(const T* x, int64_t sx, const T* z, int64_t sz, int64_t V, float 
 }
 
 // c_v = c0 + c1 log p_v + g_kl log q_v; grad_v = g_logp 1[v == label] - p_v c_v (0 where p_v == 0).
+// fp32 rows, contiguous, are read and written straight from the compute loop (no scratch passes):
+// full_kl backward 256 x 32000, 1 thread: 1.46 -> 1.01 ns per element pair. 16-bit rows keep the
+// separate convert passes: converting inside the exp loop measured 1.96 -> 5.71 ns (bf16), the
+// conversion stops that loop vectorising.
 template <typename T, bool KL>
 void row_bwd(const T* x, int64_t sx, const T* z, int64_t sz, int64_t V, int64_t label, float inv_temp, float lse,
              float lse_ref, float g_logp, float c0, float c1, float g_kl, float* bx, float* bz, T* out) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  const bool contiguous = kF32 && sx == 1 && (!KL || sz == 1);
   for (int64_t start = 0; start < V; start += kChunk) {
     const int64_t len = std::min(kChunk, V - start);
-    load_scaled(x + start * sx, sx, len, inv_temp, bx);
-    if constexpr (KL) load_scaled(z + start * sz, sz, len, inv_temp, bz);
+    float* g = kF32 ? reinterpret_cast<float*>(out + start) : bx;
+    if (contiguous) {
+      const T* xc = x + start;
+      const T* zc = KL ? z + start : nullptr;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      const float logp = bx[i] - lse;
-      const float p = exp_nonpos(logp);
-      float c = c0 + c1 * logp;
-      if constexpr (KL) c += g_kl * (bz[i] - lse_ref);
-      bx[i] = p > 0.f ? -p * c : 0.f;
+      for (int64_t i = 0; i < len; ++i) {
+        const float logp = to_f32(xc[i]) * inv_temp - lse;
+        const float p = exp_nonpos(logp);
+        float c = c0 + c1 * logp;
+        if constexpr (KL) c += g_kl * (to_f32(zc[i]) * inv_temp - lse_ref);
+        g[i] = p > 0.f ? -p * c : 0.f;
+      }
+    } else {
+      load_scaled(x + start * sx, sx, len, inv_temp, bx);
+      if constexpr (KL) load_scaled(z + start * sz, sz, len, inv_temp, bz);
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        const float logp = bx[i] - lse;
+        const float p = exp_nonpos(logp);
+        float c = c0 + c1 * logp;
+        if constexpr (KL) c += g_kl * (bz[i] - lse_ref);
+        g[i] = p > 0.f ? -p * c : 0.f;
+      }
     }
-    if (label >= start && label < start + len) bx[label - start] += g_logp;
-    T* dst = out + start;
+    if (label >= start && label < start + len) g[label - start] += g_logp;
+    if constexpr (!kF32) {
+      T* dst = out + start;
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(bx[i]);
+      for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<T>(bx[i]);
+    }
   }
 }
 
