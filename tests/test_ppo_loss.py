@@ -117,7 +117,8 @@ def test_ratio_overflow_is_clipped_not_nan(backend):
     # pg_loss = (-1.2 + 6 - 1) / 3; gradients (0, 0, -1) / 3. Neither overflowed token may give NaN.
     # (The fp32 torch reference itself gives NaN here: exp's backward multiplies a 0 gradient by inf.)
     lp = torch.tensor([[100.0, 100.0, 0.0]])
-    loss, _, grad = run(backend, lp, torch.zeros(1, 3), torch.tensor([[1.0, -2.0, 1.0]]), torch.ones(1, 3), dual_clip=3.0)
+    adv = torch.tensor([[1.0, -2.0, 1.0]])
+    loss, _, grad = run(backend, lp, torch.zeros(1, 3), adv, torch.ones(1, 3), dual_clip=3.0)
     assert_close(loss, torch.tensor(3.8 / 3), atol=1e-6, name="pg_loss")
     assert_close(grad, torch.tensor([[0.0, 0.0, -1.0 / 3]]), atol=1e-7, name="grad logprobs")
 

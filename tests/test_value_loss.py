@@ -111,7 +111,8 @@ def test_all_masked_is_zero(backend):
     ],
 )
 def test_bad_inputs(kw, match):
-    args = dict(values=torch.zeros(2, 5), old_values=torch.zeros(2, 5), returns=torch.zeros(2, 5), mask=torch.ones(2, 5))
+    zeros = torch.zeros(2, 5)
+    args = dict(values=zeros, old_values=zeros, returns=zeros, mask=torch.ones(2, 5))
     args.update(kw)
     pos = [args.pop(k) for k in ("values", "old_values", "returns", "mask")]
     with pytest.raises(ValueError, match=match):
