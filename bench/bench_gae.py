@@ -32,8 +32,12 @@ def build(case: Case, provider: str, device: torch.device):
     gamma, lam = case.extra["gamma"], case.extra["lam"]
     if provider in IMPLEMENTED:
         status = kernels.backends()[provider]
-        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
-            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        if not status.startswith("yes"):
+            return f"{provider}: {status}"
+        if provider == "cpp" and device.type != "cpu":
+            return "cpp: runs CPU tensors"
+        if provider in ("triton", "cuda") and device.type != "cuda":
+            return f"{provider}: needs a CUDA device (triton on CPU is the interpreter only)"
         fn = lambda r, v, m: kernels.gae(r, v, m, gamma=gamma, lam=lam, backend=provider)  # noqa: E731
     elif provider == "loop":
         fn = lambda r, v, m: gae_ref(r, v, m, gamma, lam)  # noqa: E731

@@ -29,8 +29,12 @@ def build(case: Case, provider: str, device: torch.device):
     dual = case.extra["dual_clip"]
     if provider in IMPLEMENTED:
         status = kernels.backends()[provider]
-        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
-            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        if not status.startswith("yes"):
+            return f"{provider}: {status}"
+        if provider == "cpp" and device.type != "cpu":
+            return "cpp: runs CPU tensors"
+        if provider in ("triton", "cuda") and device.type != "cuda":
+            return f"{provider}: needs a CUDA device (triton on CPU is the interpreter only)"
         fn = lambda lp, o, a, m: kernels.ppo_loss(lp, o, a, m, dual_clip=dual, backend=provider)[0]  # noqa: E731
     elif provider == "eager":
         fn = lambda lp, o, a, m: ppo_loss_ref(lp, o, a, m, 0.2, 0.2, dual)[0]  # noqa: E731
