@@ -53,6 +53,12 @@ class PPOStats(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------------
+def _masked_extreme(x, valid, identity, reduce):
+    """min/max of x over valid entries; `identity` if none (also for an empty x, where torch raises)."""
+    flat = torch.where(valid, x, identity).reshape(-1)
+    return reduce(torch.cat([flat, flat.new_full((1,), identity)]))
+
+
 def ppo_loss_ref(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=None):
     """PyTorch reference (cleanrl / TRL / verl form); math in max(dtype, fp32), float64 in gives the
     float64 oracle. Differentiable through autograd. -> (pg_loss, PPOStats)."""
@@ -74,8 +80,8 @@ def ppo_loss_ref(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_hi
             clipfrac=masked_mean((pg_losses2 > pg_losses).to(dtype), mask),
             approx_kl=masked_mean((ratio - 1) - log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),
-            ratio_min=torch.where(any_valid, torch.where(valid, ratio, float("inf")).min(), zero),
-            ratio_max=torch.where(any_valid, torch.where(valid, ratio, -float("inf")).max(), zero),
+            ratio_min=torch.where(any_valid, _masked_extreme(ratio, valid, float("inf"), torch.min), zero),
+            ratio_max=torch.where(any_valid, _masked_extreme(ratio, valid, -float("inf"), torch.max), zero),
         )
     return pg_loss, stats
 

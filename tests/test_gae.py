@@ -205,6 +205,13 @@ def test_cpp_long_rows():
         assert_close(g, w, atol=1e-4, rtol=1e-5, name=name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+def test_empty(backend, shape):
+    adv, ret = kernels.gae(torch.zeros(shape), torch.zeros(shape), torch.ones(shape), backend=backend)
+    assert adv.shape == ret.shape == shape and adv.dtype == torch.float32
+
+
 def test_gradient_runs_through_the_reference():
     # The kernels are forward-only (GAE outputs are targets); with grad-requiring inputs the public
     # op uses the reference, so gradients match autograd through the float64 loop.

@@ -196,6 +196,14 @@ def test_triton_forward_paths(one_program):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_is_zero(backend):
+    lp = torch.zeros(2, 0)
+    loss, stats, grad = run(backend, lp, lp, lp, lp.bool())
+    assert float(loss.detach()) == 0.0 and all(float(s) == 0.0 for s in stats), (loss, stats)
+    assert grad.shape == (2, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_masked_is_zero(backend):
     lp, olp, adv = inputs(3, 4, seed=7)
     loss, stats, grad = run(backend, lp, olp, adv, torch.zeros(3, 4))
