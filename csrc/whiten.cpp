@@ -9,9 +9,46 @@
 #include <vector>
 
 #include "cpu_math.h"
+#include "rl_math.h"
 
 namespace rlhf {
 namespace {
+
+// Per-chunk passes as templates (`omp simd` cannot sit inside the AT_DISPATCH lambda). Masked
+// elements are zeroed by bit masks (they may hold NaN/inf padding), so the loops are branch-free.
+template <typename T>
+__attribute__((noinline)) void chunk_count_sum(const T* x, const uint8_t* m, int64_t n, double& cnt, double& sum) {
+  double c = 0, s = 0;
+#pragma omp simd reduction(+ : c, s)
+  for (int64_t i = 0; i < n; ++i) {
+    c += static_cast<double>(m[i] != 0);
+    s += static_cast<double>(keep_if(to_f32(x[i]), m[i] != 0));
+  }
+  cnt = c;
+  sum = s;
+}
+
+template <typename T>
+__attribute__((noinline)) double chunk_m2(const T* x, const uint8_t* m, int64_t n, double mean) {
+  double acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool valid = m[i] != 0;
+    const double d = valid ? static_cast<double>(keep_if(to_f32(x[i]), valid)) - mean : 0.0;
+    acc += d * d;
+  }
+  return acc;
+}
+
+template <typename T>
+__attribute__((noinline)) void chunk_apply(const T* x, const uint8_t* m, int64_t n, float mean, float rstd, float add,
+                                           float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const bool valid = m[i] != 0;
+    out[i] = keep_if((keep_if(to_f32(x[i]), valid) - mean) * rstd + add, valid);
+  }
+}
 
 at::Tensor masked_whiten(const at::Tensor& x, const at::Tensor& m, bool shift_mean, double eps) {
   TORCH_CHECK(x.is_contiguous() && m.is_contiguous() && x.numel() == m.numel(),
@@ -27,14 +64,8 @@ at::Tensor masked_whiten(const at::Tensor& x, const at::Tensor& m, bool shift_me
     const scalar_t* x_p = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        double n = 0, s = 0;
-        for (int64_t i = c * kChunk, e = std::min(N, (c + 1) * kChunk); i < e; ++i) {
-          if (m_p[i] == 0) continue;
-          n += 1;
-          s += to_f32(x_p[i]);
-        }
-        cnt[c] = n;
-        sum[c] = s;
+        const int64_t start = c * kChunk;
+        chunk_count_sum(x_p + start, m_p + start, std::min(N, start + kChunk) - start, cnt[c], sum[c]);
       }
     });
     double n = 0, s = 0;
@@ -45,13 +76,8 @@ at::Tensor masked_whiten(const at::Tensor& x, const at::Tensor& m, bool shift_me
     const double mean = n > 0 ? s / n : 0.0;
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        double acc = 0;
-        for (int64_t i = c * kChunk, e = std::min(N, (c + 1) * kChunk); i < e; ++i) {
-          if (m_p[i] == 0) continue;
-          const double d = static_cast<double>(to_f32(x_p[i])) - mean;
-          acc += d * d;
-        }
-        m2[c] = acc;
+        const int64_t start = c * kChunk;
+        m2[c] = chunk_m2(x_p + start, m_p + start, std::min(N, start + kChunk) - start, mean);
       }
     });
     double total_m2 = 0;
@@ -60,8 +86,7 @@ at::Tensor masked_whiten(const at::Tensor& x, const at::Tensor& m, bool shift_me
     const float rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
     const float mean_f = static_cast<float>(mean), add = shift_mean ? 0.f : mean_f;
     at::parallel_for(0, N, kChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        out_p[i] = m_p[i] != 0 ? (to_f32(x_p[i]) - mean_f) * rstd + add : 0.f;
+      chunk_apply(x_p + begin, m_p + begin, end - begin, mean_f, rstd, add, out_p + begin);
     });
   });
   return out;
