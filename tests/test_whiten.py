@@ -78,6 +78,16 @@ def test_large_offset_low_precision_and_strides(backend):
                  atol=ATOL, rtol=RTOL, name="bf16, strided")  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_under_mask(backend):
+    x = randn(5, 17, seed=9)
+    m = make_mask(5, 17, "mixed", seed=10)
+    bad = x.masked_fill(~m, float("nan"))
+    bad[~m & (torch.arange(17) % 2 == 0)] = float("inf")
+    assert_close(kernels.masked_whiten(bad, m, backend=backend), masked_whiten_ref(x.double(), m), atol=ATOL,
+                 rtol=RTOL, name="NaN/inf under the mask")  # fmt: skip
+
+
 def test_gradient_runs_through_the_reference():
     x = randn(4, 9, seed=4)
     m = make_mask(4, 9, "holes", seed=5)
