@@ -222,8 +222,8 @@ def vocab_fwd(backend, x3, z3, labels, inv_temp, ignore_index, entropy):
     lse_ref = torch.empty(N, **f32) if has_kl else _empty(dev)
     zz = z3 if has_kl else x3
     # With KL each block iteration keeps y, w, e and d live (about 6 fp32 per element with the
-    # temporaries): halving the block keeps 2048 x 6 / 256 threads = 48 fp32 registers per thread, the
-    # budget the single-tensor 4096-wide block of kernels.logprobs uses.
+    # temporaries): a 2048-wide block on 8 warps is 2048 x 6 / 256 = 48 fp32 registers per thread.
+    # Not tuned on a GPU yet (none in the session that wrote it).
     launch = row_launch(V, max_block=4096 if not has_kl else 2048)
     if N:
         _vocab_fwd_kernel[(N,)](
