@@ -7,8 +7,12 @@ chunk, H hidden, V vocabulary. Logits are `hidden @ weight.T (+ bias)`; the refe
 Memory: only [C, V] chunks of logits exist (one, two with ref_hidden); the matmuls are torch's per
 chunk (F.linear / matmul), the row math is the shared vocabulary kernels (kernels/_vocab.py, Triton, or
 csrc/vocab_rows.h, C++). Ignored tokens are dropped before the first GEMM (one nonzero() over labels,
-a device sync on GPU), so they cost no vocabulary work. The weight/bias gradients accumulate in fp32
-[V, H] / [V] buffers across chunks and are cast to the weight's dtype once at the end.
+a device sync on GPU), so they cost no vocabulary work. With a weight (or bias) gradient the backward
+walks [M, Vs] vocabulary slices instead of token chunks: each slice's grad_weight rows are complete in one
+GEMM over all M tokens (fp32 accumulation inside the GEMM, one rounding), so no [V, H] fp32 accumulator
+(2 GiB at V = 128256, H = 4096) is needed; grad_hidden [M, H] accumulates in fp32 across the slices
+(128 MiB at M = 8192, H = 4096) and is cast once. Frozen weight: token chunks throughout, each token's
+grad_hidden complete within its chunk.
 
 GEMM count, in units of one 2 M H V-flop GEMM, forward + backward:
 
@@ -175,7 +179,6 @@ class LinearVocab(torch.autograd.Function):
         if g_logp is None and g_ent is None and g_kl is None:
             return none
         H = hidden.shape[-1]
-        V = weight.shape[0]
         M = idx.numel()
         flat = lambda g: None if g is None else g.reshape(-1).float()  # noqa: E731
         g_logp, g_ent = flat(g_logp), flat(g_ent)
@@ -188,29 +191,73 @@ class LinearVocab(torch.autograd.Function):
             return (grad_h.view(hidden.shape),) + none[1:]
         h2 = hidden.detach().reshape(-1, H)
         rh2 = ref_hidden.detach().reshape(-1, H) if g_kl is not None else None
-        acc_w = torch.zeros((V, H), device=weight.device, dtype=torch.float32) if need_w else None
-        acc_b = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_b else None
+        grads = (g_logp, g_ent, g_kl)
+        if need_w or need_b:
+            return LinearVocab._backward_vocab_slices(
+                ctx, hidden.shape, h2, rh2, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v, grads, need_h,
+                need_w, need_b,
+            )  # fmt: skip
+        # Frozen weight: token chunks; each token's grad_hidden is complete in its chunk.
         for c0 in range(0, M, chunk):
             ci = idx[c0 : c0 + chunk]
             C = ci.numel()
             s = slice(c0, c0 + C)
-            hc = h2.index_select(0, ci)
-            x = F.linear(hc, weight, bias)  # [C, V], recomputed
+            x = F.linear(h2.index_select(0, ci), weight, bias)  # [C, V], recomputed
             z = F.linear(rh2.index_select(0, ci), weight, bias).unsqueeze(0) if rh2 is not None else None
             pick = lambda g: None if g is None else g.index_select(0, ci).contiguous()  # noqa: E731
             saved = (lse_v[s], lse_ref_v[s] if z is not None else None, ent_v[s] if g_ent is not None else None,
                      kl_v[s] if z is not None else None)  # fmt: skip
-            dl = vocab_bwd(backend, x.unsqueeze(0), z, lab.index_select(0, ci), saved,
-                           (pick(g_logp), pick(g_ent), pick(g_kl)), inv_temp, ignore_index, out=x)  # fmt: skip
+            dl = vocab_bwd(backend, x.unsqueeze(0), z, lab.index_select(0, ci), saved, tuple(map(pick, grads)),
+                           inv_temp, ignore_index, out=x)  # fmt: skip
+            grad_h.index_copy_(0, ci, dl @ weight)  # [C, H]
+        return (grad_h.view(hidden.shape),) + none[1:]
+
+    @staticmethod
+    def _backward_vocab_slices(ctx, hidden_shape, h2, rh2, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v, grads, need_h,
+                               need_w, need_b):  # fmt: skip
+        """Backward with weight/bias gradient, over [M, Vs] vocabulary slices of all M tokens.
+
+        Each slice's grad_weight rows are complete in one GEMM over the M tokens (fp32 accumulation
+        inside the GEMM, one rounding), so no [V, H] fp32 accumulator exists (2 GiB at V = 128256,
+        H = 4096); grad_hidden [M, H] accumulates in fp32 across slices instead (128 MiB at M = 8192).
+        The row kernels take a slice as a row: log p_v = x_v / T - lse uses the forward's whole-row
+        statistics, and labels are shifted by the slice start. Same GEMMs as token chunks.
+        """
+        inv_temp, _, backend, chunk, _ = ctx.meta
+        dtype = h2.dtype
+        V, H = weight.shape
+        M = idx.numel()
+        hM = h2.index_select(0, idx)  # [M, H]
+        rhM = rh2.index_select(0, idx) if rh2 is not None else None
+        labM = lab.index_select(0, idx)
+        g_logp, g_ent, g_kl = (None if g is None else g.index_select(0, idx).contiguous() for g in grads)
+        with_kl = rhM is not None
+        saved = (lse_v, lse_ref_v if with_kl else None, ent_v if g_ent is not None else None,
+                 kl_v if with_kl else None)  # fmt: skip
+        # [M, Vs] slices hold as many elements as a forward [C, V] chunk
+        vs = max(1, (chunk * V) // max(M, 1))
+        no_label = -V - 1  # as "ignore_index": no shifted label in [-V, V) equals it, every row is valid
+        alloc = torch.empty if M else torch.zeros
+        grad_w = alloc((V, H), device=weight.device, dtype=weight.dtype) if need_w else None
+        grad_b = alloc((V,), device=weight.device, dtype=bias.dtype) if need_b else None
+        acc_h = torch.zeros((M, H), device=hM.device, dtype=torch.float32) if need_h else None
+        for v0 in range(0, V if M else 0, vs):
+            v1 = min(V, v0 + vs)
+            w_s = weight[v0:v1]  # [Vs, H]
+            b_s = None if bias is None else bias[v0:v1]
+            x = F.linear(hM, w_s, b_s)  # [M, Vs], recomputed
+            z = F.linear(rhM, w_s, b_s).unsqueeze(0) if with_kl else None
+            dl = vocab_bwd(backend, x.unsqueeze(0), z, labM - v0, saved, (g_logp, g_ent, g_kl), inv_temp, no_label,
+                           out=x)  # fmt: skip
             if need_h:
-                grad_h.index_copy_(0, ci, dl @ weight)  # [C, H]
+                _accumulate_f32(acc_h, dl, w_s)  # [M, H]
             if need_w:
-                _accumulate_f32(acc_w, dl.t(), hc)  # [V, H]
+                torch.matmul(dl.t(), hM, out=grad_w[v0:v1])  # [Vs, H]
             if need_b:
-                acc_b += dl.sum(0, dtype=torch.float32)
-        return (
-            grad_h.view(hidden.shape) if need_h else None,
-            None,
-            acc_w.to(weight.dtype) if need_w else None,
-            acc_b.to(bias.dtype) if need_b else None,
-        ) + none[4:]
+                grad_b[v0:v1] = dl.sum(0, dtype=torch.float32)
+        grad_h = None
+        if need_h:
+            grad_h = torch.zeros((lab.numel(), H), device=hM.device, dtype=dtype)
+            grad_h.index_copy_(0, idx, acc_h.to(dtype))
+            grad_h = grad_h.view(hidden_shape)
+        return (grad_h, None, grad_w, grad_b) + (None,) * 6

@@ -114,20 +114,29 @@ def test_masked_vocab_extreme_noncontiguous_temperature(backend):
         close(o, r, 2e-3, 2e-3, name)
 
 
-def _bf16_chunk_accumulated(dl, h, chunk):
-    """What a 16-bit accumulator would give: sum over chunks of dl.T @ h, rounded to bf16 each step."""
-    acc = torch.zeros(dl.shape[1], h.shape[1], dtype=torch.bfloat16)
-    for c0 in range(0, dl.shape[0], chunk):
-        acc = (acc.double() + dl[c0 : c0 + chunk].double().t() @ h[c0 : c0 + chunk].double()).to(torch.bfloat16)
+def _bf16_accumulated(a, b):
+    """What a 16-bit accumulator would give for a @ b: one K-term at a time, rounded to bf16 each step."""
+    acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+    for k in range(a.shape[1]):
+        acc = (acc.double() + a[:, k : k + 1].double() @ b[k : k + 1].double()).to(torch.bfloat16)
     return acc
+
+
+def _within_half_ulp(actual, best, what):
+    ulp = 2.0**-8 * best.abs()  # bf16 spacing is <= 2^-7 |x|: half of it bounds one final rounding
+    err = (actual.double() - best).abs()
+    bad = err > ulp
+    assert not bad.any(), f"{what}: {int(bad.sum())} entries beyond 1/2 bf16 ulp, first at {bad.nonzero()[0].tolist()}"
+    return ulp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_grad_accumulates_in_fp32(backend):
-    # bf16, 96 tokens in 96 one-token chunks. Given the bf16 logits gradient dl (the same as the unfused
-    # op's), grad_weight = dl.T @ h summed in float64 and rounded once is the best a bf16 output can be;
-    # fp32 accumulation across the 96 chunks stays within half a bf16 ulp of it (the final rounding), a bf16
-    # accumulator does not (checked below, so the test can tell the two apart).
+    # bf16, 96 tokens in one-token forward chunks, so the backward walks 31 one-entry vocabulary slices
+    # (kernels/_linear.py). Given the bf16 logits gradient dl (the unfused op's too), dl.T @ h and dl @ W
+    # summed in float64 and rounded once are the best a bf16 output can be. grad_weight (one GEMM per
+    # slice over all tokens) and grad_hidden (fp32 across the 31 slices) must both stay within half a
+    # bf16 ulp of that; a bf16 accumulator does not (checked, so the test can tell them apart).
     N, H, V = 96, 16, 31
     hidden, _, weight, _ = make_linear((N,), H, V, torch.bfloat16, seed=9)
     labels = make_labels((N,), V, seed=10, n_ignored=0)
@@ -135,12 +144,13 @@ def test_weight_grad_accumulates_in_fp32(backend):
                     weight_grad=True, entropy=False)  # fmt: skip
     x = F.linear(hidden, weight).detach().requires_grad_()
     (kernels.logprobs(x, labels, backend=backend) * upstream((N,), 0).float()).sum().backward()
-    best = x.grad.double().t() @ hidden.double()  # [V, H] float64 sum of the bf16 dl.T @ h
-    ulp = 2.0**-8 * best.abs()  # bf16 spacing is <= 2^-7 |x|: half of it bounds the rounding
-    err = (grads[1].double() - best).abs()
-    assert (err <= ulp + 1e-30).all(), f"{int((err > ulp).sum())} entries beyond 1/2 bf16 ulp, max {err.max():.3e}"
-    err16 = (_bf16_chunk_accumulated(x.grad, hidden, 1).double() - best).abs()
-    assert int((err16 > ulp).sum()) > V * H // 10, "a bf16 accumulator should fail this bound"
+    dl = x.grad  # [N, V] bf16
+    best_w = dl.double().t() @ hidden.double()  # [V, H]
+    best_h = dl.double() @ weight.double()  # [N, H]
+    ulp_w = _within_half_ulp(grads[1], best_w, "grad_weight")
+    ulp_h = _within_half_ulp(grads[0], best_h, "grad_hidden")
+    assert int(((_bf16_accumulated(dl.t(), hidden).double() - best_w).abs() > ulp_w).sum()) > V * H // 10
+    assert int(((_bf16_accumulated(dl, weight).double() - best_h).abs() > ulp_h).sum()) > N * H // 10
     # and against float64 end to end, the fused op is as good as the unfused composition (relative norm)
     _, rgrads = _ref64(hidden, weight, None, labels, weight_grad=True, entropy=False)
 
@@ -148,8 +158,46 @@ def test_weight_grad_accumulates_in_fp32(backend):
         return kernels.logprobs(F.linear(h, w, bias), lab, backend=backend)
 
     _, ugrads = _run(unfused, hidden, weight, None, labels, weight_grad=True, entropy=False)
-    rel = lambda a: ((a.double() - rgrads[1]).norm() / rgrads[1].norm()).item()  # noqa: E731
-    assert rel(grads[1]) <= 1.05 * rel(ugrads[1]), (rel(grads[1]), rel(ugrads[1]))
+    for i, name in ((0, "grad_hidden"), (1, "grad_weight")):
+        rel = lambda a: ((a.double() - rgrads[i]).norm() / rgrads[i].norm()).item()  # noqa: E731
+        assert rel(grads[i]) <= 1.05 * rel(ugrads[i]), (name, rel(grads[i]), rel(ugrads[i]))
+
+
+class _LargestTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (shape, dtype, op) of every tensor an op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((tuple(t.shape), t.dtype, str(func)))
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_no_full_logits_and_no_fp32_weight_accumulator(backend, weight_grad):
+    # N = 40 tokens, V = 50, H = 16, 8-token chunks: no tensor with a vocabulary dim may exceed the
+    # 8 x 50 chunk (or the 40 x 10 backward slice), except the [V, H] weight (or its transpose view) and
+    # its bf16 gradient; and
+    # no fp32 tensor is as large as the weight (no fp32 [V, H] accumulator).
+    N, H, V = 40, 16, 50
+    hidden, _, weight, _ = make_linear((N,), H, V, torch.bfloat16, seed=19)
+    labels = make_labels((N,), V, seed=20, n_ignored=0)
+    with _LargestTensors() as mode:
+        _run(kernels.linear_logprobs, hidden, weight, None, labels, chunk_size=8, backend=backend,
+             weight_grad=weight_grad, entropy=True)  # fmt: skip
+    floats = [s for s in mode.seen if s[1].is_floating_point]
+    numel = lambda shape: int(torch.tensor(shape).prod()) if shape else 1  # noqa: E731
+    vocab_sized = [s for s in floats if V in s[0] and numel(s[0]) > 8 * V and s[0] not in ((V, H), (H, V))]
+    assert not vocab_sized, vocab_sized[:5]
+    assert any(V in s[0] and numel(s[0]) == 8 * V for s in floats), "the chunk itself should be seen"
+    fp32_big = [s for s in floats if s[1] == torch.float32 and numel(s[0]) >= V * H]
+    assert not fp32_big, fp32_big[:5]
 
 
 @pytest.mark.parametrize(
