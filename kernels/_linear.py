@@ -227,9 +227,10 @@ class LinearVocab(torch.autograd.Function):
         dtype = h2.dtype
         V, H = weight.shape
         M = idx.numel()
-        hM = h2.index_select(0, idx)  # [M, H]
-        rhM = rh2.index_select(0, idx) if rh2 is not None else None
-        labM = lab.index_select(0, idx)
+        every = M == lab.numel()  # no ignored token: use the rows in place, no [M, H] gather
+        hM = h2 if every else h2.index_select(0, idx)  # [M, H]
+        rhM = None if rh2 is None else (rh2 if every else rh2.index_select(0, idx))
+        labM = lab if every else lab.index_select(0, idx)
         g_logp, g_ent, g_kl = (None if g is None else g.index_select(0, idx).contiguous() for g in grads)
         with_kl = rhM is not None
         saved = (lse_v, lse_ref_v if with_kl else None, ent_v if g_ent is not None else None,
