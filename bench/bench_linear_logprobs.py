@@ -64,7 +64,8 @@ def _finish(case, fn, args, trainable, n_out, g, device):
     for t in trainable:
         t.requires_grad_(True)
     N = case.shape["N"]
-    grads = [torch.randn(N, device=device, generator=g) for _ in range(n_out)] if n_out else [torch.ones((), device=device)]
+    grads = [torch.randn(N, device=device, generator=g) for _ in range(n_out)]
+    grads = grads or [torch.ones((), device=device)]  # a scalar loss (liger)
     return grad_step(lambda: fn(*args), trainable, grads)
 
 
@@ -112,5 +113,7 @@ def build_token_stats(case: Case, provider: str, device: torch.device):
 
 BENCH = Bench(op="linear_logprobs", cases=make_cases(0), providers=("cpp", "triton", "eager", "compile", "liger"),
               build=build)  # fmt: skip
-BENCH_TOKEN_STATS = Bench(op="linear_token_stats", cases=make_cases(1),
-                          providers=("cpp", "triton", "unfused", "eager", "compile"), build=build_token_stats)  # fmt: skip
+BENCH_TOKEN_STATS = Bench(
+    op="linear_token_stats", cases=make_cases(1), providers=("cpp", "triton", "unfused", "eager", "compile"),
+    build=build_token_stats,
+)

@@ -213,8 +213,8 @@ class LinearVocab(torch.autograd.Function):
         return (grad_h.view(hidden.shape),) + none[1:]
 
     @staticmethod
-    def _backward_vocab_slices(ctx, hidden_shape, h2, rh2, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v, grads, need_h,
-                               need_w, need_b):  # fmt: skip
+    def _backward_vocab_slices(ctx, hidden_shape, h2, rh2, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v,
+                               grads, need_h, need_w, need_b):  # fmt: skip
         """Backward with weight/bias gradient, over [M, Vs] vocabulary slices of all M tokens.
 
         Each slice's grad_weight rows are complete in one GEMM over the M tokens (fp32 accumulation

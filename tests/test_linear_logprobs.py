@@ -101,7 +101,8 @@ def test_masked_vocab_extreme_noncontiguous_temperature(backend):
     kw = dict(weight_grad=True, entropy=True, temperature=1.7)
     outs, grads = _run(kernels.linear_logprobs, hidden, weight, b, labels, chunk_size=4, backend=backend, **kw)
     routs, rgrads = _ref64(hidden, weight, b, labels, **kw)
-    for name, o, r in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), list(outs) + grads, list(routs) + rgrads):
+    names = ("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias")
+    for name, o, r in zip(names, list(outs) + grads, list(routs) + rgrads):
         close(o, r, 1e-5, 1e-5, name)
     assert (grads[2][-3:] == 0).all()  # masked vocabulary gets no bias gradient
     # extreme: one logit at 1e4 dominates every row
@@ -110,7 +111,8 @@ def test_masked_vocab_extreme_noncontiguous_temperature(backend):
     kw = dict(weight_grad=True, entropy=True)
     outs, grads = _run(kernels.linear_logprobs, hidden, weight, b, labels, chunk_size=4, backend=backend, **kw)
     routs, rgrads = _ref64(hidden, weight, b, labels, **kw)
-    for name, o, r in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), list(outs) + grads, list(routs) + rgrads):
+    names = ("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias")
+    for name, o, r in zip(names, list(outs) + grads, list(routs) + rgrads):
         close(o, r, 2e-3, 2e-3, name)
 
 
