@@ -15,15 +15,17 @@ namespace rlhf {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 (the only range the softmax kernels need: x - max, logp). Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2/2, then a degree-7 polynomial for e^r (Cephes expf coefficients) and
-// 2^n built from the exponent bits. Branch-free so `#pragma omp simd` loops vectorise it. Measured
-// against double exp over every float in [-87, 0] (1.1e9 values, 2026-11-24): max relative error
-// 8.3e-8 (< 1 ulp). Returns exactly 0 below -87.3 (where e^x is subnormal) and for -inf; NaN stays NaN.
-__attribute__((always_inline)) inline float exp_nonpos(float x) {
-  const float xc = x < -87.3f ? -87.3f : x;
+// Value-based min/max: std::min/std::max return references, and selecting between addresses stops
+// GCC 12 from if-converting (and so vectorising) the loops that call them.
+__attribute__((always_inline)) inline float minf(float a, float b) { return a < b ? a : b; }
+__attribute__((always_inline)) inline float maxf(float a, float b) { return a > b ? a : b; }
+
+// e^xc = 2^n e^r for xc in [-87.3, 88.72]: Cody-Waite reduction xc = n ln2 + r, |r| <= ln2/2, and a
+// degree-7 polynomial for e^r (Cephes expf coefficients). Returns e^r; n comes back through `n`.
+// Branch-free so `#pragma omp simd` loops vectorise it.
+__attribute__((always_inline)) inline float exp_reduced(float xc, float& n) {
   // round to nearest by adding and subtracting 1.5 * 2^23 (vectorises, unlike nearbyint)
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -32,12 +34,34 @@ __attribute__((always_inline)) inline float exp_nonpos(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * r * r + r + 1.0f;
+}
+
+// 2^(n + bias - 127) from the exponent bits (n + bias in [1, 254]).
+__attribute__((always_inline)) inline float pow2_biased(float n, int32_t bias) {
+  const int32_t bits = (static_cast<int32_t>(n) + bias) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  const float y = p * scale;
+  return scale;
+}
+
+// exp(x) for x <= 0 (the only range the softmax kernels need: x - max, logp). Measured against double
+// exp over every float in [-87, 0] (1.1e9 values, 2026-11-24): max relative error 8.3e-8 (< 1 ulp).
+// Returns exactly 0 below -87.3 (where e^x is subnormal) and for -inf; NaN stays NaN.
+__attribute__((always_inline)) inline float exp_nonpos(float x) {
+  float n;
+  const float p = exp_reduced(x < -87.3f ? -87.3f : x, n);
+  const float y = p * pow2_biased(n, 127);
   return x < -87.3f ? 0.0f : y;
+}
+
+// exp(x) for any x (the RL-math kernels: ratios exp(logprobs - old_logprobs)): 2^n split as
+// 2^(n-1) * 2 so n = 128 (x up to 88.72) stays finite. 0 below -87.3, inf above 88.72.
+__attribute__((always_inline)) inline float exp_any(float x) {
+  float n;
+  const float p = exp_reduced(minf(maxf(x, -87.3f), 88.72f), n);
+  const float y = p * pow2_biased(n, 126) * 2.0f;
+  return x < -87.3f ? 0.0f : (x > 88.72f ? std::numeric_limits<float>::infinity() : y);
 }
 
 // Row n of an [A, R, V] strided view starts at (n / R) * s0 + (n % R) * s1.

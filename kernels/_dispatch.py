@@ -96,8 +96,11 @@ def backends() -> dict[str, str]:
     return out
 
 
-def _why_not(backend: str, device: torch.device, op: str, implemented: tuple[str, ...]) -> str | None:
-    """None if `backend` can run `op` on `device`, else the reason."""
+def _why_not(
+    backend: str, device: torch.device, op: str, implemented: tuple[str, ...], ext: str | None = None
+) -> str | None:
+    """None if `backend` can run `op` on `device`, else the reason. `ext` names the extension op the
+    cpp/cuda path calls (default: `op` or `<op>_fwd`)."""
     if backend not in implemented:
         return f"{op} has no {backend!r} backend (it has {', '.join(implemented)})"
     if backend == "torch":
@@ -119,8 +122,9 @@ def _why_not(backend: str, device: torch.device, op: str, implemented: tuple[str
             return f"cuda runs CUDA tensors (got {device.type})"
         if not _cuda_built():
             return "the extension was built without CUDA (CPU torch or no nvcc at build time)"
-    if ext_op(op) is None and ext_op(f"{op}_fwd") is None:
-        return f"the extension has no {op} op (rebuild it: make build)"
+    needed = (ext,) if ext else (op, f"{op}_fwd")
+    if all(ext_op(name) is None for name in needed):
+        return f"the extension has no {needed[-1]} op (rebuild it: make build)"
     return None
 
 
@@ -130,10 +134,12 @@ def resolve(
     op: str,
     implemented: tuple[str, ...],
     auto: dict[str, tuple[str, ...]] | None = None,
+    ext: str | None = None,
 ) -> str:
     """Pick the backend that runs `op` on `device`.
 
-    `implemented` lists the backends the op has; `auto` overrides DEFAULT_AUTO's preference order.
+    `implemented` lists the backends the op has; `auto` overrides DEFAULT_AUTO's preference order;
+    `ext` names the extension op its cpp/cuda path calls when that is not `op`/`<op>_fwd`.
     An explicit backend (argument or RLHF_KERNELS_BACKEND) that cannot run raises ValueError naming
     what is missing.
     """
@@ -146,12 +152,12 @@ def resolve(
     if backend == "auto":
         order = (auto or DEFAULT_AUTO).get("cuda" if device.type == "cuda" else "cpu", ("torch",))
         for candidate in order:
-            if candidate in implemented and _why_not(candidate, device, op, implemented) is None:
+            if candidate in implemented and _why_not(candidate, device, op, implemented, ext) is None:
                 return candidate
         return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS + ('auto',))}")
-    why = _why_not(backend, device, op, implemented)
+    why = _why_not(backend, device, op, implemented, ext)
     if why is not None:
         raise ValueError(f"{op}: backend {backend!r} cannot run here: {why}")
     return backend

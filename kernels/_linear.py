@@ -56,10 +56,7 @@ def default_chunk(V: int, dtype: torch.dtype) -> int:
 
 def resolve_linear(backend, device, op):
     """The backend for the row math: the linear ops run token_stats' row kernels."""
-    try:
-        return resolve(backend, device, "token_stats", IMPLEMENTED)
-    except ValueError as exc:
-        raise ValueError(f"{op}: {exc} (its vocabulary math runs the token_stats kernels)") from None
+    return resolve(backend, device, op, IMPLEMENTED, ext="token_stats_fwd")
 
 
 def check_linear(hidden, ref_hidden, weight, bias, labels, temperature, ignore_index, chunk_size):

@@ -201,6 +201,11 @@ def _vocab_bwd_kernel(
         tl.store(out + offs64, g.to(grad_x_ptr.dtype.element_ty), mask=offs < V)
 
 
+def as_grad(g):
+    """An upstream gradient as the kernels take it: [N] fp32 contiguous, or None."""
+    return None if g is None else g.reshape(-1).float().contiguous()
+
+
 def _empty(device):
     return torch.empty(0, device=device, dtype=torch.float32)
 

@@ -24,7 +24,7 @@ import torch
 from kernels._checks import check_float, check_labels, check_same_device, check_temperature
 from kernels._dispatch import resolve
 from kernels._rows import as_rows3
-from kernels._vocab import vocab_bwd, vocab_fwd
+from kernels._vocab import as_grad, vocab_bwd, vocab_fwd
 from kernels.full_kl import check_ref_logits, full_kl_ref
 from kernels.logprobs import logprobs_ref
 
@@ -48,10 +48,6 @@ def token_stats_ref(logits, ref_logits, labels, temperature=1.0, ignore_index=-1
 # --------------------------------------------------------------------------------------------------
 # autograd (the kernels are the shared row kernels of kernels/_vocab.py and csrc/vocab_rows.h)
 # --------------------------------------------------------------------------------------------------
-def _as_grad(g):
-    return None if g is None else g.reshape(-1).float().contiguous()
-
-
 class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, labels, inv_temp, ignore_index, backend):
@@ -70,7 +66,7 @@ class _TokenStats(torch.autograd.Function):
         inv_temp, ignore_index, backend, shape = ctx.meta
         if grad_logp is None and grad_ent is None and grad_kl is None:
             return (None,) * 6
-        grads = (_as_grad(grad_logp), _as_grad(grad_ent), _as_grad(grad_kl))
+        grads = (as_grad(grad_logp), as_grad(grad_ent), as_grad(grad_kl))
         grad = vocab_bwd(backend, x3, z3, labels, (lse, lse_ref, ent, kl), grads, inv_temp, ignore_index)
         return grad.view(shape), None, None, None, None, None
 

@@ -11,6 +11,7 @@ from kernels._dispatch import ENV_BACKEND, resolve
 from kernels.logprobs import IMPLEMENTED
 
 CPU = torch.device("cpu")
+EXT = "token_stats_fwd"  # the extension op behind logprobs' cpp path
 
 
 def test_backends_reports_every_backend():
@@ -24,23 +25,23 @@ def test_backends_reports_every_backend():
 
 def test_auto_prefers_the_cpp_extension_on_cpu(monkeypatch):
     monkeypatch.delenv(ENV_BACKEND, raising=False)
-    assert resolve("auto", CPU, "logprobs", IMPLEMENTED) == "cpp"
+    assert resolve("auto", CPU, "logprobs", IMPLEMENTED, ext=EXT) == "cpp"
     # an op without a C++ kernel falls back to the reference
     assert resolve("auto", CPU, "some_op", ("torch", "triton")) == "torch"
 
 
 def test_environment_overrides_auto_but_not_an_explicit_backend(monkeypatch):
     monkeypatch.setenv(ENV_BACKEND, "torch")
-    assert resolve("auto", CPU, "logprobs", IMPLEMENTED) == "torch"
-    assert resolve("cpp", CPU, "logprobs", IMPLEMENTED) == "cpp"
+    assert resolve("auto", CPU, "logprobs", IMPLEMENTED, ext=EXT) == "torch"
+    assert resolve("cpp", CPU, "logprobs", IMPLEMENTED, ext=EXT) == "cpp"
     monkeypatch.setenv(ENV_BACKEND, "triton")  # conftest turned the interpreter on
-    assert resolve("auto", CPU, "logprobs", IMPLEMENTED) == "triton"
+    assert resolve("auto", CPU, "logprobs", IMPLEMENTED, ext=EXT) == "triton"
     monkeypatch.setenv(ENV_BACKEND, "cuda")
     with pytest.raises(ValueError, match="no 'cuda' backend"):
-        resolve("auto", CPU, "logprobs", IMPLEMENTED)
+        resolve("auto", CPU, "logprobs", IMPLEMENTED, ext=EXT)
     monkeypatch.setenv(ENV_BACKEND, "quick")
     with pytest.raises(ValueError, match=f"{ENV_BACKEND}='quick'"):
-        resolve("auto", CPU, "logprobs", IMPLEMENTED)
+        resolve("auto", CPU, "logprobs", IMPLEMENTED, ext=EXT)
 
 
 def test_explicit_backend_that_cannot_run_names_what_is_missing(monkeypatch):
