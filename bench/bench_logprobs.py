@@ -66,4 +66,4 @@ def build(case: Case, provider: str, device: torch.device):
     return grad_step(lambda: fn(logits, labels), [logits], grads)
 
 
-BENCH = Bench(op="logprobs", cases=cases, providers=("cpp", "triton", "cuda", "eager", "compile", "liger"), build=build)
+BENCH = Bench(op="logprobs", cases=cases, providers=("cpp", "triton", "eager", "compile", "liger"), build=build)
