@@ -11,24 +11,12 @@ from __future__ import annotations
 import torch
 
 import kernels
-from bench.harness import Bench, Case, grad_step, liger_available
+from bench.harness import Bench, Case, backend_unavailable, grad_step, liger_available, vocab_cases
 from kernels.full_kl import IMPLEMENTED, full_kl_ref
 
 
 def cases(quick: bool, device: torch.device) -> list[Case]:
-    if device.type == "cuda":
-        shapes = [(4096, 32000)] if quick else [(16384, 128256), (4096, 151936)]
-        dtypes = [torch.bfloat16]
-    else:
-        shapes = [(512, 32000)] if quick else [(2048, 32000)]
-        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
-    out = []
-    for N, V in shapes:
-        for dtype in dtypes:
-            elt = torch.finfo(dtype).bits // 8
-            out.append(Case("fwd", {"N": N, "V": V}, dtype, bytes=2 * N * V * elt))
-            out.append(Case("fwd+bwd", {"N": N, "V": V}, dtype, bytes=5 * N * V * elt))
-    return out
+    return vocab_cases(quick, device, 2, 5)
 
 
 def _liger_fn():
@@ -43,9 +31,9 @@ def build(case: Case, provider: str, device: torch.device):
     N, V = case.shape["N"], case.shape["V"]
     g = torch.Generator(device=device).manual_seed(0)
     if provider in IMPLEMENTED:
-        status = kernels.backends()[provider]
-        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
-            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        why = backend_unavailable(provider, device)
+        if why:
+            return why
         fn = lambda x, z: kernels.full_kl(x, z, backend=provider)  # noqa: E731
     elif provider == "eager":
         fn = full_kl_ref

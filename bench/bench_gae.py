@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from bench.harness import Bench, Case
+from bench.harness import Bench, Case, backend_unavailable
 from kernels.gae import IMPLEMENTED, gae_ref
 
 
@@ -31,13 +31,9 @@ def build(case: Case, provider: str, device: torch.device):
     B, T = case.shape["B"], case.shape["T"]
     gamma, lam = case.extra["gamma"], case.extra["lam"]
     if provider in IMPLEMENTED:
-        status = kernels.backends()[provider]
-        if not status.startswith("yes"):
-            return f"{provider}: {status}"
-        if provider == "cpp" and device.type != "cpu":
-            return "cpp: runs CPU tensors"
-        if provider in ("triton", "cuda") and device.type != "cuda":
-            return f"{provider}: needs a CUDA device (triton on CPU is the interpreter only)"
+        why = backend_unavailable(provider, device)
+        if why:
+            return why
         fn = lambda r, v, m: kernels.gae(r, v, m, gamma=gamma, lam=lam, backend=provider)  # noqa: E731
     elif provider == "loop":
         fn = lambda r, v, m: gae_ref(r, v, m, gamma, lam)  # noqa: E731

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from bench.harness import Bench, Case, grad_step, liger_available
+from bench.harness import Bench, Case, backend_unavailable, grad_step, liger_available
 from kernels._linear import IMPLEMENTED
 from kernels.linear_logprobs import linear_logprobs_ref
 from kernels.linear_token_stats import linear_token_stats_ref
@@ -74,9 +74,9 @@ def build(case: Case, provider: str, device: torch.device):
     entropy = False
     n_out = 1
     if provider in IMPLEMENTED:
-        status = kernels.backends()[provider]
-        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
-            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        why = backend_unavailable(provider, device)
+        if why:
+            return why
         fn = lambda h, w, y: kernels.linear_logprobs(h, w, y, entropy=entropy, backend=provider)  # noqa: E731
     elif provider == "eager":
         fn = lambda h, w, y: linear_logprobs_ref(h, w, y, entropy=entropy)  # noqa: E731
@@ -95,9 +95,9 @@ def build(case: Case, provider: str, device: torch.device):
 def build_token_stats(case: Case, provider: str, device: torch.device):
     hidden, ref_hidden, weight, labels, g = _inputs(case, device, ref=True)
     if provider in IMPLEMENTED:
-        status = kernels.backends()[provider]
-        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
-            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        why = backend_unavailable(provider, device)
+        if why:
+            return why
         fn = lambda h, r, w, y: kernels.linear_token_stats(h, r, w, y, backend=provider)  # noqa: E731
     elif provider == "eager":
         fn = linear_token_stats_ref

@@ -11,24 +11,12 @@ from __future__ import annotations
 import torch
 
 import kernels
-from bench.harness import Bench, Case, grad_step, liger_available
+from bench.harness import Bench, Case, backend_unavailable, grad_step, liger_available, vocab_cases
 from kernels.logprobs import IMPLEMENTED, logprobs_ref
 
 
 def cases(quick: bool, device: torch.device) -> list[Case]:
-    if device.type == "cuda":
-        shapes = [(4096, 32000)] if quick else [(16384, 128256), (4096, 151936)]
-        dtypes = [torch.bfloat16]
-    else:
-        shapes = [(512, 32000)] if quick else [(2048, 32000)]
-        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
-    out = []
-    for N, V in shapes:
-        for dtype in dtypes:
-            elt = torch.finfo(dtype).bits // 8
-            out.append(Case("fwd", {"N": N, "V": V}, dtype, bytes=N * V * elt, extra={"entropy": True}))
-            out.append(Case("fwd+bwd", {"N": N, "V": V}, dtype, bytes=3 * N * V * elt, extra={"entropy": True}))
-    return out
+    return vocab_cases(quick, device, 1, 3, extra={"entropy": True})
 
 
 def _liger_fn():
@@ -42,9 +30,9 @@ def build(case: Case, provider: str, device: torch.device):
     g = torch.Generator(device=device).manual_seed(0)
     entropy = case.extra["entropy"]
     if provider in IMPLEMENTED:
-        status = kernels.backends()[provider]
-        if not status.startswith("yes") or (provider == "triton" and device.type != "cuda"):
-            return f"{provider}: {status if not status.startswith('yes') else 'interpreter only on CPU'}"
+        why = backend_unavailable(provider, device)
+        if why:
+            return why
         fn = lambda x, y: kernels.logprobs(x, y, entropy=entropy, backend=provider)  # noqa: E731
     elif provider == "eager":
         fn = lambda x, y: logprobs_ref(x, y, entropy=entropy)  # noqa: E731

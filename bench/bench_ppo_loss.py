@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from bench.harness import Bench, Case, grad_step
+from bench.harness import Bench, Case, backend_unavailable, grad_step
 from kernels.ppo_loss import IMPLEMENTED, ppo_loss_ref
 
 
@@ -28,13 +28,9 @@ def build(case: Case, provider: str, device: torch.device):
     N = case.shape["N"]
     dual = case.extra["dual_clip"]
     if provider in IMPLEMENTED:
-        status = kernels.backends()[provider]
-        if not status.startswith("yes"):
-            return f"{provider}: {status}"
-        if provider == "cpp" and device.type != "cpu":
-            return "cpp: runs CPU tensors"
-        if provider in ("triton", "cuda") and device.type != "cuda":
-            return f"{provider}: needs a CUDA device (triton on CPU is the interpreter only)"
+        why = backend_unavailable(provider, device)
+        if why:
+            return why
         fn = lambda lp, o, a, m: kernels.ppo_loss(lp, o, a, m, dual_clip=dual, backend=provider)[0]  # noqa: E731
     elif provider == "eager":
         fn = lambda lp, o, a, m: ppo_loss_ref(lp, o, a, m, 0.2, 0.2, dual)[0]  # noqa: E731

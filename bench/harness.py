@@ -232,6 +232,39 @@ def grad_step(forward: Callable, inputs: list, grads: list) -> Callable:
     return step
 
 
+def backend_unavailable(provider: str, device: torch.device) -> str | None:
+    """Why one of our backends cannot be timed on `device` (None if it can). Triton on CPU is the
+    interpreter: correct, but its times mean nothing."""
+    import kernels
+
+    status = kernels.backends()[provider]
+    if not status.startswith("yes"):
+        return f"{provider}: {status}"
+    if provider == "cpp" and device.type != "cpu":
+        return "cpp: runs CPU tensors"
+    if provider in ("triton", "cuda") and device.type != "cuda":
+        return f"{provider}: needs a CUDA device (triton on CPU is the interpreter only)"
+    return None
+
+
+def vocab_cases(quick: bool, device: torch.device, fwd_passes: int, fwdbwd_passes: int, extra=None) -> list:
+    """[N, V] cases of the vocabulary ops: LLM vocabularies in bf16 on GPU, V=32000 fp32/bf16 on CPU.
+    Roofline bytes = `fwd_passes` (forward) or `fwdbwd_passes` (forward + backward) [N, V] passes."""
+    if device.type == "cuda":
+        shapes = [(4096, 32000)] if quick else [(16384, 128256), (4096, 151936)]
+        dtypes = [torch.bfloat16]
+    else:
+        shapes = [(512, 32000)] if quick else [(2048, 32000)]
+        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    out = []
+    for N, V in shapes:
+        for dtype in dtypes:
+            elt = torch.finfo(dtype).bits // 8
+            for mode, passes in (("fwd", fwd_passes), ("fwd+bwd", fwdbwd_passes)):
+                out.append(Case(mode, {"N": N, "V": V}, dtype, bytes=passes * N * V * elt, extra=dict(extra or {})))
+    return out
+
+
 def liger_available() -> bool:
     try:
         import liger_kernel  # noqa: F401
