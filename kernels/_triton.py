@@ -50,3 +50,17 @@ def row_launch(n_cols: int, *, max_block: int = 4096) -> dict:
         return {"BLOCK": min(next_pow2(n_cols), _INTERP_MAX_BLOCK), "num_warps": 1}
     block = min(next_pow2(n_cols), max_block)
     return {"BLOCK": block, "num_warps": 16 if block >= 4096 else 8 if block >= 1024 else 4}
+
+
+def flat_block(n: int, *, gpu_block: int = 1024) -> int:
+    """Block width of an elementwise/reduction kernel over `n` flat tokens.
+
+    Under the interpreter one block covers up to 64k tokens (its per-block cost is Python overhead);
+    on GPU a 1024-token block keeps a few fp32 streams per token in registers at 4 warps.
+    """
+    if triton_interpreted():
+        return min(next_pow2(max(n, 1)), _INTERP_MAX_FLAT)
+    return gpu_block
+
+
+_INTERP_MAX_FLAT = 1 << 16

@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from kernels._checks import check_float, check_same_device
-from kernels._dispatch import ext_op, resolve, triton_interpreted
+from kernels._dispatch import ext_op, resolve
 from kernels._masks import check_same_shape, check_scalar
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import flat_block, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 KINDS = {"k1": 1, "k2": 2, "k3": 3}
@@ -100,9 +100,8 @@ def _kl_penalty_kernel(
 
 
 def _launch(N):
-    if triton_interpreted():
-        return triton.cdiv(N, min(next_pow2(max(N, 1)), 1 << 16)), min(next_pow2(max(N, 1)), 1 << 16)
-    return triton.cdiv(N, 1024), 1024
+    block = flat_block(N)
+    return triton.cdiv(N, block), block
 
 
 def _fwd(backend, lp, ref, kind, clamp):

@@ -35,7 +35,7 @@ import torch
 from kernels._checks import check_float, check_same_device
 from kernels._dispatch import ext_op, resolve, triton_interpreted
 from kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8, masked_mean
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import flat_block, next_pow2, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 
@@ -244,14 +244,6 @@ def _ppo_loss_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers: flat contiguous [N] inputs
 # --------------------------------------------------------------------------------------------------
-def _block(N: int) -> int:
-    # Under the interpreter one block covers up to 64k tokens (per-block cost is Python overhead);
-    # on GPU a 1024-token block keeps 4 fp32 streams in registers at 4 warps.
-    if triton_interpreted():
-        return min(next_pow2(max(N, 1)), 1 << 16)
-    return 1024
-
-
 # Up to this many tokens the forward is one program (one launch): 64k tokens x 13 B = 832 KB, a few
 # microseconds for one SM, less than the second launch it saves.
 ONE_PROGRAM_MAX_N = 1 << 16
@@ -263,7 +255,7 @@ def _fwd(backend, lp, olp, adv, m, lo, hi, dual_clip, *, block=None, one_program
     if backend == "cpp":
         return ext_op("ppo_loss_fwd")(lp, olp, adv, m, lo, hi, dual_clip)
     N = lp.numel()
-    block = block or _block(N)
+    block = block or flat_block(N)
     P = triton.cdiv(N, block)
     out = torch.zeros(8, device=lp.device, dtype=torch.float32)
     if one_program is None:
@@ -289,7 +281,7 @@ def _bwd(backend, lp, olp, adv, m, out, grad_out, lo, hi, dual_clip):
         return ext_op("ppo_loss_bwd")(lp, olp, adv, m, out, grad_out, lo, hi, dual_clip)
     N = lp.numel()
     grad = torch.empty_like(lp)
-    block = _block(N)
+    block = flat_block(N)
     if N:
         _ppo_loss_bwd_kernel[(triton.cdiv(N, block),)](
             lp, olp, adv, m, out, grad_out, grad, N, lo, hi, dual_clip,

@@ -28,9 +28,9 @@ from typing import NamedTuple
 import torch
 
 from kernels._checks import check_float, check_same_device
-from kernels._dispatch import ext_op, resolve, triton_interpreted
+from kernels._dispatch import ext_op, resolve
 from kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8, masked_mean
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import flat_block, next_pow2, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 
@@ -148,18 +148,12 @@ def _value_loss_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers: flat contiguous [N] inputs
 # --------------------------------------------------------------------------------------------------
-def _block(N: int) -> int:
-    if triton_interpreted():
-        return min(next_pow2(max(N, 1)), 1 << 16)
-    return 1024
-
-
 def _fwd(backend, v, old, ret, m, clip):
     """-> out [4] fp32: (vf_loss, vf_clipfrac, count, 0)."""
     if backend == "cpp":
         return ext_op("value_loss_fwd")(v, old, ret, m, clip)
     N = v.numel()
-    block = _block(N)
+    block = flat_block(N)
     P = triton.cdiv(N, block)
     part = torch.empty((max(P, 1), 4), device=v.device, dtype=torch.float32)
     out = torch.zeros(4, device=v.device, dtype=torch.float32)
@@ -174,7 +168,7 @@ def _bwd(backend, v, old, ret, m, out, grad_out, clip):
         return ext_op("value_loss_bwd")(v, old, ret, m, out, grad_out, clip)
     N = v.numel()
     grad = torch.empty_like(v)
-    block = _block(N)
+    block = flat_block(N)
     if N:
         _value_loss_bwd_kernel[(triton.cdiv(N, block),)](
             v, old, ret, m, out, grad_out, grad, N, clip, BLOCK=block, num_warps=4,

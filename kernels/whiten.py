@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from kernels._checks import check_float, check_same_device
-from kernels._dispatch import ext_op, resolve, triton_interpreted
+from kernels._dispatch import ext_op, resolve
 from kernels._masks import check_mask, mask_u8
-from kernels._triton import next_pow2, tl, triton
+from kernels._triton import flat_block, next_pow2, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 EPS = 1e-8
@@ -129,7 +129,7 @@ def _whiten_triton(x, m, shift_mean):
     out = torch.empty(N, device=x.device, dtype=torch.float32)
     if N == 0:
         return out
-    block = min(next_pow2(N), 1 << 16) if triton_interpreted() else 2048
+    block = flat_block(N, gpu_block=2048)
     P = triton.cdiv(N, block)
     part = torch.empty((P, 4), device=x.device, dtype=torch.float32)
     stats = torch.empty(4, device=x.device, dtype=torch.float32)
