@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from bench.harness import Bench, Case, backend_unavailable, grad_step, liger_available, vocab_cases
+from bench.harness import Bench, Case, grad_step, provider_fn, vocab_cases
 from kernels.full_kl import IMPLEMENTED, full_kl_ref
 
 
@@ -30,21 +30,9 @@ def _liger_fn():
 def build(case: Case, provider: str, device: torch.device):
     N, V = case.shape["N"], case.shape["V"]
     g = torch.Generator(device=device).manual_seed(0)
-    if provider in IMPLEMENTED:
-        why = backend_unavailable(provider, device)
-        if why:
-            return why
-        fn = lambda x, z: kernels.full_kl(x, z, backend=provider)  # noqa: E731
-    elif provider == "eager":
-        fn = full_kl_ref
-    elif provider == "compile":
-        fn = torch.compile(full_kl_ref)
-    elif provider == "liger":
-        if not liger_available():
-            return "liger-kernel not installed or no CUDA"
-        fn = _liger_fn()
-    else:
-        return f"unknown provider {provider}"
+    fn = provider_fn(provider, device, IMPLEMENTED, kernels.full_kl, full_kl_ref, liger=_liger_fn)
+    if isinstance(fn, str):
+        return fn
     logits = torch.randn(N, V, device=device, dtype=case.dtype, generator=g)
     ref_logits = (logits.float() + torch.randn(N, V, device=device, generator=g)).to(case.dtype)
     if case.mode == "fwd":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from bench.harness import Bench, Case, backend_unavailable, grad_step, liger_available, vocab_cases
+from bench.harness import Bench, Case, grad_step, provider_fn, vocab_cases
 from kernels.logprobs import IMPLEMENTED, logprobs_ref
 
 
@@ -29,21 +29,11 @@ def build(case: Case, provider: str, device: torch.device):
     N, V = case.shape["N"], case.shape["V"]
     g = torch.Generator(device=device).manual_seed(0)
     entropy = case.extra["entropy"]
-    if provider in IMPLEMENTED:
-        why = backend_unavailable(provider, device)
-        if why:
-            return why
-        fn = lambda x, y: kernels.logprobs(x, y, entropy=entropy, backend=provider)  # noqa: E731
-    elif provider == "eager":
-        fn = lambda x, y: logprobs_ref(x, y, entropy=entropy)  # noqa: E731
-    elif provider == "compile":
-        fn = torch.compile(lambda x, y: logprobs_ref(x, y, entropy=entropy))
-    elif provider == "liger":
-        if not liger_available():
-            return "liger-kernel not installed or no CUDA"
-        fn = _liger_fn()
-    else:
-        return f"unknown provider {provider}"
+    ours = lambda x, y, backend: kernels.logprobs(x, y, entropy=entropy, backend=backend)  # noqa: E731
+    ref = lambda x, y: logprobs_ref(x, y, entropy=entropy)  # noqa: E731
+    fn = provider_fn(provider, device, IMPLEMENTED, ours, ref, liger=_liger_fn)
+    if isinstance(fn, str):
+        return fn
     logits = torch.randn(N, V, device=device, dtype=case.dtype, generator=g)
     labels = torch.randint(0, V, (N,), device=device, generator=g)
     if case.mode == "fwd":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from bench.harness import Bench, Case, backend_unavailable, grad_step, vocab_cases
+from bench.harness import Bench, Case, grad_step, provider_fn, vocab_cases
 from kernels.token_stats import IMPLEMENTED, token_stats_ref
 
 
@@ -27,19 +27,9 @@ def _unfused(x, z, labels):
 def build(case: Case, provider: str, device: torch.device):
     N, V = case.shape["N"], case.shape["V"]
     g = torch.Generator(device=device).manual_seed(0)
-    if provider in IMPLEMENTED:
-        why = backend_unavailable(provider, device)
-        if why:
-            return why
-        fn = lambda x, z, y: kernels.token_stats(x, z, y, backend=provider)  # noqa: E731
-    elif provider == "eager":
-        fn = token_stats_ref
-    elif provider == "compile":
-        fn = torch.compile(token_stats_ref)
-    elif provider == "unfused":
-        fn = _unfused
-    else:
-        return f"unknown provider {provider}"
+    fn = provider_fn(provider, device, IMPLEMENTED, kernels.token_stats, token_stats_ref, others={"unfused": _unfused})
+    if isinstance(fn, str):
+        return fn
     logits = torch.randn(N, V, device=device, dtype=case.dtype, generator=g)
     ref_logits = (logits.float() + torch.randn(N, V, device=device, generator=g)).to(case.dtype)
     labels = torch.randint(0, V, (N,), device=device, generator=g)

@@ -247,6 +247,27 @@ def backend_unavailable(provider: str, device: torch.device) -> str | None:
     return None
 
 
+def provider_fn(provider: str, device: torch.device, implemented: tuple, ours: Callable, ref: Callable,
+                *, liger: Callable | None = None, others: dict | None = None):
+    """The callable that `provider` times, or the reason it cannot run (a str).
+
+    ours(*inputs, backend=...) is our op, ref(*inputs) its PyTorch reference ("eager", and "compile"
+    compiles it), liger() builds Liger's counterpart (CUDA only), others maps extra baseline names to
+    callables."""
+    if provider in implemented:
+        why = backend_unavailable(provider, device)
+        return why or (lambda *inputs: ours(*inputs, backend=provider))
+    if provider == "eager":
+        return ref
+    if provider == "compile":
+        return torch.compile(ref)
+    if provider == "liger" and liger is not None:
+        return liger() if liger_available() else "liger-kernel not installed or no CUDA"
+    if others and provider in others:
+        return others[provider]
+    return f"unknown provider {provider}"
+
+
 def vocab_cases(quick: bool, device: torch.device, fwd_passes: int, fwdbwd_passes: int, extra=None) -> list:
     """[N, V] cases of the vocabulary ops: LLM vocabularies in bf16 on GPU, V=32000 fp32/bf16 on CPU.
     Roofline bytes = `fwd_passes` (forward) or `fwdbwd_passes` (forward + backward) [N, V] passes."""

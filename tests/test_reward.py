@@ -155,6 +155,7 @@ def test_reward_model_learns_a_synthetic_preference(tmp_path):
 def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
     data = synthetic_ranked(tmp_path / "ranked.jsonl", n_prompts=16)
     straight = train_reward_model(tiny_config(tmp_path, data, "straight", max_steps=6, checkpoint_every=100))
+    assert straight.steps == 6 and straight.resumed_from == 0
 
     # "crash" after step 3 (the checkpoint is written there), then rerun to 6 steps
     first = train_reward_model(tiny_config(tmp_path, data, "resumed", max_steps=3, checkpoint_every=3))
