@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from util import assert_close
+
 import kernels._vocab as vocab
 
 # (dtype, fwd_atol, fwd_rtol, grad_atol, grad_rtol). The forward outputs are fp32 computed in fp32
@@ -23,10 +25,8 @@ BACKENDS = ["triton", "cpp"]
 
 
 def close(actual, expected, atol, rtol, what):
-    """assert_close in float64 with a message naming the output; it reports the mismatch count and
-    the first worst index and values."""
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=False,
-                               msg=lambda m: f"{what}: {m}")
+    """util.assert_close (float64, mismatch count, first indices and values) with positional tolerances."""
+    assert_close(actual, expected, atol=atol, rtol=rtol, name=what)
 
 
 @pytest.fixture

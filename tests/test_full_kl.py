@@ -5,7 +5,7 @@ import torch
 
 import kernels
 from kernels.full_kl import full_kl_ref
-from tests._vocab_cases import BACKENDS, DTYPES, close, make_pair, small_blocks, upstream  # noqa: F401
+from _vocab_cases import BACKENDS, DTYPES, close, make_pair, small_blocks, upstream  # noqa: F401
 
 
 # numpy warns about NaN/inf in masked-off interpreter lanes (-inf - -inf) that tl.where discards.

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
 from kernels.linear_logprobs import linear_logprobs_ref
-from tests._vocab_cases import BACKENDS, close, make_labels, make_linear, upstream
+from _vocab_cases import BACKENDS, close, make_labels, make_linear, upstream
 
 # numpy warns about NaN/inf in masked-off interpreter lanes (-inf - -inf) that tl.where discards.
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")

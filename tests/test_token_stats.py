@@ -7,7 +7,7 @@ import torch
 
 import kernels
 from kernels.token_stats import token_stats_ref
-from tests._vocab_cases import BACKENDS, DTYPES, close, make_labels, make_pair, small_blocks, upstream  # noqa: F401
+from _vocab_cases import BACKENDS, DTYPES, close, make_labels, make_pair, small_blocks, upstream  # noqa: F401
 
 # numpy warns about NaN/inf in masked-off interpreter lanes (-inf - -inf) that tl.where discards.
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero) encountered:RuntimeWarning")

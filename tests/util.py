@@ -15,16 +15,19 @@ def cpu_backends(op_backends: tuple[str, ...]) -> list[str]:
     return [b for b in op_backends if b != "cuda" and status.get(b, "").startswith("yes")]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0, name: str = "") -> None:
-    """Compare in float64; infinities must match exactly. On failure report the count of mismatches,
-    the first indices and their values, and the worst error."""
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float = 0.0, name: str = "", equal_nan=False
+) -> None:
+    """Compare in float64; infinities must match exactly and NaN fails unless `equal_nan` (then NaN
+    must meet NaN). On failure report the count of mismatches, the first indices and their values,
+    and the worst error."""
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
     assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
     same_inf = (a == e) & torch.isinf(e)
     finite = torch.isfinite(e)
     err = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
-    bad = (finite & ~(err <= atol + rtol * e.abs())) | (~finite & ~same_inf & ~(torch.isnan(a) & torch.isnan(e)))
+    bad = (finite & ~(err <= atol + rtol * e.abs())) | (~finite & ~same_inf & ~(equal_nan & torch.isnan(a) & torch.isnan(e)))
     if bool(bad.any()):
         idx = bad.nonzero()[:5].tolist()
         shown = "; ".join(f"{tuple(i)}: got {a[tuple(i)].item():.8g}, want {e[tuple(i)].item():.8g}" for i in idx)
