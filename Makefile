@@ -22,7 +22,7 @@ build: venv
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -P -m pytest -q tests
 
 run: build
 	$(PY) -m bench logprobs --quick

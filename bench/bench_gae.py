@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+import rlhf_kernels as kernels
 from bench.harness import Bench, Case, backend_unavailable
-from kernels.gae import IMPLEMENTED, gae_ref
+from rlhf_kernels.gae import IMPLEMENTED, gae_ref
 
 
 def cases(quick: bool, device: torch.device) -> list[Case]:

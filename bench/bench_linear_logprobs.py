@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import kernels
+import rlhf_kernels as kernels
 from bench.harness import Bench, Case, backend_unavailable, grad_step, liger_available
-from kernels._linear import IMPLEMENTED
-from kernels.linear_logprobs import linear_logprobs_ref
-from kernels.linear_token_stats import linear_token_stats_ref
+from rlhf_kernels._linear import IMPLEMENTED
+from rlhf_kernels.linear_logprobs import linear_logprobs_ref
+from rlhf_kernels.linear_token_stats import linear_token_stats_ref
 
 
 def make_cases(extra_gemms: int):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+import rlhf_kernels as kernels
 from bench.harness import Bench, Case, backend_unavailable, grad_step
-from kernels.ppo_loss import IMPLEMENTED, ppo_loss_ref
+from rlhf_kernels.ppo_loss import IMPLEMENTED, ppo_loss_ref
 
 
 def cases(quick: bool, device: torch.device) -> list[Case]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+import rlhf_kernels as kernels
 from bench.harness import Bench, Case, grad_step, provider_fn, vocab_cases
-from kernels.token_stats import IMPLEMENTED, token_stats_ref
+from rlhf_kernels.token_stats import IMPLEMENTED, token_stats_ref
 
 
 def cases(quick: bool, device: torch.device) -> list[Case]:

@@ -235,7 +235,7 @@ def grad_step(forward: Callable, inputs: list, grads: list) -> Callable:
 def backend_unavailable(provider: str, device: torch.device) -> str | None:
     """Why one of our backends cannot be timed on `device` (None if it can). Triton on CPU is the
     interpreter: correct, but its times mean nothing."""
-    import kernels
+    import rlhf_kernels as kernels
 
     status = kernels.backends()[provider]
     if not status.startswith("yes"):

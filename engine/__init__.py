@@ -1,33 +1,37 @@
-"""The RLHF trainer over the fused ops in `kernels`.
+"""The RLHF trainer over the fused ops in `rlhf_kernels`.
 
-    engine.config    StackConfig, RewardConfig, MODEL_PRESETS, REWARD_PRESETS, reward_preset
-    engine.stack     ModelStack: one (4-bit) base, roles policy / reference / values / reward
-    engine.feedback  feedback JSONL formats, consensus ranking, pairs, labeler agreement
-    engine.reward    reward_loss, train_reward_model (python -m engine rm)
+Installed as `rlhf_engine` (this folder is its source); the command line is `python -m rlhf_engine`
+(or `rlhf-engine`), and from a checkout's root `python -m engine` runs the same thing: imported by its
+folder name this package only forwards names to `rlhf_engine`, and every module imports `rlhf_engine.*`.
 
-Names resolve lazily, so `import engine` (and `python -m engine --help`) does not import torch.
+    rlhf_engine.config    StackConfig, RewardConfig, MODEL_PRESETS, REWARD_PRESETS, reward_preset
+    rlhf_engine.stack     ModelStack: one (4-bit) base, roles policy / reference / values / reward
+    rlhf_engine.feedback  feedback JSONL formats, consensus ranking, pairs, labeler agreement
+    rlhf_engine.reward    reward_loss, train_reward_model (python -m rlhf_engine rm)
+
+Names resolve lazily, so `import rlhf_engine` (and `--help`) does not import torch.
 """
 
 import importlib
 
 _EXPORTS = {
-    "StackConfig": "engine.config",
-    "RewardConfig": "engine.config",
-    "MODEL_PRESETS": "engine.config",
-    "REWARD_PRESETS": "engine.config",
-    "reward_preset": "engine.config",
-    "EngineError": "engine.config",
-    "ConfigError": "engine.config",
-    "ModelStack": "engine.stack",
-    "FeedbackError": "engine.feedback",
-    "PreferencePair": "engine.feedback",
-    "RankedFeedback": "engine.feedback",
-    "load_feedback": "engine.feedback",
-    "build_pairs": "engine.feedback",
-    "consensus_ranking": "engine.feedback",
-    "labeler_agreement": "engine.feedback",
-    "reward_loss": "engine.reward",
-    "train_reward_model": "engine.reward",
+    "StackConfig": "rlhf_engine.config",
+    "RewardConfig": "rlhf_engine.config",
+    "MODEL_PRESETS": "rlhf_engine.config",
+    "REWARD_PRESETS": "rlhf_engine.config",
+    "reward_preset": "rlhf_engine.config",
+    "EngineError": "rlhf_engine.config",
+    "ConfigError": "rlhf_engine.config",
+    "ModelStack": "rlhf_engine.stack",
+    "FeedbackError": "rlhf_engine.feedback",
+    "PreferencePair": "rlhf_engine.feedback",
+    "RankedFeedback": "rlhf_engine.feedback",
+    "load_feedback": "rlhf_engine.feedback",
+    "build_pairs": "rlhf_engine.feedback",
+    "consensus_ranking": "rlhf_engine.feedback",
+    "labeler_agreement": "rlhf_engine.feedback",
+    "reward_loss": "rlhf_engine.reward",
+    "train_reward_model": "rlhf_engine.reward",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -36,4 +40,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

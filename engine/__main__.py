@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.config import MODEL_PRESETS, REWARD_PRESETS, EngineError, RewardConfig, reward_preset
+from rlhf_engine.config import MODEL_PRESETS, REWARD_PRESETS, EngineError, RewardConfig, reward_preset
 
 EXIT_USAGE = 2
 
@@ -104,10 +104,10 @@ def _rm_config(args) -> RewardConfig:
 
 def _run_rm(args) -> int:
     config = _rm_config(args)  # config and data are checked before the heavy imports: a typo fails fast
-    from engine.feedback import load_feedback
+    from rlhf_engine.feedback import load_feedback
 
     load_feedback(config.data)
-    from engine.reward import train_reward_model
+    from rlhf_engine.reward import train_reward_model
 
     result = train_reward_model(config)
     acc = "n/a" if result.eval_accuracy is None else f"{result.eval_accuracy:.3f}"

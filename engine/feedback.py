@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.config import EngineError
+from rlhf_engine.config import EngineError
 
 
 class FeedbackError(EngineError, ValueError):

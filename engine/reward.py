@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ConfigError, RewardConfig, StackConfig
-from engine.feedback import PreferencePair, build_pairs, load_feedback
+from rlhf_engine.config import ConfigError, RewardConfig, StackConfig
+from rlhf_engine.feedback import PreferencePair, build_pairs, load_feedback
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -185,7 +185,7 @@ def is_sequence_classifier(path: str) -> bool:
 
 def load_reward_model(stack_config: StackConfig):
     """StackRewardModel on a (quantized) base, or ClassifierRewardModel for a classifier directory."""
-    from engine.stack import ModelStack, resolve_device
+    from rlhf_engine.stack import ModelStack, resolve_device
 
     if is_sequence_classifier(stack_config.model):
         return ClassifierRewardModel(stack_config.model, resolve_device(stack_config.device))

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from engine.config import MODEL_PRESETS, ConfigError, StackConfig, stack_config_from_dict
+from rlhf_engine.config import MODEL_PRESETS, ConfigError, StackConfig, stack_config_from_dict
 
 ROLES_WITH_HEADS = ("value", "reward")
 STACK_FILE = "stack.json"

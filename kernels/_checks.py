@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import debug_checks
+from rlhf_kernels._dispatch import debug_checks
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 

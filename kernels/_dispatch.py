@@ -3,8 +3,8 @@
 Backends:
     "torch"  the PyTorch reference of the op; always available, any device.
     "triton" Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (slow, for tests).
-    "cpp"    the C++ CPU kernels of the kernels._C extension.
-    "cuda"   the CUDA kernels of the kernels._C extension (built only where torch has CUDA and nvcc).
+    "cpp"    the C++ CPU kernels of the rlhf_kernels._C extension.
+    "cuda"   the CUDA kernels of the rlhf_kernels._C extension (built only where torch has CUDA and nvcc).
     "auto"   the fastest available for the tensors' device: each op lists its preference order.
 
 The environment variable RLHF_KERNELS_BACKEND (one of the names above) replaces "auto" for a whole
@@ -31,10 +31,10 @@ DEFAULT_AUTO = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 @lru_cache(maxsize=None)
 def _extension() -> tuple[bool, str]:
-    """Import kernels._C once; on failure warn once and remember why."""
+    """Import rlhf_kernels._C once; on failure warn once and remember why."""
     try:
-        from kernels import _C  # noqa: F401  (import registers torch.ops.rlhf_kernels.*)
-    except Exception as exc:  # a missing or broken build must never break `import kernels`
+        from rlhf_kernels import _C  # noqa: F401  (import registers torch.ops.rlhf_kernels.*)
+    except Exception as exc:  # a missing or broken build must never break `import rlhf_kernels`
         reason = f"{type(exc).__name__}: {exc}"
         warnings.warn(
             f"kernels: C++/CUDA extension unavailable ({reason}); falling back to Triton/torch. "
@@ -113,7 +113,7 @@ def _why_not(
         return f"triton needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to interpret on CPU"
     ok_ext, why_ext = _extension()
     if not ok_ext:
-        return f"the kernels._C extension is not built ({why_ext})"
+        return f"the rlhf_kernels._C extension is not built ({why_ext})"
     if backend == "cpp":
         if device.type != "cpu":
             return f"cpp runs CPU tensors (got {device.type}); use 'cuda' or 'triton' for GPU tensors"

@@ -38,9 +38,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._checks import check_float, check_labels, check_same_device, check_temperature
-from kernels._dispatch import resolve
-from kernels._vocab import vocab_bwd, vocab_fwd
+from rlhf_kernels._checks import check_float, check_labels, check_same_device, check_temperature
+from rlhf_kernels._dispatch import resolve
+from rlhf_kernels._vocab import vocab_bwd, vocab_fwd
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 

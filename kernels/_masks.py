@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from kernels._dispatch import debug_checks
+from rlhf_kernels._dispatch import debug_checks
 
 
 def check_mask(mask: torch.Tensor, shape: torch.Size, *, name: str = "mask") -> None:

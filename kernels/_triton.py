@@ -1,13 +1,13 @@
 """Triton import guard and the one place launch settings come from.
 
-Op modules do `from kernels._triton import triton, tl` and define their @triton.jit kernels at module
+Op modules do `from rlhf_kernels._triton import triton, tl` and define their @triton.jit kernels at module
 level; without Triton installed the decorator yields a stub that raises when launched, so
-`import kernels` works everywhere.
+`import rlhf_kernels` works everywhere.
 """
 
 from __future__ import annotations
 
-from kernels._dispatch import triton_interpreted
+from rlhf_kernels._dispatch import triton_interpreted
 
 try:
     import triton

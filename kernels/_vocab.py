@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import ext_op
-from kernels._triton import row_launch, tl, triton
+from rlhf_kernels._dispatch import ext_op
+from rlhf_kernels._triton import row_launch, tl, triton
 
 
 @triton.jit

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import check_float, check_same_device, check_temperature
-from kernels._dispatch import ext_op, resolve
-from kernels._rows import as_rows3
-from kernels._vocab import vocab_bwd, vocab_fwd
+from rlhf_kernels._checks import check_float, check_same_device, check_temperature
+from rlhf_kernels._dispatch import ext_op, resolve
+from rlhf_kernels._rows import as_rows3
+from rlhf_kernels._vocab import vocab_bwd, vocab_fwd
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import check_float, check_same_device
-from kernels._dispatch import ext_op, resolve, triton_interpreted
-from kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8
-from kernels._triton import next_pow2, tl, triton
+from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels._dispatch import ext_op, resolve, triton_interpreted
+from rlhf_kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8
+from rlhf_kernels._triton import next_pow2, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp", "cuda")
 

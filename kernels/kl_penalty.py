@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import check_float, check_same_device
-from kernels._dispatch import ext_op, resolve
-from kernels._masks import check_same_shape, check_scalar
-from kernels._triton import flat_block, tl, triton
+from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels._dispatch import ext_op, resolve
+from rlhf_kernels._masks import check_same_shape, check_scalar
+from rlhf_kernels._triton import flat_block, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 KINDS = {"k1": 1, "k2": 2, "k3": 3}

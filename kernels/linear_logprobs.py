@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from kernels._linear import LinearVocab, check_linear, default_chunk, resolve_linear
-from kernels.logprobs import logprobs_ref
+from rlhf_kernels._linear import LinearVocab, check_linear, default_chunk, resolve_linear
+from rlhf_kernels.logprobs import logprobs_ref
 
 
 # --------------------------------------------------------------------------------------------------

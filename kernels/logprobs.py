@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import check_float, check_labels, check_same_device, check_temperature
-from kernels._dispatch import resolve
-from kernels._rows import as_rows3
-from kernels._vocab import as_grad, vocab_bwd, vocab_fwd
+from rlhf_kernels._checks import check_float, check_labels, check_same_device, check_temperature
+from rlhf_kernels._dispatch import resolve
+from rlhf_kernels._rows import as_rows3
+from rlhf_kernels._vocab import as_grad, vocab_bwd, vocab_fwd
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 

@@ -32,10 +32,10 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._checks import check_float, check_same_device
-from kernels._dispatch import ext_op, resolve, triton_interpreted
-from kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8, masked_mean
-from kernels._triton import flat_block, next_pow2, tl, triton
+from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels._dispatch import ext_op, resolve, triton_interpreted
+from rlhf_kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8, masked_mean
+from rlhf_kernels._triton import flat_block, next_pow2, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 
@@ -319,7 +319,7 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_hig
     Args:
         logprobs: [...] float32/bfloat16/float16 log-probs of the sampled tokens under the policy.
         old_logprobs: [...] the same under the policy that generated the rollout.
-        advantages: [...] (e.g. from kernels.gae, whitened with kernels.masked_whiten).
+        advantages: [...] (e.g. from rlhf_kernels.gae, whitened with kernels.masked_whiten).
         mask: [...] bool/int/float in {0, 1}: the tokens that count.
         clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high] (DAPO's
             clip-higher uses clip_high > clip_low).

@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 import torch
 
-from kernels._checks import check_float, check_same_device
-from kernels._dispatch import ext_op, resolve
-from kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8, masked_mean
-from kernels._triton import flat_block, next_pow2, tl, triton
+from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels._dispatch import ext_op, resolve
+from rlhf_kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8, masked_mean
+from rlhf_kernels._triton import flat_block, next_pow2, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 

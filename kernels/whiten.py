@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels._checks import check_float, check_same_device
-from kernels._dispatch import ext_op, resolve
-from kernels._masks import check_mask, mask_u8
-from kernels._triton import flat_block, next_pow2, tl, triton
+from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels._dispatch import ext_op, resolve
+from rlhf_kernels._masks import check_mask, mask_u8
+from rlhf_kernels._triton import flat_block, next_pow2, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 EPS = 1e-8
@@ -146,7 +146,7 @@ def masked_whiten(x, mask, *, shift_mean=True, backend="auto"):
     """Whiten `x` over its valid tokens; see the module docstring for the formula and edge cases.
 
     Args:
-        x: [...] float32/bfloat16/float16 (typically the advantages from kernels.gae).
+        x: [...] float32/bfloat16/float16 (typically the advantages from rlhf_kernels.gae).
         mask: [...] bool/int/float in {0, 1}.
         shift_mean: False adds the mean back (scale-only normalisation).
         backend: "auto" | "torch" | "triton" | "cpp" (see kernels.backends()).

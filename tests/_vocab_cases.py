@@ -8,7 +8,7 @@ import torch
 
 from util import assert_close
 
-import kernels._vocab as vocab
+import rlhf_kernels._vocab as vocab
 
 # (dtype, fwd_atol, fwd_rtol, grad_atol, grad_rtol). The forward outputs are fp32 computed in fp32
 # from inputs the float64 reference sees rounded identically, so every dtype gets fp32 tolerances;

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels._dispatch import ENV_BACKEND, resolve
-from kernels.logprobs import IMPLEMENTED
+import rlhf_kernels as kernels
+from rlhf_kernels._dispatch import ENV_BACKEND, resolve
+from rlhf_kernels.logprobs import IMPLEMENTED
 
 CPU = torch.device("cpu")
 EXT = "token_stats_fwd"  # the extension op behind logprobs' cpp path
@@ -58,14 +58,14 @@ def test_device_mismatch_is_a_value_error():
 
 
 def test_missing_extension_falls_back_with_one_warning():
-    # A fresh interpreter in which `kernels._C` cannot be imported: `import kernels` still works,
+    # A fresh interpreter in which `rlhf_kernels._C` cannot be imported: `import kernels` still works,
     # backends() says why, "auto" runs the reference, and the warning is printed exactly once.
     code = """
 import sys, warnings
-sys.modules["kernels._C"] = None  # makes `from kernels import _C` raise ImportError
+sys.modules["rlhf_kernels._C"] = None  # makes `from rlhf_kernels import _C` raise ImportError
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
-    import torch, kernels
+    import torch, rlhf_kernels as kernels
     status = kernels.backends()
     x = torch.randn(3, 7)
     y = torch.tensor([1, 2, 3])

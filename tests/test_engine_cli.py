@@ -1,4 +1,5 @@
-"""`python -m engine`: complete help, one-line errors with exit status 2, an end-to-end rm run."""
+"""`python -m rlhf_engine` (`python -m engine` from a checkout's root): complete help, one-line errors
+with exit status 2, an end-to-end rm run."""
 
 import json
 import os
@@ -7,15 +8,15 @@ import sys
 
 import pytest
 
-from engine.__main__ import main
+from rlhf_engine.__main__ import main
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXAMPLES = os.path.join(ROOT, "examples", "feedback_ranked.jsonl")
 
 
-def run_cli(*args):
+def run_cli(*args, module="rlhf_engine", cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=120
     )
 
 
@@ -64,14 +65,22 @@ def test_bad_data_line_is_named(tmp_path):
     assert out.stderr.strip() == f"error: {data}:2: ranking 0 has 2 ranks for 3 completions"
 
 
-def test_import_engine_stays_light():
+@pytest.mark.parametrize("name, cwd", [("rlhf_engine", None), ("engine", ROOT)])
+def test_import_engine_stays_light(name, cwd):
+    # rlhf_engine as installed, and the checkout folder imported by its own name from the repo root:
+    # there it only forwards names, so `engine.X` is `rlhf_engine.X` (one copy of every class)
     code = (
-        "import sys, engine; assert engine.consensus_ranking([[2, 1, 3]]) == [2, 1, 3]; "
-        "print('torch' in sys.modules)"
+        f"import sys, {name} as e, rlhf_engine; assert e.consensus_ranking([[2, 1, 3]]) == [2, 1, 3]; "
+        "assert e.FeedbackError is rlhf_engine.FeedbackError; print('torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
-    assert "ModelStack" in __import__("engine").__all__
+    assert "ModelStack" in __import__("rlhf_engine").__all__
+
+
+def test_python_m_engine_from_the_checkout_root():
+    out = run_cli("rm", "--help", module="engine", cwd=ROOT)
+    assert out.returncode == 0 and "--data" in out.stdout, out.stderr
 
 
 def test_unknown_flag_is_a_usage_error():

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from engine.feedback import (
+from rlhf_engine.feedback import (
     FeedbackError,
     PreferencePair,
     RankedFeedback,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels.full_kl import full_kl_ref
+import rlhf_kernels as kernels
+from rlhf_kernels.full_kl import full_kl_ref
 from _vocab_cases import BACKENDS, DTYPES, close, make_pair, small_blocks, upstream  # noqa: F401
 
 

@@ -14,9 +14,9 @@ import torch
 from _rl_cases import MASK_KINDS, make_mask, randn
 from util import assert_close, cpu_backends
 
-import kernels
-from kernels.gae import IMPLEMENTED, _gae_triton, gae_ref
-from kernels._masks import mask_u8
+import rlhf_kernels as kernels
+from rlhf_kernels.gae import IMPLEMENTED, _gae_triton, gae_ref
+from rlhf_kernels._masks import mask_u8
 
 BACKENDS = cpu_backends(IMPLEMENTED)
 ATOL = RTOL = 2e-5

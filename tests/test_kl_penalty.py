@@ -13,8 +13,8 @@ import torch
 from _rl_cases import randn
 from util import EPS32, assert_close, cpu_backends
 
-import kernels
-from kernels.kl_penalty import IMPLEMENTED, kl_penalty_ref
+import rlhf_kernels as kernels
+from rlhf_kernels.kl_penalty import IMPLEMENTED, kl_penalty_ref
 
 BACKENDS = cpu_backends(IMPLEMENTED)
 KINDS = ("k1", "k2", "k3")

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import kernels
-from kernels.linear_logprobs import linear_logprobs_ref
+import rlhf_kernels as kernels
+from rlhf_kernels.linear_logprobs import linear_logprobs_ref
 from _vocab_cases import BACKENDS, close, make_labels, make_linear, upstream
 
 # numpy warns about NaN/inf in masked-off interpreter lanes (-inf - -inf) that tl.where discards.

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import kernels
-from kernels.linear_token_stats import linear_token_stats_ref
+import rlhf_kernels as kernels
+from rlhf_kernels.linear_token_stats import linear_token_stats_ref
 from _vocab_cases import BACKENDS, close, make_labels, make_linear, upstream
 
 # numpy warns about NaN/inf in masked-off interpreter lanes (-inf - -inf) that tl.where discards.

@@ -9,8 +9,8 @@ import pytest
 import torch
 from util import EPS32, assert_close, cpu_backends
 
-import kernels
-from kernels.logprobs import IMPLEMENTED, logprobs_ref
+import rlhf_kernels as kernels
+from rlhf_kernels.logprobs import IMPLEMENTED, logprobs_ref
 
 BACKENDS = cpu_backends(IMPLEMENTED)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

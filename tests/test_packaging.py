@@ -5,7 +5,7 @@ ours installed, and transformers must not mistake ours for the hub library."""
 import pytest
 import torch
 
-import kernels
+import rlhf_kernels as kernels
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

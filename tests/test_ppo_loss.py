@@ -14,8 +14,8 @@ import torch
 from _rl_cases import MASK_KINDS, make_mask, randn
 from util import assert_close, cpu_backends
 
-import kernels
-from kernels.ppo_loss import IMPLEMENTED, ppo_loss_ref
+import rlhf_kernels as kernels
+from rlhf_kernels.ppo_loss import IMPLEMENTED, ppo_loss_ref
 
 BACKENDS = cpu_backends(IMPLEMENTED)
 STAT_NAMES = ("clipfrac", "approx_kl", "ratio_mean", "ratio_min", "ratio_max")
@@ -181,8 +181,8 @@ def test_triton_forward_paths(one_program):
     # blocks, and per-block partials (7 of them, the last one short) reduced by the finalize kernel.
     if "triton" not in BACKENDS:
         pytest.skip("triton does not run here")
-    from kernels._masks import mask_u8
-    from kernels.ppo_loss import _fwd
+    from rlhf_kernels._masks import mask_u8
+    from rlhf_kernels.ppo_loss import _fwd
 
     lp, olp, adv = inputs(1, 101, seed=10)
     mask = make_mask(1, 101, "holes", seed=11)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.config import ConfigError, reward_preset
-from engine.feedback import PreferencePair, build_pairs, load_feedback
-from engine.reward import (
+from rlhf_engine.config import ConfigError, reward_preset
+from rlhf_engine.feedback import PreferencePair, build_pairs, load_feedback
+from rlhf_engine.reward import (
     StackRewardModel,
     collate_pairs,
     encode,
@@ -20,7 +20,7 @@ from engine.reward import (
     split_by_prompt,
     train_reward_model,
 )
-from engine.stack import ModelStack, byte_tokenizer
+from rlhf_engine.stack import ModelStack, byte_tokenizer
 
 # ---- the loss ------------------------------------------------------------------------------------
 
@@ -188,7 +188,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
 def test_sequence_classifier_directory_as_the_reward_model(tmp_path):
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-    from engine.config import MODEL_PRESETS
+    from rlhf_engine.config import MODEL_PRESETS
 
     tok = byte_tokenizer()
     path = tmp_path / "my-rm"

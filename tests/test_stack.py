@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config import MODEL_PRESETS, ConfigError, StackConfig
-from engine.stack import ModelStack, disable_bnb_cpu_repack, last_token_index, load_causal_lm
+from rlhf_engine.config import MODEL_PRESETS, ConfigError, StackConfig
+from rlhf_engine.stack import ModelStack, disable_bnb_cpu_repack, last_token_index, load_causal_lm
 
 B, T = 3, 9
 
@@ -278,7 +278,7 @@ def test_load_rejects_a_mismatched_adapter(tmp_path, stack):
 
 
 def test_base_loaded_from_a_directory(tmp_path):
-    from engine.stack import build_preset
+    from rlhf_engine.stack import build_preset
 
     build_preset("tiny-llama", seed=0, out_dir=str(tmp_path))
     from_dir = ModelStack.build(StackConfig(model=str(tmp_path), adapters=("reward",)))

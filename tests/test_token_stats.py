@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels.token_stats import token_stats_ref
+import rlhf_kernels as kernels
+from rlhf_kernels.token_stats import token_stats_ref
 from _vocab_cases import BACKENDS, DTYPES, close, make_labels, make_pair, small_blocks, upstream  # noqa: F401
 
 # numpy warns about NaN/inf in masked-off interpreter lanes (-inf - -inf) that tl.where discards.
@@ -151,7 +151,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels._vocab import _vocab_bwd_kernel, _vocab_fwd_kernel
+from rlhf_kernels._vocab import _vocab_bwd_kernel, _vocab_fwd_kernel
 
 def signature(fn, dtype, consts):
     out = {}

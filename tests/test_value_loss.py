@@ -11,8 +11,8 @@ import torch
 from _rl_cases import MASK_KINDS, make_mask, randn
 from util import assert_close, cpu_backends
 
-import kernels
-from kernels.value_loss import IMPLEMENTED, value_loss_ref
+import rlhf_kernels as kernels
+from rlhf_kernels.value_loss import IMPLEMENTED, value_loss_ref
 
 BACKENDS = cpu_backends(IMPLEMENTED)
 GRAD_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2 * 2**-8, torch.float16: 2 * 2**-11}

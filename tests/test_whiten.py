@@ -13,8 +13,8 @@ import torch
 from _rl_cases import MASK_KINDS, make_mask, randn
 from util import assert_close, cpu_backends
 
-import kernels
-from kernels.whiten import IMPLEMENTED, masked_whiten_ref
+import rlhf_kernels as kernels
+from rlhf_kernels.whiten import IMPLEMENTED, masked_whiten_ref
 
 BACKENDS = cpu_backends(IMPLEMENTED)
 ATOL = RTOL = 1e-5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+import rlhf_kernels as kernels
 
 EPS32 = torch.finfo(torch.float32).eps
 
