@@ -139,6 +139,23 @@ def _gae_span_map_kernel(
 
 
 @triton.jit
+def _carry_in(agg_ptr, row, span, S, S_POW2: tl.constexpr):
+    """The state handed to `span` by the later spans S-1, ..., span+1: their maps composed in scan
+    order (backwards in time) and applied to x_T = 0, i.e. the composite's offset (bA, bV)."""
+    j = tl.arange(0, S_POW2)
+    k = S - 1 - j
+    later = k > span
+    base = agg_ptr + (row * S + tl.where(later, k, 0)) * 5
+    p = tl.load(base + 0, mask=later, other=1.0)
+    q = tl.load(base + 1, mask=later, other=0.0)
+    s = tl.load(base + 2, mask=later, other=1.0)
+    a = tl.load(base + 3, mask=later, other=0.0)
+    vv = tl.load(base + 4, mask=later, other=0.0)
+    p, q, s, a, vv = tl.associative_scan((p, q, s, a, vv), 0, _compose)
+    return _last(a, j, S_POW2), _last(vv, j, S_POW2)
+
+
+@triton.jit
 def _gae_fwd_kernel(
     # data pointers
     r_ptr,  # [B, T] rewards, any float dtype
@@ -164,20 +181,10 @@ def _gae_fwd_kernel(
     A = 0.0  # carried state: advantage and value at the first valid position >= t_hi
     V = 0.0
     if SPLIT:
-        # Compose the maps of spans S-1, ..., span+1 (scan order = backwards in time); the state
-        # they produce from x_T = 0 is their composite's offset.
-        j = tl.arange(0, S_POW2)
-        k = S - 1 - j
-        later = k > span
-        base = agg_ptr + (row * S + tl.where(later, k, 0)) * 5
-        p = tl.load(base + 0, mask=later, other=1.0)
-        q = tl.load(base + 1, mask=later, other=0.0)
-        s = tl.load(base + 2, mask=later, other=1.0)
-        a = tl.load(base + 3, mask=later, other=0.0)
-        vv = tl.load(base + 4, mask=later, other=0.0)
-        p, q, s, a, vv = tl.associative_scan((p, q, s, a, vv), 0, _compose)
-        A = _last(a, j, S_POW2)
-        V = _last(vv, j, S_POW2)
+        # In a helper: its [S_POW2] temporaries must not share names with the loop's [BLOCK] ones
+        # below (the compiler treats a name assigned before and inside the loop as loop-carried and
+        # rejects the shape change; the interpreter does not check).
+        A, V = _carry_in(agg_ptr, row, span, S, S_POW2)
     i = tl.arange(0, BLOCK)
     for kk in range(0, tl.cdiv(SPAN, BLOCK)):
         t = t_hi - 1 - kk * BLOCK - i

@@ -1,5 +1,14 @@
-"""Test setup: the Triton interpreter must be on before any @triton.jit kernel is defined, so this
-runs before `kernels` is imported. On a CUDA machine the real compiler is used instead."""
+"""Test setup.
+
+Without a CUDA device the Triton interpreter is turned on here, before any @triton.jit kernel is
+defined (so before rlhf_kernels is imported); with one, Triton cases run compiled on CUDA tensors:
+tests put each backend's inputs where `util.device_for(backend)` says.
+
+Which backends a run covers is explicit: RLHF_TEST_BACKENDS=torch,triton,cpp,cuda (the default is all
+four). A listed backend that cannot run FAILS its cases instead of silently shrinking the run (e.g.
+TRITON_INTERPRET=0 on a CPU machine); "cuda" cases skip where there is no GPU or the extension was
+built without CUDA.
+"""
 
 import os
 

@@ -1,18 +1,63 @@
-"""Shared test helpers: verbose comparisons against float64 references."""
+"""Shared test helpers: which backends a run covers and where their inputs live, and verbose
+comparisons against float64 references."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 import rlhf_kernels as kernels
 
 EPS32 = torch.finfo(torch.float32).eps
+ALL_BACKENDS = ("torch", "triton", "cpp", "cuda")
+ENV_TEST_BACKENDS = "RLHF_TEST_BACKENDS"
 
 
-def cpu_backends(op_backends: tuple[str, ...]) -> list[str]:
-    """The op's backends that can run CPU tensors on this machine (triton through the interpreter)."""
-    status = kernels.backends()
-    return [b for b in op_backends if b != "cuda" and status.get(b, "").startswith("yes")]
+def expected_backends() -> tuple[str, ...]:
+    """The backends this run covers: RLHF_TEST_BACKENDS (comma-separated) or all of them."""
+    listed = os.environ.get(ENV_TEST_BACKENDS, "").strip()
+    if not listed:
+        return ALL_BACKENDS
+    names = tuple(b.strip() for b in listed.split(",") if b.strip())
+    unknown = set(names) - set(ALL_BACKENDS)
+    if unknown:
+        raise ValueError(f"{ENV_TEST_BACKENDS}={listed!r}: unknown backends {sorted(unknown)}")
+    return names
+
+
+def kernel_backends(implemented: tuple[str, ...]) -> list[str]:
+    """The op's kernel backends to parametrize over: every one it implements except the reference
+    (comparing the reference with itself proves nothing). The list never depends on this machine:
+    `device_for` decides, per case, between running, skipping (cuda without a GPU) and failing."""
+    return [b for b in implemented if b != "torch"]
+
+
+def device_for(backend: str) -> torch.device:
+    """Where `backend`'s test inputs go. A backend this run covers (expected_backends) that cannot run
+    fails the test; "cuda" skips without a GPU or without CUDA in the extension."""
+    if backend not in expected_backends():
+        pytest.skip(f"{backend} is not in {ENV_TEST_BACKENDS}={os.environ.get(ENV_TEST_BACKENDS)}")
+    status = kernels.backends()[backend]
+    if backend == "cuda":
+        if status != "yes":
+            pytest.skip(f"cuda: {status}")
+        return torch.device("cuda")
+    if not status.startswith("yes"):
+        pytest.fail(
+            f"backend {backend!r} is expected in this run but cannot run: {status} "
+            f"(declare a narrower run with {ENV_TEST_BACKENDS}=...)"
+        )
+    if backend == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def on(device: torch.device, *tensors):
+    """The tensors moved to `device` (None stays None); one tensor in, one out."""
+    moved = tuple(None if t is None else t.to(device) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
 
 
 def assert_close(
@@ -35,3 +80,22 @@ def assert_close(
             f"{name}: {int(bad.sum())}/{bad.numel()} mismatches (atol={atol:.3g}, rtol={rtol:.3g}); "
             f"worst finite error {err.max().item():.3g}; first: {shown}"
         )
+
+
+def assert_rel_norm(actual: torch.Tensor, expected: torch.Tensor, *, bound: float, name: str = "") -> None:
+    """Norm-wise relative error ||actual - expected|| / ||expected|| <= bound, in float64. For
+    low-precision gradients, where an elementwise atol that admits the dtype's rounding would also
+    admit an all-zero tensor (relative error 1)."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), f"{name}: {int((~torch.isfinite(a)).sum())} non-finite entries"
+    denom = e.norm().item()
+    err = (a - e).norm().item() / (denom if denom > 0 else 1.0)
+    assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (||expected|| = {denom:.4g})"
+
+
+def cpu_backends(op_backends: tuple[str, ...]) -> list[str]:
+    """Deprecated: shrinks with the machine. Use kernel_backends + device_for."""
+    status = kernels.backends()
+    return [b for b in op_backends if b != "cuda" and status.get(b, "").startswith("yes")]
