@@ -3,7 +3,11 @@
 
 Providers: our backends; "eager" = the unfused reference (F.linear to [N, V] logits, then the
 PyTorch log-softmax reference), "compile" = torch.compile of it, "liger" = Liger's fused linear
-cross-entropy (reduction="sum", its -logp summed; CUDA only, when installed).
+cross-entropy (reduction="sum", its -logp summed: a scalar loss, so 3 GEMMs with weight gradient
+where per-token outputs need 4; CUDA only, when installed), "trl" = TRL's ChunkedLogProbFunction
+(trl>=1.16: per-token log-probs from hidden states, its default 32768-wide vocabulary chunks).
+linear_token_stats' "trl" = TRL's ChunkedDivergenceFunction with beta = 1 (KL(policy || reference)
+and the policy's entropy from both hidden states; no log-probs of the labels).
 Cases: fwd; fwd+bwd with a trainable lm_head ("wgrad=1"); fwd+bwd with a frozen one ("wgrad=0",
 the LoRA case). Roofline flops, as the targets define them: 2 N H V per GEMM, 3 GEMMs with weight
 gradient, 2 frozen, 1 forward (linear_token_stats: one more each, for the reference logits). Our
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf_kernels as kernels
-from bench.harness import Bench, Case, backend_unavailable, grad_step, liger_available
+from bench.harness import Bench, Case, backend_unavailable, baseline, grad_step, liger_available
 from rlhf_kernels._linear import IMPLEMENTED
 from rlhf_kernels.linear_logprobs import linear_logprobs_ref
 from rlhf_kernels.linear_token_stats import linear_token_stats_ref
@@ -46,6 +50,20 @@ def _liger_fn():
 
     loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
     return lambda h, w, y: -loss(w, h, y)
+
+
+def _trl_logprobs():
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    # (hidden, weight, bias, targets, temperature, vocab chunk, softcap, logit scale, extra outputs)
+    return lambda h, w, y: ChunkedLogProbFunction.apply(h, w, None, y, 1.0, 32768, None, 1.0, ())[0]
+
+
+def _trl_divergence():
+    from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+    # beta = 1: KL(student || teacher) with the policy as the student -> (kl, entropy)
+    return lambda h, r, w, y: ChunkedDivergenceFunction.apply(h, w, None, r, w.detach(), None, 1.0, 1.0)
 
 
 def _inputs(case, device, ref):
@@ -86,6 +104,10 @@ def build(case: Case, provider: str, device: torch.device):
         if not liger_available():
             return "liger-kernel not installed or no CUDA"
         fn, n_out = _liger_fn(), 0
+    elif provider == "trl":
+        fn = baseline(_trl_logprobs, device)
+        if isinstance(fn, str):
+            return fn
     else:
         return f"unknown provider {provider}"
     trainable = [hidden, weight] if case.shape["wgrad"] else [hidden]
@@ -94,6 +116,7 @@ def build(case: Case, provider: str, device: torch.device):
 
 def build_token_stats(case: Case, provider: str, device: torch.device):
     hidden, ref_hidden, weight, labels, g = _inputs(case, device, ref=True)
+    n_out = 3
     if provider in IMPLEMENTED:
         why = backend_unavailable(provider, device)
         if why:
@@ -105,15 +128,20 @@ def build_token_stats(case: Case, provider: str, device: torch.device):
         fn = torch.compile(linear_token_stats_ref)
     elif provider == "unfused":  # our token_stats on materialised logits
         fn = lambda h, r, w, y: kernels.token_stats(F.linear(h, w), F.linear(r, w).detach(), y)  # noqa: E731
+    elif provider == "trl":
+        fn = baseline(_trl_divergence, device)
+        if isinstance(fn, str):
+            return fn
+        n_out = 2
     else:
         return f"unknown provider {provider}"
     trainable = [hidden, weight] if case.shape["wgrad"] else [hidden]
-    return _finish(case, fn, (hidden, ref_hidden, weight, labels), trainable, 3, g, device)
+    return _finish(case, fn, (hidden, ref_hidden, weight, labels), trainable, n_out, g, device)
 
 
-BENCH = Bench(op="linear_logprobs", cases=make_cases(0), providers=("cpp", "triton", "eager", "compile", "liger"),
-              build=build)  # fmt: skip
+BENCH = Bench(op="linear_logprobs", cases=make_cases(0),
+              providers=("cpp", "triton", "liger", "trl", "eager", "compile"), build=build)  # fmt: skip
 BENCH_TOKEN_STATS = Bench(
-    op="linear_token_stats", cases=make_cases(1), providers=("cpp", "triton", "unfused", "eager", "compile"),
+    op="linear_token_stats", cases=make_cases(1), providers=("cpp", "triton", "unfused", "trl", "eager", "compile"),
     build=build_token_stats,
 )

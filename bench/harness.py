@@ -155,18 +155,51 @@ def versions() -> dict:
 # --------------------------------------------------------------------------------------------------
 # Running and reporting
 # --------------------------------------------------------------------------------------------------
-def run_bench(bench: Bench, argv: list[str] | None = None) -> list[dict]:
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _check_args(parser: argparse.ArgumentParser, bench: Bench, args) -> tuple[torch.device, list[str], list[str]]:
+    """(device, providers, modes) from the flags; anything unusable is a one-line usage error."""
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device {args.device!r}: expected cpu or cuda")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: no CUDA device here (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'no'})")
+        index = torch.device(args.device).index
+        if index is not None and index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    wanted = _split(args.providers)
+    unknown = [p for p in wanted if p not in bench.providers]
+    if unknown or (args.providers is not None and not wanted):
+        parser.error(f"--providers: unknown {', '.join(unknown) or repr(args.providers)}; "
+                     f"choose from {','.join(bench.providers)}")
+    modes = _split(args.modes)
+    bad_modes = [m for m in modes if m not in ("fwd", "fwd+bwd")]
+    if bad_modes or not modes:
+        parser.error(f"--modes: unknown {', '.join(bad_modes) or repr(args.modes)}; choose from fwd,fwd+bwd")
+    providers = [p for p in bench.providers if not wanted or p in wanted]
+    return torch.device(args.device), providers, modes
+
+
+def run_bench(bench: Bench, argv: list[str] | None = None, *, deadline: float | None = None) -> list[dict]:
+    """Time every (case, provider) of `bench` as the flags in `argv` select; -> the JSON rows.
+
+    `deadline` (a time.monotonic() value) skips the measurements left when it passes: each is still
+    printed, as skipped, so a time-boxed run (bench/gpu_check.py) says what it did not measure."""
     parser = argparse.ArgumentParser(prog=f"python -m bench {bench.op}", description=f"Benchmark kernels.{bench.op}")
     parser.add_argument("--quick", action="store_true", help="small shapes and few reps (smoke run)")
+    parser.add_argument("--target", action="store_true", help="only the first (target) shape of the full cases")
     parser.add_argument("--json", metavar="PATH", help="write one JSON row per measurement to PATH")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--providers", help=f"comma-separated subset of: {','.join(bench.providers)}")
     parser.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated subset of: fwd,fwd+bwd")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    providers = [p for p in bench.providers if not args.providers or p in args.providers.split(",")]
-    modes = args.modes.split(",")
+    device, providers, modes = _check_args(parser, bench, args)
     cases = [c for c in bench.cases(args.quick, device) if c.mode in modes]
+    if args.target and cases:
+        cases = [c for c in cases if c.shape == cases[0].shape]
     min_time = 0.2 if args.quick else 1.0
 
     bw = copy_bandwidth_gbs(device)
@@ -183,8 +216,11 @@ def run_bench(bench: Bench, argv: list[str] | None = None) -> list[dict]:
     for case in cases:
         ideal_ms = max(case.bytes / (bw * 1e9), case.flops / (rate * 1e12) if case.flops else 0.0) * 1e3
         for provider in providers:
-            fn = bench.build(case, provider, device)
             dtype = str(case.dtype).replace("torch.", "")
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"{case.mode:8} {case.label():28} {dtype:9} {provider:8} {'-':>10}  (skipped: time budget)")
+                continue
+            fn = bench.build(case, provider, device)
             if isinstance(fn, str) or fn is None:
                 why = fn or "unavailable"
                 print(f"{case.mode:8} {case.label():28} {dtype:9} {provider:8} {'-':>10}  ({why})")
@@ -248,12 +284,12 @@ def backend_unavailable(provider: str, device: torch.device) -> str | None:
 
 
 def provider_fn(provider: str, device: torch.device, implemented: tuple, ours: Callable, ref: Callable,
-                *, liger: Callable | None = None, others: dict | None = None):
+                *, liger: Callable | None = None, trl: Callable | None = None, others: dict | None = None):
     """The callable that `provider` times, or the reason it cannot run (a str).
 
     ours(*inputs, backend=...) is our op, ref(*inputs) its PyTorch reference ("eager", and "compile"
-    compiles it), liger() builds Liger's counterpart (CUDA only), others maps extra baseline names to
-    callables."""
+    compiles it), liger() / trl() build Liger's / TRL's fused counterpart (CUDA, when installed),
+    others maps extra baseline names to callables."""
     if provider in implemented:
         why = backend_unavailable(provider, device)
         return why or (lambda *inputs: ours(*inputs, backend=provider))
@@ -263,9 +299,21 @@ def provider_fn(provider: str, device: torch.device, implemented: tuple, ours: C
         return torch.compile(ref)
     if provider == "liger" and liger is not None:
         return liger() if liger_available() else "liger-kernel not installed or no CUDA"
+    if provider == "trl" and trl is not None:
+        return baseline(trl, device)
     if others and provider in others:
         return others[provider]
     return f"unknown provider {provider}"
+
+
+def baseline(make: Callable, device: torch.device) -> Callable | str:
+    """make() -> a third-party fused baseline (TRL's kernels: Triton on CUDA), or why it cannot run."""
+    if device.type != "cuda":
+        return "needs a CUDA device (a Triton baseline)"
+    try:
+        return make()
+    except ImportError as e:  # not installed, or an import-time dependency missing
+        return f"not importable ({type(e).__name__}: {e})"
 
 
 def vocab_cases(quick: bool, device: torch.device, fwd_passes: int, fwdbwd_passes: int, extra=None) -> list:
