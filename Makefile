@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv build test run
+.PHONY: venv build test run gpu-wheels gpu-check
 # The hub `kernels` package, whose import name ours must not take: tests/test_packaging.py installs our
 # wheel beside this one (skipped where it cannot be downloaded).
 HUB_KERNELS := kernels==0.17.2
@@ -33,3 +33,30 @@ test: build $(VENV)/hub-wheels/.done
 
 run: build
 	$(PY) -m bench logprobs --quick
+
+# ---- GPU machine (no network there; torch with CUDA, triton, transformers, peft, accelerate, pytest and
+# nvcc preinstalled). Here: `make gpu-wheels` fetches what it lacks into .whl/ (about 44 MB; carry it).
+# There: `make gpu-check GPU_OUT=$$OUT` builds with CUDA, runs the whole suite and benchmarks every op at
+# its target shape against the baselines, writing GPU_OUT/{build.log,pytest.log,pytest.rc,bench.jsonl,
+# summary.json,summary.md} in well under 10 minutes. README: "On a GPU".
+GPU_WHEELS := bitsandbytes==0.50.2 liger-kernel==0.8.5 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_PY ?= python3
+GPU_OUT ?= runs/gpu-check
+GPU_SITE ?= /tmp/rlhf-gpu-site
+
+gpu-wheels: venv
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	mkdir -p $(GPU_OUT)
+	if [ -d .whl ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade \
+		--target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=$(GPU_SITE) $(GPU_PY) -m pip install --no-build-isolation --no-deps -e . > $(GPU_OUT)/build.log 2>&1 \
+		|| (tail -n 40 $(GPU_OUT)/build.log; exit 1)
+	PYTHONPATH=$(GPU_SITE) $(GPU_PY) -P -c "import rlhf_kernels as k; s = k.backends(); print(s); \
+		assert s['cuda'] == 'yes' and s['triton'] == 'yes', s"
+	PYTHONPATH=$(GPU_SITE) $(GPU_PY) -P -m pytest -q -p no:cacheprovider --durations=15 tests \
+		> $(GPU_OUT)/pytest.log 2>&1; echo $$? > $(GPU_OUT)/pytest.rc; tail -n 30 $(GPU_OUT)/pytest.log
+	PYTHONPATH=$(GPU_SITE) $(GPU_PY) -m bench.gpu_check --out $(GPU_OUT)
