@@ -8,7 +8,10 @@ tells what this machine can run, and RLHF_KERNELS_BACKEND overrides "auto" for a
 if __name__ != "rlhf_kernels":
     # This folder was imported by its own name: a checkout's root is on sys.path (python -m / -c run
     # there). "kernels" belongs to the Hugging Face hub package, which transformers and bitsandbytes
-    # import; hand the name over to it where it is installed, and be absent otherwise.
+    # import. Where it is installed, hand the name over to it. Otherwise stay an empty module with no
+    # file: importers that probe for the hub package read that as "not installed" (transformers takes
+    # a module without __file__ and __version__ for a namespace package), where raising here would
+    # break their own import instead.
     import os as _os
     import sys as _sys
     from importlib.machinery import PathFinder as _PathFinder
@@ -18,14 +21,17 @@ if __name__ != "rlhf_kernels":
     _path = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
     _spec = _PathFinder.find_spec(__name__, _path)
     if _spec is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
-    _hub = _module_from_spec(_spec)
-    _sys.modules[__name__] = _hub  # the import statement returns what sys.modules holds after this runs
-    try:
-        _spec.loader.exec_module(_hub)
-    except BaseException:
-        del _sys.modules[__name__]
-        raise
+        __file__ = None
+        __path__ = []
+    else:
+        _hub = _module_from_spec(_spec)
+        _sys.modules[__name__] = _hub  # the import statement returns what sys.modules holds after this runs
+        try:
+            _spec.loader.exec_module(_hub)
+        except BaseException:
+            del _sys.modules[__name__]
+            raise
+    del _os, _sys, _PathFinder, _module_from_spec, _root, _path, _spec
 else:
     from rlhf_kernels._dispatch import BACKENDS, backends
     from rlhf_kernels.full_kl import full_kl, full_kl_ref
