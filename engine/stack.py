@@ -266,10 +266,16 @@ class ModelStack:
 
     # ---- roles -------------------------------------------------------------------------------
 
-    def hidden_states(self, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, H) last hidden state (final norm applied, lm_head not)."""
+    def hidden_states(
+        self, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, **cache
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, H) last hidden state (final norm applied, lm_head not).
+
+        `cache` passes position_ids / past_key_values / cache_position through for KV-cached decoding
+        (engine.generation); with past_key_values, attention_mask covers the cached tokens too."""
         with self._active(adapter):
-            out = self._decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self._decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                use_cache="past_key_values" in cache, **cache)  # fmt: skip
         return out.last_hidden_state
 
     @property
