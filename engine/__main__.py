@@ -4,7 +4,8 @@
 
 Every error a user can act on prints one `error: ...` line, never a traceback. Exit status: 0 done;
 2 a bad option, path, config, data line or checkpoint, or OUT in use by another run; 3 the run
-stopped on a non-finite loss, gradient norm or weight (the last good checkpoint is kept).
+stopped on a non-finite loss, gradient norm or weight (the last good checkpoint is kept); 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from rlhf_engine.config import MODEL_PRESETS, REWARD_PRESETS, EngineError, RewardConfig, reward_preset
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's status for SIGINT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as e:
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever the message
         return getattr(e, "exit_status", EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("error: interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -245,8 +245,7 @@ def train_reward_model(config: RewardConfig) -> RewardResult:
     """Train a reward model from config.data; see the module docstring for the command.
 
     Files, lock, checkpoint/resume, metrics and progress are the run machinery's (rlhf_engine.run);
-    this function is the data, the model, the loss and the update."""
-    config.validate()
+    this function is the data, the model, the loss and the update. The Run validates the config."""
     with Run("rm", config, progress_keys=("loss", "accuracy")) as run:
         # step 1. feedback -> pairs: consensus of the labelers, agreement report, held-out prompts
         records = load_feedback(config.data)

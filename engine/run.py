@@ -30,8 +30,7 @@ A stage opens a Run, builds its data and model, tracks what must survive a resta
         RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES + ("max_steps",)
 
     def train_sft(config: SFTConfig) -> dict:
-        config.validate()                        # every float finite, ints in int64, seed in range, OUT usable
-        with Run("sft", config) as run:          # lock OUT, hash inputs, seed RNGs, vet a checkpoint
+        with Run("sft", config) as run:          # validate, lock OUT, hash inputs, seed, vet a checkpoint
             # step 1. data, in an order that is a pure function of (seed, epoch)
             examples = load_examples(config.data)
             order = run.data_order(len(examples), config.batch_size)
@@ -443,10 +442,12 @@ def _hub_progress(enabled: bool) -> Iterator[None]:
 class Run:
     """One training run of `stage` in config.out; use as a context manager (see the module docstring).
 
-    Opening it: creates and locks OUT, removes temp files a crash left, hashes config.INPUT_FILES,
-    seeds python/numpy/torch with config.seed, and, when config.resume and OUT/checkpoint.pt exists,
-    reads and vets the checkpoint (stage, format, config, input hashes) before any model is built;
-    otherwise it starts over (old checkpoint and metrics removed). result.json is removed either way.
+    Opening it validates the config (RunConfig.validate: every float finite, every int within int64,
+    the seed in range, OUT usable; plus the stage's own checks), creates and locks OUT, removes temp
+    files a crash left, hashes config.INPUT_FILES, seeds python/numpy/torch with config.seed and, when
+    config.resume and OUT/checkpoint.pt exists, reads and vets the checkpoint (stage, format, config,
+    input hashes) before any model is built; otherwise it starts over (the old checkpoint and metrics
+    removed). result.json is removed either way: it marks a completed run.
     """
 
     def __init__(self, stage: str, config: RunConfig, progress_keys: tuple[str, ...] = ("loss",)):
@@ -485,6 +486,7 @@ class Run:
         self.close()
 
     def _open(self) -> None:
+        self.config.validate()
         try:
             os.makedirs(self.out, exist_ok=True)
         except OSError as e:
@@ -673,9 +675,7 @@ class Run:
             bad = _first_non_finite(v)
             if bad is not None:
                 shown = v if isinstance(v, float) else "a NaN or inf entry"
-                raise NonFiniteError(
-                    f"step {self.step + 1}: {name} is {shown}; {self._last_good()}"
-                )
+                raise NonFiniteError(f"step {self.step + 1}: {name} is {shown}; {self._last_good()}")
 
     def optimizer_step(self, optimizer, params, max_grad_norm: float = 0.0, scheduler=None, loss=None) -> float:
         """After the backward pass(es): the gradient norm (clipped to max_grad_norm when > 0), the

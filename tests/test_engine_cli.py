@@ -154,6 +154,19 @@ def test_out_in_use_by_another_process(tmp_path):
     assert res.returncode == 2 and one_error_line(res.stderr) == f"error: {out} is in use by pid {os.getpid()}"
 
 
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    import rlhf_engine.reward
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlhf_engine.reward, "train_reward_model", interrupted)
+    assert main(rm_args(tmp_path / "rm")) == 130
+    assert one_error_line(capsys.readouterr().err) == (
+        "error: interrupted; the same command resumes from the last checkpoint"
+    )
+
+
 def test_a_diverging_run_stops_with_exit_3_and_keeps_its_last_good_checkpoint(tmp_path, capsys):
     # item 17: --lr 1e30 moves the weights to ~1e30 at step 1; step 2's loss is NaN
     out = tmp_path / "rm"

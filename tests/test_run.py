@@ -81,7 +81,6 @@ class RunningScale:
 
 def train_toy(config: ToyConfig) -> dict[str, torch.Tensor]:
     """The toy stage; returns copies of the final weights."""
-    config.validate()
     with Run("toy", config) as run:
         # step 1. data: targets from the file, inputs from the seeded torch RNG
         with open(config.data) as f:
@@ -201,6 +200,17 @@ def wait_for(condition, child, what, timeout=60.0, poll=0.0005):
         time.sleep(poll)
 
 
+def early_temp_file(out) -> bool:
+    """A checkpoint temp file exists and holds less than a quarter of the 64 MB it will."""
+    for name in os.listdir(out):
+        if name.endswith(".tmp"):
+            try:
+                return os.path.getsize(out / name) < 16 * 2**20
+            except FileNotFoundError:  # renamed meanwhile
+                return False
+    return False
+
+
 def test_sigkill_during_a_checkpoint_write_and_a_held_lock(tmp_path):
     cfg = toy(tmp_path, "killed", steps=40, checkpoint_every=1, ballast_mb=64)
     out = tmp_path / "killed"
@@ -211,8 +221,9 @@ def test_sigkill_during_a_checkpoint_write_and_a_held_lock(tmp_path):
         with pytest.raises(RunLockedError, match=f"^{re.escape(str(out))} is in use by pid {child.pid}$"):
             with Run("toy", cfg):
                 pass
-        # kill it in the middle of writing a checkpoint (64 MB of ballast: ~0.15 s per write)
-        wait_for(lambda: any(n.endswith(".tmp") for n in os.listdir(out)), child, "a checkpoint write")
+        # kill it early in writing a checkpoint (64 MB of ballast: ~0.15 s per write), so the kill
+        # surely lands before the rename
+        wait_for(lambda: early_temp_file(out), child, "a checkpoint write")
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.kill()
@@ -311,8 +322,13 @@ def test_changed_config_or_stage_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="written by stage 'toy', not 'sft'"):
         with Run("sft", toy(tmp_path)):
             pass
-    # resume=False starts over (and removes the old checkpoint at once)
-    train_toy(toy(tmp_path, steps=1, lr=0.02, resume=False))
+    # resume=False starts over and removes the old checkpoint at once: a crash before the new run's
+    # first checkpoint must not let a later run resume the old one
+    with pytest.raises(KeyboardInterrupt):
+        with Run("toy", toy(tmp_path, lr=0.02, resume=False)):
+            raise KeyboardInterrupt
+    assert not (tmp_path / "out" / CHECKPOINT_FILE).exists()
+    train_toy(toy(tmp_path, steps=1, lr=0.02))
     assert load_checkpoint(tmp_path / "out")["config"]["lr"] == 0.02
 
 
