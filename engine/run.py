@@ -89,7 +89,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
-from torch import nn
 
 from rlhf_engine.config import ConfigError, EngineError, RunConfig, short_repr
 
