@@ -4,7 +4,9 @@ Installed as `rlhf_engine` (this folder is its source); the command line is `pyt
 (or `rlhf-engine`), and from a checkout's root `python -m engine` runs the same thing: imported by its
 folder name this package only forwards names to `rlhf_engine`, and every module imports `rlhf_engine.*`.
 
-    rlhf_engine.config    StackConfig, RewardConfig, MODEL_PRESETS, REWARD_PRESETS, reward_preset
+    rlhf_engine.config    RunConfig, StackConfig, RewardConfig, MODEL_PRESETS, REWARD_PRESETS, reward_preset
+    rlhf_engine.run       Run: the run machinery every stage shares (lock, checkpoint/resume, metrics,
+                          progress, seeded data order, non-finite guard)
     rlhf_engine.stack     ModelStack: one (4-bit) base, roles policy / reference / values / reward
     rlhf_engine.feedback  feedback JSONL formats, consensus ranking, pairs, labeler agreement
     rlhf_engine.reward    reward_loss, train_reward_model (python -m rlhf_engine rm)
@@ -15,6 +17,7 @@ Names resolve lazily, so `import rlhf_engine` (and `--help`) does not import tor
 import importlib
 
 _EXPORTS = {
+    "RunConfig": "rlhf_engine.config",
     "StackConfig": "rlhf_engine.config",
     "RewardConfig": "rlhf_engine.config",
     "MODEL_PRESETS": "rlhf_engine.config",
@@ -22,6 +25,11 @@ _EXPORTS = {
     "reward_preset": "rlhf_engine.config",
     "EngineError": "rlhf_engine.config",
     "ConfigError": "rlhf_engine.config",
+    "Run": "rlhf_engine.run",
+    "DataOrder": "rlhf_engine.run",
+    "RunLockedError": "rlhf_engine.run",
+    "CheckpointError": "rlhf_engine.run",
+    "NonFiniteError": "rlhf_engine.run",
     "ModelStack": "rlhf_engine.stack",
     "FeedbackError": "rlhf_engine.feedback",
     "PreferencePair": "rlhf_engine.feedback",

@@ -2,7 +2,10 @@
 
     python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/rm
 
-A bad path, config or data line prints one `error: ...` line and exits with status 2.
+Every error a user can act on prints one `error: ...` line, never a traceback. Exit status: 0 done;
+2 a bad option, path, config, data line or checkpoint, or OUT in use by another run; 3 the run
+stopped on a non-finite loss, gradient norm or weight (the last good checkpoint is kept); 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,6 +16,14 @@ import sys
 from rlhf_engine.config import MODEL_PRESETS, REWARD_PRESETS, EngineError, RewardConfig, reward_preset
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # the shell's status for SIGINT
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _add_rm(sub) -> None:
@@ -26,7 +37,8 @@ def _add_rm(sub) -> None:
             "Ranked records become the C(n,2) pairs of the labelers' mean-rank consensus; labelers whose "
             "Kendall tau with the consensus is below --agreement-threshold are flagged in OUT/labelers.json. "
             "Writes OUT/adapter_reward.safetensors, OUT/heads.safetensors, OUT/stack.json, OUT/metrics.jsonl, "
-            "OUT/result.json and OUT/checkpoint.pt; rerunning with the same OUT resumes from the checkpoint."
+            "OUT/result.json and OUT/checkpoint.pt; rerunning with the same OUT resumes from the checkpoint "
+            "(refused when the config or the data file's content changed). OUT is locked while a run uses it."
         ),
         epilog=(
             "example: python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama "
@@ -77,9 +89,15 @@ def _add_rm(sub) -> None:
     p.add_argument("--quantization", choices=["nf4", "none"], help="base weights: 4-bit NF4 (default) or unquantized")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: auto)")
     p.add_argument("--lora-r", type=int, help=f"LoRA rank (default: {d.stack.lora_r})")
-    p.add_argument("--seed", type=int, help="seed of the split, data order and init (default: 0)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", default=None, help="ignore OUT/checkpoint.pt")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--seed", type=int, help="seed of the split, data order and init, 0 <= seed < 2**63 (default: 0)")
+    p.add_argument(
+        "--no-resume", dest="resume", action="store_false", default=None,
+        help="start over: delete OUT/checkpoint.pt instead of resuming from it",
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None,
+        help="no progress bars (transformers' and huggingface_hub's loading bars included)",
+    )
     p.set_defaults(func=_run_rm)
 
 
@@ -120,7 +138,7 @@ def _run_rm(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m engine",
         description="Kernel-backed RLHF engine: one 4-bit base serves the policy, reference, value and reward roles.",
     )
@@ -134,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # one line, whatever the message
+        return getattr(e, "exit_status", EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("error: interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

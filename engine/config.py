@@ -1,5 +1,9 @@
 """Configs of the engine: dataclasses with one comment per field, and named presets.
 
+Every training stage's config subclasses RunConfig (where the run lives, how it is seeded, logged,
+checkpointed and resumed; `rlhf_engine.run.Run` reads it) and validates through it: every float field
+finite, every int field within int64, the seed in [0, 2**63), OUT creatable.
+
 Two kinds of preset live here:
 - MODEL_PRESETS name tiny-to-1B transformers configs that are built locally (no hub access), so
   `StackConfig(model="tiny-llama")` works anywhere; any other `model` is a local directory written
@@ -10,6 +14,7 @@ Two kinds of preset live here:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -20,6 +25,51 @@ class EngineError(Exception):
 
 class ConfigError(EngineError, ValueError):
     """A config value or model path that cannot work."""
+
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes up to 2**64 - 1; the stack seeds its init with seed + 1
+INT_MAX = 2**63 - 1  # every int field must fit an int64 (torch sizes, counters)
+FLOAT32_MAX = 3.4028234663852886e38  # losses are fp32: a larger margin is inf there
+
+
+def short_repr(value) -> str:
+    """repr of a value cut to one readable piece (a 400-digit number would flood the one-line error)."""
+    r = repr(value)
+    return r if len(r) <= 40 else f"{r[:24]}...{r[-8:]} ({len(r)} characters)"
+
+
+def check_numbers(config, prefix: str = "") -> None:
+    """Every float field of a config dataclass (nested ones too) finite, every int field within int64.
+
+    A NaN or inf learning rate or margin trains a NaN model without a single error (issue 8, item 17);
+    bools are ints in Python and are skipped."""
+    for f in dataclasses.fields(config):
+        value, name = getattr(config, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_numbers(value, name + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value}: not a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and not -INT_MAX - 1 <= value <= INT_MAX:
+            raise ConfigError(f"{name}={short_repr(value)}: outside the int64 range")
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"{name}={short_repr(seed)}: expected an integer with 0 <= {name} < 2**63")
+
+
+def check_out_dir(out: str) -> None:
+    """OUT is a directory or can become one: the nearest existing ancestor must be a directory.
+    (Whether it can really be created, e.g. under /proc, is found when the run creates it.)"""
+    if not out:
+        raise ConfigError("out: an output directory is required")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"out {out!r}: exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"out {out!r}: {parent!r} is a file, not a directory")
 
 
 # Llama-architecture configs. Vocabulary 259 = the byte-level tokenizer (256 bytes + pad/eos/unk)
@@ -84,15 +134,57 @@ class StackConfig:
         unknown = set(self.adapters) - {"policy", "value", "reward"}
         if unknown or not self.adapters:
             raise ConfigError(f"adapters {self.adapters}: expected a non-empty subset of policy, value, reward")
+        check_numbers(self, "stack.")
+        check_seed(self.seed, "stack.seed")
         return self
 
 
 @dataclass
-class RewardConfig:
-    """Reward-model training from pairwise or ranked feedback (`python -m engine rm`)."""
+class RunConfig:
+    """What every training stage's config carries: where the run lives and how it is seeded, logged,
+    checkpointed and resumed (`rlhf_engine.run.Run` reads these fields). A stage's config subclasses
+    it, adds its own fields, names its input files in INPUT_FILES and extends RESUMABLE_CHANGES."""
+
+    out: str = ""  # output directory: checkpoint.pt, metrics.jsonl, result.json, the stage's files; locked in use
+    seed: int = 0  # seeds python/numpy/torch when the run opens, the data order and the init; 0 <= seed < 2**63
+    log_every: int = 1  # write a metrics row every this many steps (and at the last one)
+    checkpoint_every: int = 50  # write checkpoint.pt every this many steps (and at the last one)
+    resume: bool = True  # continue from OUT/checkpoint.pt when it exists; False starts over and deletes it
+    progress: bool = True  # tqdm bar; False also silences transformers' and huggingface_hub's loading bars
+
+    # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
+    RESUMABLE_CHANGES = ("out", "log_every", "checkpoint_every", "resume", "progress")
+    # Fields naming input files: their sha256 goes into the checkpoint, and a resumed run refuses a file
+    # whose content changed (the path itself may change: a moved file with the same bytes resumes).
+    INPUT_FILES = ()
+
+    def validate(self) -> RunConfig:
+        check_seed(self.seed)
+        check_numbers(self)
+        check_out_dir(self.out)
+        if min(self.log_every, self.checkpoint_every) < 1:
+            raise ConfigError(
+                f"log_every={self.log_every}, checkpoint_every={self.checkpoint_every}: both must be >= 1"
+            )
+        for name in self.INPUT_FILES:
+            path = getattr(self, name)
+            if not path:
+                raise ConfigError(f"{name}: an input file is required")
+            if not os.path.isfile(path):
+                raise ConfigError(f"{name} {path!r}: no such file")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RewardConfig(RunConfig):
+    """Reward-model training from pairwise or ranked feedback (`python -m engine rm`).
+
+    Inherits out, seed, log_every, checkpoint_every, resume and progress from RunConfig."""
 
     data: str = ""  # JSONL of pairwise and/or ranked records (README: "Feedback data")
-    out: str = ""  # output directory: adapter + head, metrics.jsonl, labelers.json, checkpoint.pt
     # the base + reward adapter; a ...ForSequenceClassification directory as model trains that model instead
     stack: StackConfig = field(default_factory=lambda: StackConfig(adapters=("reward",)))
     epochs: int = 1  # passes over the training pairs (ignored when max_steps is set)
@@ -106,44 +198,31 @@ class RewardConfig:
     eval_fraction: float = 0.1  # share of prompts (not pairs) held out for pairwise accuracy
     agreement_threshold: float = 0.3  # flag labelers whose Kendall tau with the consensus is below this
     exclude_flagged: bool = False  # drop flagged labelers' rankings before building the consensus
-    log_every: int = 1  # write a metrics row every this many steps
     eval_every: int = 0  # held-out evaluation every this many steps; 0: only at the end
-    checkpoint_every: int = 50  # write checkpoint.pt every this many steps (and at the end)
-    resume: bool = True  # continue from out/checkpoint.pt when it exists
-    progress: bool = True  # show a tqdm progress bar
-    seed: int = 0  # seeds the held-out split, the data order and the adapter/head init
 
-    # Fields a resumed run may change; any other difference from the checkpoint is an error.
-    RESUMABLE_CHANGES = (
-        "epochs", "max_steps", "log_every", "eval_every", "checkpoint_every", "resume", "progress", "out",
-    )
+    RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES + ("epochs", "max_steps", "eval_every")
+    INPUT_FILES = ("data",)
 
     def validate(self) -> RewardConfig:
-        if not self.data:
-            raise ConfigError("data: a feedback JSONL file is required")
-        if not os.path.isfile(self.data):
-            raise ConfigError(f"data {self.data!r}: no such file")
-        if not self.out:
-            raise ConfigError("out: an output directory is required")
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise ConfigError(f"out {self.out!r}: exists and is not a directory")
+        super().validate()
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
             raise ConfigError(f"epochs={self.epochs}, max_steps={self.max_steps}: must be >= 1")
         if self.batch_size < 1 or self.max_length < 2:
             raise ConfigError(f"batch_size={self.batch_size}, max_length={self.max_length}: too small")
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr}: must be > 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay}, max_grad_norm={self.max_grad_norm}: must be >= 0")
+        if not abs(self.margin) <= FLOAT32_MAX:  # margins go into the fp32 loss
+            raise ConfigError(f"margin={self.margin}: outside the float32 range")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction={self.eval_fraction}: expected 0 <= f < 1")
-        if min(self.log_every, self.checkpoint_every) < 1 or self.eval_every < 0:
-            raise ConfigError("log_every and checkpoint_every must be >= 1, eval_every >= 0")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every={self.eval_every}: must be >= 0")
         if not -1.0 <= self.agreement_threshold <= 1.0:
             raise ConfigError(f"agreement_threshold={self.agreement_threshold}: Kendall tau lies in [-1, 1]")
         self.stack.validate()
         return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> RewardConfig:

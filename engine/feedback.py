@@ -11,17 +11,25 @@ A ranking gives each completion its rank, 1 = best, each of 1..n exactly once. A
 rankings or thumbs; with rankings, the pairs come from the consensus of the labelers; with thumbs
 only, every thumbs-up completion is preferred to every thumbs-down one.
 
+Strict: any other field (a misspelled "labeller" would otherwise silently drop the labeler names) is an
+error listing the known ones; a key given as null is an error, not "absent" (leave the key out); a key
+given twice, NaN / Infinity, non-UTF-8 bytes and numbers beyond float32 are errors naming file:line.
+
 Pure Python: no torch, no transformers.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rlhf_engine.config import EngineError
+from rlhf_engine.config import FLOAT32_MAX, EngineError, short_repr
+
+PAIRWISE_FIELDS = ("prompt", "chosen", "rejected", "margin")
+RANKED_FIELDS = ("prompt", "completions", "rankings", "labelers", "thumbs")
 
 
 class FeedbackError(EngineError, ValueError):
@@ -60,25 +68,53 @@ Record = PreferencePair | RankedFeedback
 def load_feedback(path: str) -> list[Record]:
     """Parse a feedback JSONL file; any bad record raises FeedbackError naming `path:line`."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")  # bytes: a bad UTF-8 sequence is then reported on its own line
     except OSError as e:
         raise FeedbackError(f"{path}: cannot open ({e.strerror})") from e
     records = []
     with f:
-        for lineno, text in enumerate(f, start=1):
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may open the file
+            except UnicodeDecodeError as e:
+                raise FeedbackError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from e
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise FeedbackError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            try:
-                records.append(parse_record(obj, lineno))
+                records.append(parse_record(parse_json(text), lineno))
             except ValueError as e:
                 raise FeedbackError(f"{path}:{lineno}: {e}") from e
     if not records:
         raise FeedbackError(f"{path}: no records")
     return records
+
+
+def parse_json(text: str):
+    """One line of JSON, strictly: no NaN / Infinity, no key twice; ValueError says what is wrong."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates)
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from e
+    except ValueError as e:  # from the hooks, or an integer past Python's 4300-digit conversion limit
+        detail = "a number with too many digits" if "digits" in str(e) else str(e)
+        raise ValueError(f"not valid JSON ({detail})") from e
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"key {short_repr(key)} given twice")
+        obj[key] = value
+    return obj
 
 
 def parse_record(obj, line: int = 0) -> Record:
@@ -87,16 +123,16 @@ def parse_record(obj, line: int = 0) -> Record:
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     _require_str(obj, "prompt")
     if "chosen" in obj or "rejected" in obj:
+        _check_fields(obj, "pairwise", PAIRWISE_FIELDS)
         _require_str(obj, "chosen")
         _require_str(obj, "rejected")
         if obj["chosen"] == obj["rejected"]:
             raise ValueError("'chosen' and 'rejected' are the same text")
-        margin = obj.get("margin", 0.0)
-        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin):
-            raise ValueError(f"'margin' must be a finite number, got {margin!r}")
-        return PreferencePair(obj["prompt"], obj["chosen"], obj["rejected"], float(margin), line)
+        margin = _number(obj.get("margin", 0.0), "margin")
+        return PreferencePair(obj["prompt"], obj["chosen"], obj["rejected"], margin, line)
     if "completions" not in obj:
         raise ValueError("missing key: expected 'chosen' and 'rejected' (pairwise) or 'completions' (ranked)")
+    _check_fields(obj, "ranked", RANKED_FIELDS)
     completions = obj["completions"]
     if not isinstance(completions, list) or len(completions) < 2 or not all(isinstance(c, str) for c in completions):
         raise ValueError("'completions' must be a list of at least 2 strings")
@@ -110,35 +146,59 @@ def parse_record(obj, line: int = 0) -> Record:
         raise ValueError("'rankings' must be a non-empty list with one ranking per labeler")
     for j, ranking in enumerate(rankings):
         check_ranking(ranking, n, j)
-    labelers = obj.get("labelers")
-    if labelers is None:
-        labelers = [str(j) for j in range(len(rankings))]
-    elif (
+    labelers = obj.get("labelers", [str(j) for j in range(len(rankings))])
+    if (
         not isinstance(labelers, list)
         or len(labelers) != len(rankings)
         or not all(isinstance(x, str) for x in labelers)
         or len(set(labelers)) != len(labelers)
     ):
         raise ValueError(f"'labelers' must be {len(rankings)} distinct names, one per ranking")
-    thumbs = obj.get("thumbs")
-    if thumbs is not None:
-        if not isinstance(thumbs, list) or len(thumbs) != n:
-            raise ValueError(f"'thumbs' must be a list of {n} entries, one per completion")
-        thumbs = tuple(_thumb(t) for t in thumbs)
+    thumbs = None
+    if "thumbs" in obj:
+        if not isinstance(obj["thumbs"], list) or len(obj["thumbs"]) != n:
+            got = short_repr(obj["thumbs"])
+            raise ValueError(f"'thumbs' must be a list of {n} entries (1, -1 or null per completion), got {got}")
+        thumbs = tuple(_thumb(t) for t in obj["thumbs"])
     return RankedFeedback(
         obj["prompt"], tuple(completions), tuple(tuple(r) for r in rankings), tuple(labelers), thumbs, line
     )
 
 
+def _check_fields(obj: dict, kind: str, known: tuple[str, ...]) -> None:
+    """Reject fields the record kind does not have (a typo would be ignored and change the result)."""
+    unknown = [k for k in obj if k not in known]
+    if unknown:
+        others = [f for f in PAIRWISE_FIELDS + RANKED_FIELDS if f != unknown[0]]
+        close = difflib.get_close_matches(unknown[0], others, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown field {short_repr(unknown[0])}{hint}; {kind} records have: {', '.join(known)}"
+        )
+
+
+def _number(value, key: str) -> float:
+    """A JSON number within float32 (the loss is fp32); bools are not numbers."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{key!r} must be a finite number, got {short_repr(value)}")
+    try:
+        x = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        x = math.inf
+    if not abs(x) <= FLOAT32_MAX:
+        raise ValueError(f"{key!r} must be a finite number within float32 range, got {short_repr(value)}")
+    return x
+
+
 def check_ranking(ranking, n: int, labeler: int = 0) -> None:
     """A ranking is a list of n integer ranks, each of 1..n exactly once (1 = best)."""
     if not isinstance(ranking, list) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking):
-        raise ValueError(f"ranking {labeler} must be a list of integer ranks, got {ranking!r}")
+        raise ValueError(f"ranking {labeler} must be a list of integer ranks, got {short_repr(ranking)}")
     if len(ranking) != n:
         raise ValueError(f"ranking {labeler} has {len(ranking)} ranks for {n} completions")
     for i, r in enumerate(ranking):
         if not 1 <= r <= n:
-            raise ValueError(f"ranking {labeler} gives completion {i} rank {r}, outside 1..{n}")
+            raise ValueError(f"ranking {labeler} gives completion {i} rank {short_repr(r)}, outside 1..{n}")
     for r in range(1, n + 1):
         holders = [i for i, x in enumerate(ranking) if x == r]
         if len(holders) > 1:
@@ -156,7 +216,7 @@ def _thumb(t) -> int | None:
         return 1 if t else -1
     if isinstance(t, int) and t in (1, -1):
         return t
-    raise ValueError(f"thumb {t!r}: expected 1 (up), -1 (down), true, false or null")
+    raise ValueError(f"thumb {short_repr(t)}: expected 1 (up), -1 (down), true, false or null")
 
 
 def _require_str(obj: dict, key: str) -> None:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,13 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlhf_engine.config import ConfigError, RewardConfig, StackConfig
-from rlhf_engine.feedback import PreferencePair, build_pairs, load_feedback
+from rlhf_engine.config import FLOAT32_MAX, ConfigError, RewardConfig, StackConfig
+from rlhf_engine.feedback import FeedbackError, PreferencePair, build_pairs, load_feedback
+from rlhf_engine.run import Run
 
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
 LABELERS_FILE = "labelers.json"
-RESULT_FILE = "result.json"
 CLASSIFIER_DIR = "classifier"
 
 
@@ -98,6 +95,21 @@ def collate_pairs(encoded: list[tuple[list[int], list[int], float]], pad_id: int
         attention_mask[row, : len(s)] = 1
     margins = torch.tensor([m for _, _, m in encoded], dtype=torch.float32)
     return PairBatch(input_ids, attention_mask, margins)
+
+
+def encode_pairs(tokenizer, pairs: list[PreferencePair], config: RewardConfig) -> list[tuple[list, list, float]]:
+    """Pairs -> [(chosen ids, rejected ids, margin)], the margin being the pair's plus config.margin."""
+    encoded = []
+    for p in pairs:
+        margin = p.margin + config.margin
+        if not abs(margin) <= FLOAT32_MAX:  # the loss is fp32: a larger margin is inf there
+            raise FeedbackError(f"{config.data}:{p.line}: margin {p.margin} + {config.margin} overflows float32")
+        encoded.append((
+            encode(tokenizer, format_sample(p.prompt, p.chosen), config.max_length),
+            encode(tokenizer, format_sample(p.prompt, p.rejected), config.max_length),
+            margin,
+        ))
+    return encoded
 
 
 def split_by_prompt(pairs: list[PreferencePair], eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -213,51 +225,6 @@ def evaluate(rm, batches: list[PairBatch]) -> dict:
     return {"eval_accuracy": correct / n, "eval_loss": loss_sum / n, "eval_pairs": int(n)}
 
 
-# ---- checkpoints -----------------------------------------------------------------------------
-
-
-def save_checkpoint(path: str, step: int, rm, optimizer, config: RewardConfig) -> None:
-    """Trainable weights, optimizer state, RNG state and config at `step`, written atomically."""
-    state = {
-        "step": step,
-        "weights": {n: p.detach().cpu().clone() for n, p in rm.named_trainable_parameters()},
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "config": config.to_dict(),
-    }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, rm, optimizer, config: RewardConfig) -> int:
-    """Restore a checkpoint written by save_checkpoint; returns its step."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved, current = state["config"], config.to_dict()
-    changed = sorted(k for k in current if k not in RewardConfig.RESUMABLE_CHANGES and saved.get(k) != current[k])
-    if changed:
-        raise ConfigError(
-            f"{path}: written with a different config ({', '.join(changed)}); use another --out or --no-resume"
-        )
-    params = dict(rm.named_trainable_parameters())
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state["weights"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return state["step"]
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric rows past `step` (written after the checkpoint a resumed run restarts from)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(rows)
-
-
 # ---- the trainer -----------------------------------------------------------------------------
 
 
@@ -275,120 +242,74 @@ class RewardResult:
 
 
 def train_reward_model(config: RewardConfig) -> RewardResult:
-    """Train a reward model from config.data; see the module docstring for the command."""
-    from tqdm.auto import tqdm
+    """Train a reward model from config.data; see the module docstring for the command.
 
-    config.validate()
-    os.makedirs(config.out, exist_ok=True)
-    metrics_path = os.path.join(config.out, METRICS_FILE)
-    ckpt_path = os.path.join(config.out, CHECKPOINT_FILE)
+    Files, lock, checkpoint/resume, metrics and progress are the run machinery's (rlhf_engine.run);
+    this function is the data, the model, the loss and the update. The Run validates the config."""
+    with Run("rm", config, progress_keys=("loss", "accuracy")) as run:
+        # step 1. feedback -> pairs: consensus of the labelers, agreement report, held-out prompts
+        records = load_feedback(config.data)
+        pairs, reports = build_pairs(records, config.agreement_threshold, config.exclude_flagged)
+        run.write_json(LABELERS_FILE, {name: rep.to_dict() for name, rep in reports.items()})
+        flagged = sorted(name for name, rep in reports.items() if rep.flagged)
+        train_pairs, eval_pairs = split_by_prompt(pairs, config.eval_fraction, config.seed)
+        if not train_pairs:
+            raise ConfigError(f"{config.data}: no preference pairs to train on")
 
-    # step 1. feedback -> pairs: consensus of the labelers, agreement report, held-out prompts
-    records = load_feedback(config.data)
-    pairs, reports = build_pairs(records, config.agreement_threshold, config.exclude_flagged)
-    with open(os.path.join(config.out, LABELERS_FILE), "w") as f:
-        json.dump({name: rep.to_dict() for name, rep in reports.items()}, f, indent=2)
-    flagged = sorted(name for name, rep in reports.items() if rep.flagged)
-    train_pairs, eval_pairs = split_by_prompt(pairs, config.eval_fraction, config.seed)
-    if not train_pairs:
-        raise ConfigError(f"{config.data}: no preference pairs to train on")
+        # step 2. the reward model (the stack's reward adapter + head, or a classifier), initialised
+        # from the seeded RNGs; its trainable weights and optimizer are what the checkpoint carries
+        rm = load_reward_model(config.stack)
+        rm.train(True)
+        params = [p for _, p in rm.named_trainable_parameters()]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        run.track(weights=rm.named_trainable_parameters(), optimizer=optimizer)
 
-    # step 2. the reward model: the stack's reward adapter + head (or a classifier), seeded
-    torch.manual_seed(config.seed)
-    rm = load_reward_model(config.stack)
-    rm.train(True)
-    pad_id = rm.tokenizer.pad_token_id
-
-    def encode_all(ps: list[PreferencePair]) -> list[tuple[list[int], list[int], float]]:
-        return [
-            (
-                encode(rm.tokenizer, format_sample(p.prompt, p.chosen), config.max_length),
-                encode(rm.tokenizer, format_sample(p.prompt, p.rejected), config.max_length),
-                p.margin + config.margin,
-            )
-            for p in ps
+        # step 3. tokenize; batches follow a seeded order, a pure function of (seed, epoch)
+        pad_id = rm.tokenizer.pad_token_id
+        train_data = encode_pairs(rm.tokenizer, train_pairs, config)
+        eval_data = encode_pairs(rm.tokenizer, eval_pairs, config)
+        eval_batches = [
+            collate_pairs(eval_data[i : i + config.batch_size], pad_id)
+            for i in range(0, len(eval_data), config.batch_size)
         ]
+        order = run.data_order(len(train_data), config.batch_size)
+        total_steps = config.max_steps if config.max_steps is not None else config.epochs * order.steps_per_epoch
+        start = run.resume()
+        if start == 0 and eval_batches:  # the untrained baseline, so a curve starts at chance
+            run.log(0, evaluate(rm, eval_batches))
 
-    train_data = encode_all(train_pairs)
-    eval_data = encode_all(eval_pairs)
-    eval_batches = [
-        collate_pairs(eval_data[i : i + config.batch_size], pad_id) for i in range(0, len(eval_data), config.batch_size)
-    ]
-    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
-
-    # step 3. optimizer over the trainable parameters only; resume when a checkpoint exists
-    params = [p for _, p in rm.named_trainable_parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    start = 0
-    if config.resume and os.path.isfile(ckpt_path):
-        start = load_checkpoint(ckpt_path, rm, optimizer, config)
-        _truncate_metrics(metrics_path, start)
-    elif os.path.isfile(metrics_path):
-        os.remove(metrics_path)
-
-    def batch_at(step: int) -> PairBatch:
-        """The data order is a function of (seed, epoch), so a resumed run sees the same batches."""
-        epoch, k = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 1000003 + epoch))
-        idx = perm[k * config.batch_size : (k + 1) * config.batch_size].tolist()
-        return collate_pairs([train_data[i] for i in idx], pad_id)
-
-    if start == 0 and eval_batches:  # the untrained baseline, so a curve starts at chance
-        with open(metrics_path, "a") as metrics:
-            metrics.write(json.dumps({"step": 0, **evaluate(rm, eval_batches)}) + "\n")
-
-    bar = tqdm(total=total_steps, initial=start, desc="rm", unit="step", disable=not config.progress)
-    last_eval: dict = {}
-    t0 = time.perf_counter()
-    with open(metrics_path, "a") as metrics:
-        for step in range(start, total_steps):
+        last_eval: dict = {}
+        for step in run.steps(total_steps):
             # step 4. one forward over chosen and rejected together: rows [0, B) and [B, 2B)
-            batch = batch_at(step).to(rm.device)
+            batch = collate_pairs([train_data[i] for i in order.batch(step)], pad_id).to(rm.device)
             b = batch.margins.shape[0]
             scores = rm.score(batch.input_ids, batch.attention_mask)  # (2B,)
             loss, stats = reward_loss(scores[:b], scores[b:], batch.margins)
 
-            # step 5. update the reward parameters
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                if config.max_grad_norm > 0
-                else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            )
-            optimizer.step()
+            # step 5. update the reward parameters; a non-finite loss or gradient norm stops the run
+            grad_norm = run.update(loss, optimizer, params, config.max_grad_norm)
+
+            # step 6. log, evaluate on held-out prompts, checkpoint (each when due)
             done = step + 1
-
-            # step 6. log, evaluate on held-out prompts, checkpoint
-            row = None
-            if done % config.log_every == 0 or done == total_steps:
-                row = {
-                    "step": done, "epoch": done / steps_per_epoch, "loss": loss.item(),
-                    "accuracy": stats.accuracy.item(), "reward_margin": stats.reward_margin.item(),
-                    "grad_norm": float(grad_norm), "lr": config.lr, "elapsed_s": time.perf_counter() - t0,
-                }
-            if (config.eval_every and done % config.eval_every == 0) or done == total_steps:
+            row = {
+                "epoch": done / order.steps_per_epoch, "loss": loss, "accuracy": stats.accuracy,
+                "reward_margin": stats.reward_margin, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
+            }
+            evaluated = run.due(done, config.eval_every)
+            if evaluated:
                 last_eval = evaluate(rm, eval_batches)
-                row = {**(row or {"step": done}), **last_eval}
-            if row is not None:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-            if done % config.checkpoint_every == 0 or done == total_steps:
-                save_checkpoint(ckpt_path, done, rm, optimizer, config)
-            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{stats.accuracy.item():.2f}")
-            bar.update(1)
-    bar.close()
+                run.check_finite(eval_loss=last_eval["eval_loss"])
+                row.update(last_eval)
+            run.end_step(done, row, log=evaluated)
 
-    # step 7. save the trained RM: adapter + head (a few MB) with the base named in stack.json
-    if not last_eval:
-        last_eval = evaluate(rm, eval_batches)
-    files = rm.save(config.out)
-    result = RewardResult(
-        out=config.out, steps=max(total_steps, start), resumed_from=start, train_pairs=len(train_pairs),
-        eval_pairs=len(eval_pairs), eval_accuracy=last_eval["eval_accuracy"], eval_loss=last_eval["eval_loss"],
-        flagged_labelers=flagged, files=files,
-    )
-    with open(os.path.join(config.out, RESULT_FILE), "w") as f:
-        json.dump(result.__dict__, f, indent=2)
+        # step 7. save the trained RM: adapter + head (a few MB) with the base named in stack.json
+        if not last_eval:
+            last_eval = evaluate(rm, eval_batches)
+        files = rm.save(config.out)
+        result = RewardResult(
+            out=config.out, steps=max(total_steps, start), resumed_from=start, train_pairs=len(train_pairs),
+            eval_pairs=len(eval_pairs), eval_accuracy=last_eval["eval_accuracy"], eval_loss=last_eval["eval_loss"],
+            flagged_labelers=flagged, files=files,
+        )
+        run.finish(result)
     return result

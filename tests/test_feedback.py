@@ -214,6 +214,29 @@ def test_loader_parses_every_kind(tmp_path):
         ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a finite number"),
         ([1, 2], "expected a JSON object"),
         ("{not json", "not valid JSON"),
+        # issue 8, item 18: each of these was a traceback
+        ({"prompt": "p", "completions": ["a", "b"], "thumbs": None}, "'thumbs' must be a list of 2 entries"),
+        ({"prompt": "p", "completions": ["a", "b"], "rankings": [[1, 2]], "thumbs": None}, "got None"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1' + "0" * 400 + "}",
+         "'margin' must be a finite number within float32 range, got 1000000000000000000000"),
+        ('{"prompt": "p", "completions": ["a", "b"], "rankings": [[1, 2' + "0" * 400 + "]]}",
+         "ranking 0 gives completion 1 rank 200000000000000000000000...00000000 (401 characters), outside 1..2"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": ' + "9" * 5000 + "}",
+         "not valid JSON (a number with too many digits)"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": 1e39}', "within float32 range, got 1e+39"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": NaN}', "not valid JSON (NaN is not a JSON number)"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "margin": -Infinity}', "-Infinity is not a JSON number"),
+        ("[" * 100000 + "]" * 100000, "not valid JSON (nested too deeply)"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "b", "prompt": "q"}', "not valid JSON (key 'prompt' given twice)"),
+        ({"prompt": "p", "completions": ["a", "b"], "rankings": [[1, 2]], "labelers": None}, "'labelers' must be 1"),
+        # item 19: a misspelled or unknown field changes the result silently; rejected, known fields listed
+        ({"prompt": "p", "completions": ["a", "b"], "rankings": [[1, 2]], "labeller": ["x"]},
+         "unknown field 'labeller' (did you mean 'labelers'?); ranked records have: "
+         "prompt, completions, rankings, labelers, thumbs"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "completions": ["a", "b"]},
+         "unknown field 'completions'; pairwise records have: prompt, chosen, rejected, margin"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "source": "web"},
+         "unknown field 'source'; pairwise records have: prompt, chosen, rejected, margin"),
     ],
 )
 def test_bad_data_names_the_line(tmp_path, row, message):
@@ -223,6 +246,22 @@ def test_bad_data_names_the_line(tmp_path, row, message):
         load_feedback(path)
     assert str(e.value).startswith(f"{path}:3: "), str(e.value)
     assert message in str(e.value), str(e.value)
+
+
+def test_non_utf8_bytes_name_their_line(tmp_path):
+    good = json.dumps({"prompt": "ok", "chosen": "a", "rejected": "b"}).encode()
+    path = tmp_path / "latin1.jsonl"
+    latin1 = '{"prompt": "caf\u00e9", "chosen": "a", "rejected": "b"}'.encode("latin-1")
+    path.write_bytes(good + b"\n" + good + b"\n" + latin1 + b"\n")
+    with pytest.raises(FeedbackError) as e:
+        load_feedback(str(path))
+    assert str(e.value) == f"{path}:3: not UTF-8 (byte 0xe9 at column 16)"
+
+
+def test_a_byte_order_mark_opens_the_file(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode() + b"\n")
+    assert load_feedback(str(path)) == [PreferencePair("p", "a", "b", 0.0, 1)]
 
 
 def test_missing_or_empty_file(tmp_path):

@@ -20,6 +20,7 @@ from rlhf_engine.reward import (
     split_by_prompt,
     train_reward_model,
 )
+from rlhf_engine.run import CheckpointError
 from rlhf_engine.stack import ModelStack, byte_tokenizer
 
 # ---- the loss ------------------------------------------------------------------------------------
@@ -181,8 +182,15 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in rows[1:]] == pytest.approx([r["loss"] for r in straight_rows[1:]], rel=1e-6)
 
     # resuming with a different learning rate would silently mix two runs: refused
-    with pytest.raises(ConfigError, match="different config \\(lr\\)"):
+    with pytest.raises(ConfigError, match="different config \\(lr 0.003 -> 0.01\\)"):
         train_reward_model(tiny_config(tmp_path, data, "resumed", max_steps=8, lr=1e-2))
+    # so would other preferences in the same file (here: the labelers' rankings reversed), refused
+    # before any model is built
+    rows = [json.loads(line) for line in open(data)]
+    with open(data, "w") as f:
+        f.writelines(json.dumps({**r, "rankings": [[4 - x for x in k] for k in r["rankings"]]}) + "\n" for r in rows)
+    with pytest.raises(CheckpointError, match="data file .* changed since the checkpoint"):
+        train_reward_model(tiny_config(tmp_path, data, "resumed", max_steps=8))
 
 
 def test_sequence_classifier_directory_as_the_reward_model(tmp_path):

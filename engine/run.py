@@ -1,0 +1,736 @@
+"""The run machinery every training stage shares: a stage is its loss and its batches.
+
+Files, locking, resume, metrics, progress and the data order live here, once:
+
+    OUT/run.lock        flock-ed by the process that uses OUT (the file holds its pid): a second run on
+                        the same OUT fails at once with "OUT is in use by pid N"; the kernel drops the
+                        lock when the holder dies, SIGKILL included, so a crashed run never blocks
+    OUT/checkpoint.pt   written atomically (a temp file unique to the writer, fsync, os.replace, fsync
+                        of OUT): stage, format, step, the config, sha256 of every input file, every
+                        tracked state (trainable weights, optimizer, scheduler, trainer state such as a
+                        KL controller), RNG states (python, numpy, torch CPU, every CUDA device) and the
+                        data position. A kill at any moment leaves the previous checkpoint or the new
+                        one, never a torn file; a resumed run repeats the uninterrupted one bit for bit.
+    OUT/metrics.jsonl   one strict JSON object per line (a non-finite number is written as null), flushed
+                        per row; a resumed run drops the rows past its checkpoint and a partial last line
+    OUT/result.json     strict JSON, written atomically when the run finishes (so: the run completed)
+
+A stage opens a Run, builds its data and model, tracks what must survive a restart, and loops
+(`rlhf_engine.reward.train_reward_model` is the stage in use; tests/test_run.py has a toy one):
+
+    from rlhf_engine.config import RunConfig
+    from rlhf_engine.run import Run
+
+    @dataclass
+    class SFTConfig(RunConfig):                  # out, seed, log_every, checkpoint_every, resume, progress
+        data: str = ""                           # one comment per field, as everywhere
+        max_steps: int = 1000
+        ...
+        INPUT_FILES = ("data",)                  # sha256-ed: other content refuses a resume
+        RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES + ("max_steps",)
+
+    def train_sft(config: SFTConfig) -> dict:
+        with Run("sft", config) as run:          # validate, lock OUT, hash inputs, seed, vet a checkpoint
+            # step 1. data, in an order that is a pure function of (seed, epoch)
+            examples = load_examples(config.data)
+            order = run.data_order(len(examples), config.batch_size)
+
+            # step 2. model and optimizer; whatever is tracked is checkpointed and restored
+            model = build_model(config)
+            trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            params = [p for _, p in trainable]
+            optimizer = torch.optim.AdamW(params, lr=config.lr)
+            run.track(weights=trainable, optimizer=optimizer)
+            run.resume()                         # the checkpoint's step, state and RNG; 0 when fresh
+
+            for step in run.steps(config.max_steps):      # from run.start, behind a progress bar
+                # step 3. the loss on this step's batch
+                loss = sft_loss(model, collate([examples[i] for i in order.batch(step)]))
+                # step 4. update: backward, clip, stop on a non-finite loss or gradient norm, step
+                grad_norm = run.update(loss, optimizer, params, config.max_grad_norm)
+                # step 5. metrics row, checkpoint and progress, each when due
+                run.end_step(step + 1, {"loss": loss, "grad_norm": grad_norm})
+
+            # step 6. the stage's own outputs, then result.json
+            save(model, run.path("model"))
+            run.finish({"steps": config.max_steps})
+
+Other helpers: `run.due(step, every)` for a stage's own cadence (held-out evaluation),
+`run.check_finite(eval_loss=...)` to stop on any other value, `run.log(step, row)` for an extra row
+(a step-0 baseline), `run.write_json(name, obj)` for a side report.
+
+PPO/GRPO: one run step is one rollout + optimisation round; `run.update` runs once per minibatch
+(or `run.optimizer_step` after several backward passes; a non-finite value names the round), a KL
+controller or reward normaliser is tracked like the optimizer (`run.track(kl_ctl=...)`: anything
+with state_dict / load_state_dict holding tensors and plain values), and a prompt set gets its own
+`run.data_order(..., name="prompts")`. DPO: the frozen reference is not tracked.
+
+Errors a user can act on are EngineError (one line on the CLI): RunLockedError, CheckpointError
+(unreadable or incompatible checkpoint), NonFiniteError (the run stopped; its exit status is 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from rlhf_engine.config import ConfigError, EngineError, RunConfig, short_repr
+
+CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes; an older one is refused with a clear line
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+LOCK_FILE = "run.lock"
+_CHECKPOINT_KEYS = ("format", "stage", "step", "config", "inputs", "data", "state", "rng")
+# atomic_write's temp files: .<target>.<pid>.<random>.tmp, so two writers never share one
+_TEMP_NAME = re.compile(r"^\..+\.\d+\.[^.]+\.tmp$")
+# mkstemp creates 0600 files; written files get the usual 0666 & ~umask (read once, at import)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+class RunLockedError(EngineError):
+    """Another live process holds OUT."""
+
+
+class CheckpointError(ConfigError):
+    """OUT/checkpoint.pt cannot be read, or was written by a different stage, config or data."""
+
+
+class NonFiniteError(EngineError):
+    """A non-finite loss, gradient norm or weight: the run stopped and kept its last good checkpoint."""
+
+    exit_status = 3  # the CLI's status for a run that started and diverged (2: bad input)
+
+
+# ---- files --------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename in `directory` durable (the rename itself lives in the directory's inode)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable) -> None:
+    """Write `path` through write(binary file): a temp file in the same directory, named for this
+    writer alone (pid + random suffix, created O_EXCL), fsync-ed, then os.replace-d over `path` and
+    the directory fsync-ed. A reader (or a crash) sees the old content or the new, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def plain(obj):
+    """obj with tensors, numpy scalars and dataclasses turned into JSON values and every non-finite
+    float into None: JSON has no NaN or Infinity (json.dumps would write the invalid tokens)."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().tolist()
+    elif isinstance(obj, np.generic):
+        obj = obj.item()
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON (RFC 8259): non-finite numbers become null, never NaN / Infinity."""
+    return json.dumps(plain(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str, obj) -> None:
+    """Strict JSON written atomically."""
+    text = dumps(obj, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics JSONL file. A last line without its newline is what a crash mid-write
+    leaves: it is dropped. Any other unreadable line is a CheckpointError naming file:line."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for lineno, line in enumerate(lines[:-1], start=1):  # lines[-1]: "" or the partial last line
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise CheckpointError(f"{path}:{lineno}: not a metrics row ({e}); fix or delete the file") from e
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise CheckpointError(f"{path}:{lineno}: not a metrics row (no integer 'step'); fix or delete the file")
+        rows.append(row)
+    return rows
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+# ---- data order and RNG -----------------------------------------------------------------------
+
+
+def epoch_seed(seed: int, epoch: int, name: str = "data") -> int:
+    """A 63-bit generator seed for (seed, epoch, name), from sha256: any seed and epoch work (the
+    old `seed * 1000003 + epoch` overflowed torch's seed range at seed ~1.8e13)."""
+    digest = hashlib.sha256(f"rlhf_engine.run/{name}/{seed}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seeded_permutation(n: int, seed: int, epoch: int, name: str = "data") -> list[int]:
+    """The visiting order of n items in `epoch`: a pure function of (n, seed, epoch, name)."""
+    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, name))
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class DataOrder:
+    """Batches of n items: epoch e visits seeded_permutation(n, seed, e) in slices of batch_size (the
+    last slice of an epoch may be shorter). batch(step) is a pure function of (seed, step), so a
+    resumed run sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, name: str = "data"):
+        if n < 1 or batch_size < 1:
+            raise ConfigError(f"{name}: {n} items in batches of {batch_size}: need at least one of each")
+        self.n, self.batch_size, self.seed, self.name = n, batch_size, seed, name
+        self.steps_per_epoch = -(-n // batch_size)
+        self._epoch, self._perm = -1, []
+
+    def position(self, step: int) -> dict:
+        """Where `step` (steps done) leaves the data: epoch and offset of the next item."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "offset": k * self.batch_size}
+
+    def batch(self, step: int) -> list[int]:
+        """Item indices of the batch of `step` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, seeded_permutation(self.n, self.seed, epoch, self.name)
+        return self._perm[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def describe(self) -> dict:
+        return {"n": self.n, "batch_size": self.batch_size, "seed": self.seed}
+
+
+def seed_everything(seed: int) -> None:
+    """python, numpy (which takes 32 bits) and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(state["state"]["key"].astype(np.int64)), "pos": state["state"]["pos"],
+                  "has_gauss": state["has_gauss"], "gauss": state["gauss"]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npy = state["numpy"]
+    np.random.set_state({
+        "bit_generator": "MT19937", "state": {"key": npy["key"].numpy().astype(np.uint32), "pos": npy["pos"]},
+        "has_gauss": npy["has_gauss"], "gauss": npy["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available():
+        for device, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device)
+
+
+# ---- tracked state ----------------------------------------------------------------------------
+
+
+class Weights:
+    """Named tensors (the trainable parameters) as a tracked state: saved as CPU copies, restored in
+    place, so the optimizer keeps pointing at the same parameters."""
+
+    def __init__(self, named: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]):
+        self.named = dict(named.items() if isinstance(named, Mapping) else named)
+
+    def state_dict(self) -> dict:
+        return {n: t.detach().cpu().clone() for n, t in self.named.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing, unexpected = sorted(set(self.named) - set(state)), sorted(set(state) - set(self.named))
+        if missing or unexpected:
+            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for n, t in self.named.items():
+                if state[n].shape != t.shape:
+                    raise ValueError(f"{n} has shape {tuple(state[n].shape)}, expected {tuple(t.shape)}")
+                t.copy_(state[n])
+
+
+def _as_tracked(name: str, obj):
+    if isinstance(obj, (Mapping, list, tuple)) or (isinstance(obj, Iterator) and not hasattr(obj, "state_dict")):
+        return Weights(obj)
+    if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+        raise TypeError(f"track({name}=...): expected named tensors or an object with state_dict/load_state_dict")
+    return obj
+
+
+def _first_non_finite(state, path: str = "") -> str | None:
+    """Dotted path of the first floating tensor or float in `state` holding a NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        ok = not state.is_floating_point() or bool(torch.isfinite(state).all())
+        return None if ok else path
+    if isinstance(state, float):
+        return None if math.isfinite(state) else path
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for k, v in items:
+        bad = _first_non_finite(v, f"{path}.{k}" if path else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict:
+    """{"stack": {"seed": 0}} -> {"stack.seed": 0}; tuples as lists, so a reloaded config compares."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# ---- the lock ---------------------------------------------------------------------------------
+
+
+class OutputLock:
+    """An exclusive flock on OUT/run.lock, which holds the holder's pid.
+
+    flock, not a pid file: the kernel drops the lock when the holder's last descriptor closes, so a
+    SIGKILL-ed run never blocks the next one and no stale-pid guessing is needed. The lock belongs to
+    an open file description, so a second Run on the same OUT is refused inside one process too."""
+
+    def __init__(self, out: str):
+        self.out = out
+        self.path = os.path.join(out, LOCK_FILE)
+        self._file = None
+
+    def acquire(self) -> None:
+        try:
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise ConfigError(f"out {self.out!r}: cannot create {LOCK_FILE} ({e.strerror})") from e
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = self._holder(f)
+            f.close()
+            raise RunLockedError(f"{self.out} is in use by pid {pid}") from None
+        except OSError as e:
+            f.close()
+            raise ConfigError(f"out {self.out!r}: cannot lock {LOCK_FILE} ({e.strerror})") from e
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    @staticmethod
+    def _holder(f) -> str:
+        """The holder's pid; it writes it right after locking, so wait a moment for it."""
+        for _ in range(20):
+            f.seek(0)
+            text = f.read().strip()
+            if text.isdigit():
+                return text
+            time.sleep(0.025)
+        return "unknown"
+
+    def release(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.truncate(0)  # no stale pid after a clean exit (still holding the lock here)
+            self._file.close()  # closing the last descriptor drops the flock
+            self._file = None
+
+
+# ---- progress bars ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _hub_progress(enabled: bool) -> Iterator[None]:
+    """With progress off, transformers' and huggingface_hub's own bars ("Loading weights", downloads)
+    are off too for the run, and restored afterwards."""
+    if enabled:
+        yield
+        return
+    restore = []
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            restore.append(hf_logging.enable_progress_bar)
+    if importlib.util.find_spec("huggingface_hub") is not None:
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        if not are_progress_bars_disabled():
+            disable_progress_bars()
+            restore.append(enable_progress_bars)
+    try:
+        yield
+    finally:
+        for fn in reversed(restore):
+            fn()
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+class Run:
+    """One training run of `stage` in config.out; use as a context manager (see the module docstring).
+
+    Opening it validates the config (RunConfig.validate: every float finite, every int within int64,
+    the seed in range, OUT usable; plus the stage's own checks), creates and locks OUT, removes temp
+    files a crash left, hashes config.INPUT_FILES, seeds python/numpy/torch with config.seed and, when
+    config.resume and OUT/checkpoint.pt exists, reads and vets the checkpoint (stage, format, config,
+    input hashes) before any model is built; otherwise it starts over (the old checkpoint and metrics
+    removed). result.json is removed either way: it marks a completed run.
+    """
+
+    def __init__(self, stage: str, config: RunConfig, progress_keys: tuple[str, ...] = ("loss",)):
+        self.stage = stage
+        self.config = config
+        self.out = config.out
+        self.progress_keys = progress_keys  # row entries shown on the progress bar
+        self.start = 0  # step the run (re)starts from
+        self.step = 0  # index of the step in progress (0-based); its number in messages is step + 1
+        self.total: int | None = None  # steps of the whole run, set by steps()
+        self.last_checkpoint: int | None = None  # step of the newest checkpoint on disk
+        self.inputs: dict[str, dict] = {}
+        self._tracked: dict[str, object] = {}
+        self._orders: dict[str, DataOrder] = {}
+        self._pending: dict | None = None  # a vetted checkpoint's metadata, restored by resume()
+        self._lock = OutputLock(self.out)
+        self._metrics = None
+        self._bar = None
+        self._stack = contextlib.ExitStack()
+        self._t0 = time.perf_counter()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out, name)
+
+    # ---- open / close ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Run:
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        self.config.validate()
+        try:
+            os.makedirs(self.out, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"out {self.out!r}: cannot create the output directory ({e.strerror})") from e
+        self._lock.acquire()
+        self._stack.callback(self._lock.release)
+        for name in os.listdir(self.out):  # temp files of a writer that died (we hold the lock)
+            if _TEMP_NAME.match(name):
+                os.unlink(self.path(name))
+        for name in self.config.INPUT_FILES:
+            path = getattr(self.config, name)
+            try:
+                self.inputs[name] = {"path": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+            except OSError as e:
+                raise ConfigError(f"{name} {path!r}: cannot read ({e.strerror})") from e
+        seed_everything(self.config.seed)
+        ckpt, metrics = self.path(CHECKPOINT_FILE), self.path(METRICS_FILE)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path(RESULT_FILE))  # describes an earlier run
+        if self.config.resume and os.path.isfile(ckpt):
+            self._pending = self._vet(self._read_checkpoint(mmap=True))
+            rows = [r for r in read_metrics(metrics) if r["step"] <= self._pending["step"]]
+            atomic_write(metrics, lambda f: f.write("".join(dumps(r) + "\n" for r in rows).encode()))
+        else:  # a fresh run: an old checkpoint must not be resumed if this one dies before its first
+            for path in (ckpt, metrics):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+        self._metrics = open(metrics, "a", encoding="utf-8")
+        self._stack.callback(self._metrics.close)
+        self._stack.enter_context(_hub_progress(self.config.progress))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._stack.close()
+
+    # ---- checkpoint: read and vet -------------------------------------------------------------
+
+    def _read_checkpoint(self, mmap: bool) -> dict:
+        path = self.path(CHECKPOINT_FILE)
+        advice = "delete it or rerun with --no-resume"
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(f"{path}: empty file, not a checkpoint; {advice}")
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: truncated or not a checkpoint; {advice}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except Exception as e:  # a damaged file can fail in many ways inside torch.load and pickle
+            detail = (str(e).splitlines() or [""])[0][:120]
+            raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {detail}); {advice}") from e
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else None
+            raise CheckpointError(
+                f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT} (found {found!r}); {advice}"
+            )
+        missing = sorted(set(_CHECKPOINT_KEYS) - set(state))
+        if missing:
+            raise CheckpointError(f"{path}: incomplete checkpoint (no {', '.join(missing)}); {advice}")
+        return state
+
+    def _vet(self, state: dict) -> dict:
+        """Refuse a checkpoint of another stage, config or input data; return its metadata."""
+        path = self.path(CHECKPOINT_FILE)
+        advice = "use another --out or --no-resume"
+        if state["stage"] != self.stage:
+            raise CheckpointError(f"{path}: written by stage {state['stage']!r}, not {self.stage!r}; {advice}")
+        saved, current = _flatten(state["config"]), _flatten(self.config.to_dict())
+        skip = set(self.config.RESUMABLE_CHANGES) | set(self.config.INPUT_FILES)
+        changed = [k for k in sorted(saved.keys() | current.keys()) if k not in skip and saved.get(k) != current.get(k)]
+        if changed:
+            what = ", ".join(f"{k} {short_repr(saved.get(k))} -> {short_repr(current.get(k))}" for k in changed[:3])
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise CheckpointError(f"{path}: written with a different config ({what}{more}); {advice}")
+        for name, now in self.inputs.items():
+            then = state["inputs"].get(name)
+            if then is None or then["sha256"] != now["sha256"]:
+                was = "absent" if then is None else f"sha256 {then['sha256'][:12]}..."
+                raise CheckpointError(
+                    f"{path}: {name} file {now['path']!r} changed since the checkpoint "
+                    f"({was}, now {now['sha256'][:12]}...); {advice}"
+                )
+        self.last_checkpoint = state["step"]
+        return {"step": state["step"], "data": state["data"]}
+
+    # ---- what a checkpoint carries ----------------------------------------------------------------
+
+    def track(self, **objects) -> None:
+        """Register state the checkpoint carries: named tensors (e.g. `weights=[(name, param), ...]`,
+        saved as copies and restored in place) or anything with state_dict / load_state_dict
+        (optimizer, scheduler, KL controller, reward normaliser, an nn.Module)."""
+        for name, obj in objects.items():
+            self._tracked[name] = _as_tracked(name, obj)
+
+    def data_order(self, n: int, batch_size: int, name: str = "data") -> DataOrder:
+        """The seeded order of n items in batches; its size and position go into the checkpoint."""
+        order = DataOrder(n, batch_size, self.config.seed, name)
+        self._orders[name] = order
+        return order
+
+    def resume(self) -> int:
+        """Restore every tracked state, the data position and the RNG states from the vetted
+        checkpoint, after everything tracked is built and right before the loop. Returns the step
+        to start from (0 for a fresh run)."""
+        if self._pending is None:
+            return self.start
+        path, advice = self.path(CHECKPOINT_FILE), "use another --out or --no-resume"
+        state = self._read_checkpoint(mmap=False)
+        if state["step"] != self._pending["step"]:
+            raise CheckpointError(f"{path}: changed while this run held OUT; {advice}")
+        self._pending = None
+        if set(state["state"]) != set(self._tracked):
+            raise CheckpointError(
+                f"{path}: holds {', '.join(sorted(state['state']))}; this run tracks "
+                f"{', '.join(sorted(self._tracked))}; {advice}"
+            )
+        if set(state["data"]) != set(self._orders):
+            raise CheckpointError(f"{path}: data orders {sorted(state['data'])}, this run has {sorted(self._orders)}")
+        for name, order in self._orders.items():
+            then = {k: state["data"][name][k] for k in ("n", "batch_size", "seed")}
+            if then != order.describe():
+                raise CheckpointError(f"{path}: {name} order was {then}, now {order.describe()}; {advice}")
+        for name, obj in self._tracked.items():
+            try:
+                obj.load_state_dict(state["state"][name])
+            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                detail = (str(e).splitlines() or [""])[0][:120]
+                raise CheckpointError(f"{path}: cannot restore {name} ({detail}); {advice}") from e
+        set_rng_state(state["rng"])
+        self.start = self.step = state["step"]
+        return self.start
+
+    def checkpoint(self, step: int) -> None:
+        """Write OUT/checkpoint.pt for `step` steps done, atomically. Refuses (NonFiniteError) when a
+        tracked tensor holds a NaN or inf: the last good checkpoint stays."""
+        state = {name: obj.state_dict() for name, obj in self._tracked.items()}
+        bad = _first_non_finite(state)
+        if bad is not None:
+            raise NonFiniteError(f"step {step}: {bad} is not finite; {self._last_good()}")
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "stage": self.stage,
+            "step": step,
+            "config": self.config.to_dict(),
+            "inputs": self.inputs,
+            "data": {name: {**o.describe(), **o.position(step)} for name, o in self._orders.items()},
+            "state": state,
+            "rng": rng_state(),
+        }
+        self._metrics.flush()  # every row up to this step is on disk before the checkpoint is
+        os.fsync(self._metrics.fileno())
+        atomic_write(self.path(CHECKPOINT_FILE), lambda f: torch.save(payload, f))
+        self.last_checkpoint = step
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "stopped; no checkpoint was written yet"
+        return f"stopped; the last good checkpoint is {self.path(CHECKPOINT_FILE)} (step {self.last_checkpoint})"
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def steps(self, total: int) -> Iterator[int]:
+        """0-based step indices from the resumed step to `total`, behind a progress bar."""
+        from tqdm.auto import tqdm
+
+        self.total = total
+        self._bar = tqdm(
+            total=total, initial=min(self.start, total), desc=self.stage, unit="step",
+            disable=not self.config.progress, file=sys.stderr,
+        )
+        for step in range(self.start, total):
+            self.step = step
+            yield step
+
+    def due(self, step: int, every: int) -> bool:
+        """`step` steps done is a multiple of `every` (0: never), or the last step."""
+        return (every > 0 and step % every == 0) or step == self.total
+
+    def check_finite(self, **values) -> None:
+        """Stop the run (NonFiniteError naming the step and the last good checkpoint) when any value
+        (a float or a tensor) is NaN or inf; None is skipped."""
+        for name, value in values.items():
+            if value is None:
+                continue
+            v = float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            bad = _first_non_finite(v)
+            if bad is not None:
+                shown = v if isinstance(v, float) else "a NaN or inf entry"
+                raise NonFiniteError(f"step {self.step + 1}: {name} is {shown}; {self._last_good()}")
+
+    def optimizer_step(self, optimizer, params, max_grad_norm: float = 0.0, scheduler=None, loss=None) -> float:
+        """After the backward pass(es): the gradient norm (clipped to max_grad_norm when > 0), the
+        non-finite guard on it and on `loss` (before anything changes), then the optimizer and
+        scheduler steps. Returns the norm before clipping."""
+        params = [p for p in params if p.grad is not None]
+        if loss is not None:
+            self.check_finite(loss=loss.detach())
+        if not params:
+            grad_norm = torch.zeros(())
+        elif max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.check_finite(grad_norm=grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        return float(grad_norm)
+
+    def update(self, loss: torch.Tensor, optimizer, params, max_grad_norm: float = 0.0, scheduler=None) -> float:
+        """One optimizer update from one loss: zero grads, backward, then optimizer_step."""
+        params = list(params)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return self.optimizer_step(optimizer, params, max_grad_norm, scheduler, loss=loss)
+
+    def log(self, step: int, row: Mapping) -> None:
+        """One metrics row ({"step": step, **row, "elapsed_s": ...}) as strict JSON, flushed."""
+        values = {k: v for k, v in row.items() if k != "step"}
+        line = dumps({"step": step, **values, "elapsed_s": round(time.perf_counter() - self._t0, 3)})
+        self._metrics.write(line + "\n")
+        self._metrics.flush()
+
+    def end_step(self, step: int, row: Mapping | None = None, *, log: bool = False) -> None:
+        """After the update that makes `step` steps done: the metrics row when `step` is a multiple
+        of log_every, the last step, or `log` is set; a checkpoint when it is a multiple of
+        checkpoint_every or the last step; the progress bar."""
+        if row is not None and (log or self.due(step, self.config.log_every)):
+            self.log(step, row)
+        if self.due(step, self.config.checkpoint_every):
+            self.checkpoint(step)
+        if self._bar is not None:
+            if row is not None:
+                shown = {k: plain(row[k]) for k in self.progress_keys if k in row}
+                self._bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()})
+            self._bar.update(1)
+
+    # ---- outputs ----------------------------------------------------------------------------------
+
+    def write_json(self, name: str, obj) -> str:
+        """OUT/name as strict JSON, written atomically; returns its path."""
+        path = self.path(name)
+        write_json(path, obj)
+        return path
+
+    def finish(self, result) -> str:
+        """OUT/result.json (a dict or dataclass), the mark of a completed run; returns its path."""
+        return self.write_json(RESULT_FILE, result)
