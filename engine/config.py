@@ -92,6 +92,7 @@ MODEL_PRESETS: dict[str, dict] = {
 }
 
 VALUE_MODES = ("adapter", "policy_head")
+ADAPTERS = ("policy", "value", "reward", "reference")
 QUANTIZATIONS = ("nf4", None)
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -109,7 +110,9 @@ class StackConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA input; 0 keeps a resumed run bit-identical
     target_modules: str | tuple[str, ...] = "all-linear"  # peft target modules; "all-linear" skips lm_head
     value_mode: str = "adapter"  # "adapter": own value adapter; "policy_head": value head on the policy's hidden state
-    adapters: tuple[str, ...] = ("policy", "value", "reward")  # LoRA adapters to create on the base
+    # LoRA adapters to create on the base; "reference" holds a frozen copy of the policy's starting
+    # weights (stack.reference() then uses it instead of the bare base)
+    adapters: tuple[str, ...] = ("policy", "value", "reward")
     seed: int = 0  # seeds the random init of a preset base and of the adapters and heads
 
     def validate(self) -> StackConfig:
@@ -131,9 +134,11 @@ class StackConfig:
             raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}: both must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout={self.lora_dropout}: expected 0 <= p < 1")
-        unknown = set(self.adapters) - {"policy", "value", "reward"}
+        unknown = set(self.adapters) - set(ADAPTERS)
         if unknown or not self.adapters:
-            raise ConfigError(f"adapters {self.adapters}: expected a non-empty subset of policy, value, reward")
+            raise ConfigError(f"adapters {self.adapters}: expected a non-empty subset of {', '.join(ADAPTERS)}")
+        if "reference" in self.adapters and "policy" not in self.adapters:
+            raise ConfigError("adapters: a 'reference' adapter is a frozen copy of the policy's; add 'policy'")
         check_numbers(self, "stack.")
         check_seed(self.seed, "stack.seed")
         return self

@@ -248,6 +248,8 @@ class ModelStack:
 
     def set_trainable(self, *roles: str) -> None:
         """Exactly these roles' adapters and heads require grad; the base and other roles are frozen."""
+        if "reference" in roles:
+            raise ValueError("the reference adapter is frozen by definition")
         for name, p in self.model.named_parameters():
             p.requires_grad_(False)
         for p in self.heads.parameters():
@@ -271,8 +273,12 @@ class ModelStack:
     ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, H) last hidden state (final norm applied, lm_head not).
 
-        `cache` passes position_ids / past_key_values / cache_position through for KV-cached decoding
-        (engine.generation); with past_key_values, attention_mask covers the cached tokens too."""
+        Positions count real tokens only (cumsum of the mask), so a left-padded prompt sits at the
+        positions it had alone, as in generation. `cache` passes position_ids / past_key_values /
+        cache_position through for KV-cached decoding (engine.generation); with past_key_values,
+        attention_mask covers the cached tokens too."""
+        if "position_ids" not in cache:
+            cache["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with self._active(adapter):
             out = self._decoder(input_ids=input_ids, attention_mask=attention_mask,
                                 use_cache="past_key_values" in cache, **cache)  # fmt: skip
@@ -289,8 +295,28 @@ class ModelStack:
 
     @torch.no_grad()
     def reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) hidden states of the base with every adapter disabled; never has a grad."""
-        return self.hidden_states(None, input_ids, attention_mask)
+        """(B, T, H) hidden states of the reference policy; never has a grad. The reference is the
+        frozen "reference" adapter when the stack has one (a copy of a policy that started from a
+        trained adapter: there the bare base would be the wrong reference), else the bare base."""
+        return self.hidden_states(self.reference_adapter, input_ids, attention_mask)
+
+    @property
+    def reference_adapter(self) -> str | None:
+        """The adapter the reference role runs (None: every adapter off)."""
+        return "reference" if "reference" in self.config.adapters else None
+
+    def copy_adapter(self, src: str, dst: str) -> None:
+        """Copy adapter `src`'s LoRA weights into adapter `dst` (same LoRA config), e.g. the policy's
+        starting weights into the frozen reference."""
+        targets = dict(self.named_role_parameters(dst))
+        with torch.no_grad():
+            for name, p in self.named_role_parameters(src):
+                if name.startswith("heads."):
+                    continue
+                twin = name.replace(f".{src}.", f".{dst}.")
+                targets.pop(twin).copy_(p)
+        if any(not n.startswith("heads.") for n in targets):
+            raise KeyError(f"adapter {dst!r} has weights that {src!r} lacks: {sorted(targets)[:3]}")
 
     def values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policy_hidden: torch.Tensor | None = None

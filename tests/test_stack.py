@@ -33,6 +33,11 @@ def batch(seed=0, vocab=259):
     return input_ids, attention_mask
 
 
+def positions(mask):
+    """Position ids that count real tokens only, as the stack uses them (left padding shifts nothing)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def build(**kw):
     stack = ModelStack.build(StackConfig(model="tiny-llama", **kw))
     perturb_adapters(stack)
@@ -78,14 +83,36 @@ def test_roles_return_hidden_states_and_scalars(stack):
     assert stack.lm_head_weight.shape == (V, H)
     # the hidden state is the one right before lm_head: hidden @ W.T are the model's logits
     with stack._active("policy"):
-        logits = stack.model.get_base_model()(input_ids=input_ids, attention_mask=mask).logits
+        logits = stack.model.get_base_model()(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits
     torch.testing.assert_close(hidden @ stack.lm_head_weight.T, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_leaves_a_sequences_hidden_states_alone(tmp_path):
+    # A prompt left-padded in a batch sits at the positions it has alone (as in generation), so its
+    # hidden states (hence its log-probs) do not depend on the batch's longest prompt. Llama's rotary
+    # positions are relative and hide a shift; GPT-2 adds ABSOLUTE position embeddings, so there a
+    # shifted position changes every hidden state.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf_engine.stack import byte_tokenizer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path)  # fmt: skip
+    byte_tokenizer().save_pretrained(tmp_path)
+    stack = ModelStack.build(StackConfig(model=str(tmp_path), quantization=None, adapters=("policy",),
+                                         target_modules=("c_attn",)))  # fmt: skip
+    input_ids, mask = batch()
+    real = mask[2].bool()
+    alone = stack.policy(input_ids[2:3, real], torch.ones(1, int(real.sum()), dtype=torch.long))
+    padded = stack.policy(input_ids, mask)[2:3, real]
+    assert max_diff(alone, padded) < 1e-5
 
 
 def test_reference_is_the_bare_base(stack):
     input_ids, mask = batch()
     base, _ = load_causal_lm(stack.config, torch.device("cpu"), torch.float32)  # same preset + seed
-    want = base.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    want = base.model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
     ref = stack.reference(input_ids, mask)
     assert not ref.requires_grad
     assert torch.equal(ref, want)  # same 4-bit weights, same kernels: bit-identical
@@ -202,11 +229,11 @@ def test_ppo_step_trains_policy_and_value_adapters_together():
     peft_model.zero_grad(set_to_none=True)
     stack.heads.zero_grad(set_to_none=True)
     peft_model.set_adapter("policy")
-    (decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state * up_hidden).sum().backward()
+    (decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state * up_hidden).sum().backward()
     peft_model.set_adapter("value")
     # peft's set_adapter froze the policy adapter: switching roles with it would drop policy grads
     assert not any(p.requires_grad for _, p in stack.named_role_parameters("policy") if ".policy." in _)
-    value_hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    value_hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
     (stack.heads["value"](value_hidden) * up_values).sum().backward()
     want_policy, want_value = lora_grads(stack, "policy"), lora_grads(stack, "value")
 
