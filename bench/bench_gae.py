@@ -3,8 +3,9 @@
 Baseline: "loop" = gae_ref, the Python reverse loop over time that TRL / OpenRLHF / verl / torchtune
 use (one batched step per time position), run in this process on the same tensors. Providers "cpp",
 "triton", "cuda" are the kernels. Roofline bytes: rewards and values read (4 B each in fp32), the
-uint8 mask read, advantages and returns written (4 B each): 17 B per position. GAE is forward only
-(its outputs are targets).
+mask read (1 B bool, 4 B float), advantages and returns written (4 B each): 17 B per position with a
+bool mask. GAE is forward only (its outputs are targets). On CPU the B=64, T=1024 case also runs with
+a float mask: the call then validates and converts the mask (the Python-side share of a small call).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
         shapes = [(64, 1024)] if quick else [(64, 1024), (8, 16384)]
     out = []
     for B, T in shapes:
-        out.append(Case("fwd", {"B": B, "T": T}, torch.float32, bytes=B * T * 17, extra={"gamma": 1.0, "lam": 0.95}))
+        for mask in ("bool", "float") if (B, T) == (64, 1024) else ("bool",):
+            out.append(Case("fwd", {"B": B, "T": T, "mask": mask}, torch.float32,
+                            bytes=B * T * (17 if mask == "bool" else 20), extra={"gamma": 1.0, "lam": 0.95}))
     return out
 
 
@@ -45,6 +48,7 @@ def build(case: Case, provider: str, device: torch.device):
     # right-padded responses of random length in [T/2, T], as a rollout batch looks
     lengths = torch.randint(T // 2, T + 1, (B, 1), device=device, generator=g)
     mask = torch.arange(T, device=device)[None, :] < lengths
+    mask = mask.float() if case.shape["mask"] == "float" else mask
     return lambda: fn(rewards, values, mask)
 
 

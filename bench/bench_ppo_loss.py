@@ -2,8 +2,9 @@
 
 Baselines: "eager" = ppo_loss_ref (the PyTorch reference: a dozen elementwise ops and reductions),
 "compile" = torch.compile of it, both in this process on the same tensors. Roofline bytes per
-token: the forward reads logprobs, old_logprobs, advantages (4 B each in fp32) and the uint8 mask:
-13 B; fwd+bwd reads them again and writes the logprobs gradient: 30 B.
+token: the forward reads logprobs, old_logprobs, advantages (4 B each in fp32) and the bool mask:
+13 B; fwd+bwd reads them again and writes the logprobs gradient: 30 B (3 B more per mask read with a
+float mask). At N=16384 the forward also runs with a float mask, which the call validates and converts.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ def cases(quick: bool, device: torch.device) -> list[Case]:
     sizes = [16384] if quick else [16384, 1 << 20]
     out = []
     for N in sizes:
-        out.append(Case("fwd", {"N": N}, torch.float32, bytes=13 * N, extra={"dual_clip": 3.0}))
-        out.append(Case("fwd+bwd", {"N": N}, torch.float32, bytes=30 * N, extra={"dual_clip": 3.0}))
+        out.append(Case("fwd", {"N": N, "mask": "bool"}, torch.float32, bytes=13 * N, extra={"dual_clip": 3.0}))
+        if N == 16384:
+            out.append(Case("fwd", {"N": N, "mask": "float"}, torch.float32, bytes=16 * N, extra={"dual_clip": 3.0}))
+        out.append(Case("fwd+bwd", {"N": N, "mask": "bool"}, torch.float32, bytes=30 * N, extra={"dual_clip": 3.0}))
     return out
 
 
@@ -43,6 +46,7 @@ def build(case: Case, provider: str, device: torch.device):
     old_logprobs = logprobs + 0.2 * torch.randn(N, device=device, generator=g)
     advantages = torch.randn(N, device=device, generator=g)
     mask = torch.rand(N, device=device, generator=g) < 0.9
+    mask = mask.float() if case.shape["mask"] == "float" else mask
     if case.mode == "fwd":
         return lambda: fn(logprobs, old_logprobs, advantages, mask)
     logprobs.requires_grad_(True)

@@ -3,23 +3,27 @@
 A mask marks the tokens that count (1) and those that do not (0: padding, prompt, tool output).
 Any of bool / integer / floating dtypes is accepted, but the values must be exactly 0 or 1: a
 weighted mask would silently change every masked mean, so it is an error. Kernels read masks as
-uint8 (a bool mask is reinterpreted for free).
+uint8, which check_mask returns (a bool mask is reinterpreted for free).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NoReturn
 
 import torch
 
-from rlhf_kernels._dispatch import debug_checks
+from rlhf_kernels._dispatch import debug_checks, ext_op
 
 
-def check_mask(mask: torch.Tensor, shape: torch.Size, *, name: str = "mask") -> None:
-    """mask: same shape as the data, values in {0, 1}.
+def check_mask(mask: torch.Tensor, shape: torch.Size, *, name: str = "mask") -> torch.Tensor:
+    """mask: same shape as the data, values in {0, 1}. Returns it as uint8 0/1 of the same shape
+    (what the kernels read): a bool mask is viewed, any other dtype converted.
 
     The value check reads every element: free on CPU, a device sync on GPU, so there it runs only
-    with RLHF_KERNELS_DEBUG=1 (as kernels._checks.check_labels does).
+    with RLHF_KERNELS_DEBUG=1 (as kernels._checks.check_labels does). On CPU the extension's
+    `mask_u8` checks and converts in one pass (bench/RESULTS.md: the torch form was two thirds of a
+    small kernels.gae call with a float mask).
     """
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
@@ -27,13 +31,32 @@ def check_mask(mask: torch.Tensor, shape: torch.Size, *, name: str = "mask") -> 
         raise ValueError(f"{name} must be bool, integer or floating, got {mask.dtype}")
     if mask.shape != shape:
         raise ValueError(f"{name} shape {tuple(mask.shape)} must equal the data shape {tuple(shape)}")
-    if mask.dtype != torch.bool and mask.numel() and (mask.device.type == "cpu" or debug_checks()):
-        bad = (mask != 0) & (mask != 1)
-        if bool(bad.any()):
-            idx = tuple(bad.nonzero()[0].tolist())
-            raise ValueError(
-                f"{name} must be binary (0/1): {int(bad.sum())} other values, first at index {idx} = {mask[idx].item()}"
-            )
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8)
+    if mask.device.type == "cpu" and mask.numel():
+        op = ext_op("mask_u8")
+        if op is not None:
+            u8, n_bad = op(mask.detach())
+            if n_bad:
+                _raise_not_binary(mask, name)
+            return u8
+        _check_binary(mask, name)
+    elif debug_checks() and mask.numel():
+        _check_binary(mask, name)
+    return mask if mask.dtype == torch.uint8 else (mask != 0).view(torch.uint8)
+
+
+def _check_binary(mask: torch.Tensor, name: str) -> None:
+    if bool(((mask != 0) & (mask != 1)).any()):
+        _raise_not_binary(mask, name)
+
+
+def _raise_not_binary(mask: torch.Tensor, name: str) -> NoReturn:
+    bad = (mask != 0) & (mask != 1)
+    idx = tuple(bad.nonzero()[0].tolist())
+    raise ValueError(
+        f"{name} must be binary (0/1): {int(bad.sum())} other values, first at index {idx} = {mask[idx].item()}"
+    )
 
 
 def check_same_shape(**tensors: torch.Tensor) -> None:
@@ -51,15 +74,6 @@ def check_scalar(name: str, value, *, lo: float | None = None, hi: float | None 
     if hi is not None and value > hi:
         raise ValueError(f"{name} must be <= {hi}, got {value!r}")
     return float(value)
-
-
-def mask_u8(mask: torch.Tensor) -> torch.Tensor:
-    """The mask as uint8 of the same shape; a bool mask is viewed, not copied."""
-    if mask.dtype == torch.bool:
-        return mask.view(torch.uint8)
-    if mask.dtype == torch.uint8:
-        return mask
-    return (mask != 0).view(torch.uint8)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,10 @@ scan BLOCK-wide chunks and carry the state from chunk to chunk; when there are t
 the GPU, each row is split into S spans, a first kernel composes each span into one map, and the
 second composes the maps of the later spans into its carry-in, so no row serialises on one program.
 
-The outputs are targets: the kernels are not differentiable (with inputs that require grad and
-grad mode on, the public op runs the differentiable reference instead).
+Gradients. The outputs are targets, so the kernels are forward-only. The rule, the same on every
+backend: with grad mode on and `rewards` or `values` requiring grad, the public op runs the
+differentiable reference (gae_ref) whatever the backend, so both get their exact gradients; the mask
+is a constant.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ import torch
 
 from rlhf_kernels._checks import check_float, check_same_device
 from rlhf_kernels._dispatch import ext_op, resolve, triton_interpreted
-from rlhf_kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8
-from rlhf_kernels._triton import next_pow2, tl, triton
+from rlhf_kernels._masks import check_mask, check_same_shape, check_scalar
+from rlhf_kernels._triton import next_pow2, on_device, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp", "cuda")
 
@@ -217,9 +219,10 @@ def _triton_launch(T: int, B: int, device: torch.device) -> tuple[int, int]:
     return block, triton.cdiv(n_chunks, spans) * block
 
 
-def _gae_triton(rewards, values, mask_u8_, gamma, lam, *, block=None, span=None):
-    """[B, T] inputs (any strides) -> (advantages, returns) fp32 contiguous. `block` and `span`
-    override the launch (tests use them to exercise the chunk carry and the span split)."""
+def _gae_triton(rewards, values, m, gamma, lam, *, block=None, span=None):
+    """[B, T] inputs (any strides; `m` the uint8 mask) -> (advantages, returns) fp32 contiguous.
+    `block` and `span` override the launch (tests use them to exercise the chunk carry and the span
+    split under the interpreter, where one chunk otherwise covers a row of up to 16k)."""
     B, T = rewards.shape
     adv = torch.empty((B, T), device=rewards.device, dtype=torch.float32)
     ret = torch.empty_like(adv)
@@ -230,16 +233,17 @@ def _gae_triton(rewards, values, mask_u8_, gamma, lam, *, block=None, span=None)
     span = span or auto_span
     S = triton.cdiv(T, span)
     agg = torch.empty((B, S, 5), device=rewards.device, dtype=torch.float32) if S > 1 else adv
-    strides = (*rewards.stride(), *values.stride(), *mask_u8_.stride())
-    if S > 1:
-        _gae_span_map_kernel[(B * S,)](
-            rewards, values, mask_u8_, agg, *strides, T, S, span, gamma, gamma * lam,
-            BLOCK=block, num_warps=4,
+    strides = (*rewards.stride(), *values.stride(), *m.stride())
+    with on_device(rewards):
+        if S > 1:
+            _gae_span_map_kernel[(B * S,)](
+                rewards, values, m, agg, *strides, T, S, span, gamma, gamma * lam,
+                BLOCK=block, num_warps=4,
+            )  # fmt: skip
+        _gae_fwd_kernel[(B * S,)](
+            rewards, values, m, agg, adv, ret, *strides, T, S, span, gamma, gamma * lam,
+            SPLIT=S > 1, S_POW2=next_pow2(S), BLOCK=block, num_warps=4,
         )  # fmt: skip
-    _gae_fwd_kernel[(B * S,)](
-        rewards, values, mask_u8_, agg, adv, ret, *strides, T, S, span, gamma, gamma * lam,
-        SPLIT=S > 1, S_POW2=next_pow2(S), BLOCK=block, num_warps=4,
-    )  # fmt: skip
     return adv, ret
 
 
@@ -259,7 +263,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, backend="auto"):
 
     Returns:
         (advantages, returns), both [B, T] fp32 (float64 in gives float64 through the reference),
-        0 where mask == 0.
+        0 where mask == 0. Differentiable w.r.t. rewards and values through the reference on every
+        backend (the kernels are forward-only; see the module docstring).
     """
     check_float("rewards", rewards)
     check_float("values", values)
@@ -267,7 +272,7 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, backend="auto"):
         raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
     check_same_shape(rewards=rewards, values=values)
     check_same_device(rewards=rewards, values=values, mask=mask)
-    check_mask(mask, rewards.shape)
+    m = check_mask(mask, rewards.shape)
     gamma = check_scalar("gamma", gamma, lo=0.0, hi=1.0)
     lam = check_scalar("lam", lam, lo=0.0, hi=1.0)
     chosen = resolve(backend, rewards.device, "gae", IMPLEMENTED)
@@ -276,7 +281,6 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95, backend="auto"):
         return gae_ref(rewards, values, mask, gamma, lam)
     if rewards.dtype != values.dtype:
         rewards, values = rewards.float(), values.float()
-    m = mask_u8(mask)
     if chosen == "triton":
         return _gae_triton(rewards, values, m, gamma, lam)
     return ext_op("gae")(rewards, values, m, gamma, lam)

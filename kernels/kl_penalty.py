@@ -8,8 +8,10 @@ Letters: N tokens (all dims flattened).
     k2 = 0.5 * log_ratio^2                          biased, low variance, >= 0
     k3 = exp(-log_ratio) - 1 + log_ratio            unbiased, low variance, >= 0
 
-Gradient w.r.t. logprobs (ref_logprobs is frozen): dk1 = 1, dk2 = log_ratio, dk3 = 1 - exp(-log_ratio),
-times [|log_ratio| <= clamp] when clamped. k3 and dk3 cancel catastrophically in fp32 near
+Gradient rule (kernels/_autograd.py), the same on every backend, the reference included: only
+`logprobs` gets a gradient (ref_logprobs is a constant); first order only in the kernel backends (the
+torch backend supports higher orders). dk1 = 1, dk2 = log_ratio, dk3 = 1 - exp(-log_ratio), times
+[|log_ratio| <= clamp] when clamped. k3 and dk3 cancel catastrophically in fp32 near
 log_ratio = 0 (exp(-x) - 1 loses ~1e-7 absolute, a 10% error in k3 at x = 1e-3), so for |x| < 0.5
 both use their Taylor series to x^8 (truncation error < 5e-8 relative).
 """
@@ -18,10 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_kernels._autograd import first_order_only
 from rlhf_kernels._checks import check_float, check_same_device
 from rlhf_kernels._dispatch import ext_op, resolve
 from rlhf_kernels._masks import check_same_shape, check_scalar
-from rlhf_kernels._triton import flat_block, tl, triton
+from rlhf_kernels._triton import flat_block, on_device, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 KINDS = {"k1": 1, "k2": 2, "k3": 3}
@@ -32,10 +35,11 @@ KINDS = {"k1": 1, "k2": 2, "k3": 3}
 # --------------------------------------------------------------------------------------------------
 def kl_penalty_ref(logprobs, ref_logprobs, kind="k3", clamp=None):
     """PyTorch reference; math in max(dtype, fp32), except k3 in float64 (expm1(-x) + x still cancels
-    in fp32 near x = 0). Differentiable; float64 in gives the float64 oracle."""
+    in fp32 near x = 0). Differentiable w.r.t. logprobs only (ref_logprobs is detached: the gradient
+    rule of every backend); float64 in gives the float64 oracle."""
     out_dtype = torch.promote_types(logprobs.dtype, torch.float32)
     dtype = torch.float64 if kind == "k3" else out_dtype
-    log_ratio = logprobs.to(dtype) - ref_logprobs.to(dtype)
+    log_ratio = logprobs.to(dtype) - ref_logprobs.detach().to(dtype)
     if clamp is not None:
         log_ratio = log_ratio.clamp(-clamp, clamp)
     if kind == "k1":
@@ -111,7 +115,10 @@ def _fwd(backend, lp, ref, kind, clamp):
     kl = torch.empty(N, device=lp.device, dtype=torch.float32)
     grid, block = _launch(N)
     if N:
-        _kl_penalty_kernel[(grid,)](lp, ref, kl, kl, kl, N, clamp, KIND=kind, BACKWARD=False, BLOCK=block, num_warps=4)
+        with on_device(lp):
+            _kl_penalty_kernel[(grid,)](
+                lp, ref, kl, kl, kl, N, clamp, KIND=kind, BACKWARD=False, BLOCK=block, num_warps=4,
+            )  # fmt: skip
     return kl
 
 
@@ -122,9 +129,10 @@ def _bwd(backend, lp, ref, grad_kl, kind, clamp):
     grad = torch.empty_like(lp)
     grid, block = _launch(N)
     if N:
-        _kl_penalty_kernel[(grid,)](
-            lp, ref, grad_kl, grad_kl, grad, N, clamp, KIND=kind, BACKWARD=True, BLOCK=block, num_warps=4,
-        )  # fmt: skip
+        with on_device(lp):
+            _kl_penalty_kernel[(grid,)](
+                lp, ref, grad_kl, grad_kl, grad, N, clamp, KIND=kind, BACKWARD=True, BLOCK=block, num_warps=4,
+            )  # fmt: skip
     return grad
 
 
@@ -134,14 +142,16 @@ class _KLPenalty(torch.autograd.Function):
         lp, ref = logprobs.reshape(-1).contiguous(), ref_logprobs.reshape(-1).contiguous()
         kl = _fwd(backend, lp, ref, kind, clamp)
         ctx.save_for_backward(lp, ref)
-        ctx.meta = (kind, clamp, backend, logprobs.shape)
+        ctx.meta = (kind, clamp, logprobs.shape)
+        ctx.backend = backend
         return kl.view(logprobs.shape)
 
     @staticmethod
+    @first_order_only("kl_penalty")
     def backward(ctx, grad_kl):
         lp, ref = ctx.saved_tensors
-        kind, clamp, backend, shape = ctx.meta
-        grad = _bwd(backend, lp, ref, grad_kl.reshape(-1).float().contiguous(), kind, clamp)
+        kind, clamp, shape = ctx.meta
+        grad = _bwd(ctx.backend, lp, ref, grad_kl.reshape(-1).float().contiguous(), kind, clamp)
         return grad.view(shape), None, None, None, None
 
 
@@ -159,7 +169,8 @@ def kl_penalty(logprobs, ref_logprobs, *, kind="k3", clamp=None, backend="auto")
         backend: "auto" | "torch" | "triton" | "cpp" (see kernels.backends()).
 
     Returns:
-        [...] fp32 (float64 in gives float64), differentiable w.r.t. logprobs.
+        [...] fp32 (float64 in gives float64), differentiable w.r.t. logprobs only (on every backend;
+        first order only except on "torch").
     """
     check_float("logprobs", logprobs)
     check_float("ref_logprobs", ref_logprobs)

@@ -14,8 +14,10 @@ Letters: N tokens (all dims flattened).
            approx_kl = masked_mean((ratio - 1) - log(ratio))   (k3 of Schulman's "Approximating KL")
            ratio_mean, ratio_min, ratio_max over valid tokens
 
-A batch with no valid token gives 0 for the loss and every stat. Only `logprobs` gets a gradient
-(old_logprobs and advantages are rollout data). Per token, with r = ratio and A = advantages:
+A batch with no valid token gives 0 for the loss and every stat. Gradient rule (kernels/_autograd.py),
+the same on every backend, the reference included: only `logprobs` gets a gradient (old_logprobs and
+advantages are rollout data, constants). First order only in the kernel backends (a second backward
+raises); the torch backend supports higher orders. Per token, with r = ratio and A = advantages:
 
     d pg_losses / d logprobs  = -A r
     d pg_losses2 / d logprobs = -A r * [1 - clip_low <= r <= 1 + clip_high]
@@ -32,10 +34,11 @@ from typing import NamedTuple
 
 import torch
 
+from rlhf_kernels._autograd import first_order_only
 from rlhf_kernels._checks import check_float, check_same_device
 from rlhf_kernels._dispatch import ext_op, resolve, triton_interpreted
-from rlhf_kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8, masked_mean
-from rlhf_kernels._triton import flat_block, next_pow2, tl, triton
+from rlhf_kernels._masks import check_mask, check_same_shape, check_scalar, masked_mean
+from rlhf_kernels._triton import flat_block, on_device, reduce_block, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 
@@ -61,12 +64,14 @@ def _masked_extreme(x, valid, identity, reduce):
 
 def ppo_loss_ref(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=0.2, dual_clip=None):
     """PyTorch reference (cleanrl / TRL / verl form); math in max(dtype, fp32), float64 in gives the
-    float64 oracle. Differentiable through autograd. -> (pg_loss, PPOStats)."""
+    float64 oracle. Differentiable through autograd w.r.t. logprobs only (old_logprobs and advantages
+    are detached: the gradient rule of every backend). -> (pg_loss, PPOStats)."""
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     valid = mask != 0
-    log_ratio = torch.where(valid, logprobs.to(dtype) - old_logprobs.to(dtype), torch.zeros((), dtype=dtype))
+    old = old_logprobs.detach().to(dtype)
+    log_ratio = torch.where(valid, logprobs.to(dtype) - old, torch.zeros((), dtype=dtype))
     ratio = torch.exp(log_ratio)
-    adv = torch.where(valid, advantages.to(dtype), torch.zeros((), dtype=dtype))
+    adv = torch.where(valid, advantages.detach().to(dtype), torch.zeros((), dtype=dtype))
     pg_losses = -adv * ratio
     pg_losses2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     losses = torch.maximum(pg_losses, pg_losses2)
@@ -249,30 +254,30 @@ def _ppo_loss_bwd_kernel(
 ONE_PROGRAM_MAX_N = 1 << 16
 
 
-def _fwd(backend, lp, olp, adv, m, lo, hi, dual_clip, *, block=None, one_program=None):
+def _fwd(backend, lp, olp, adv, m, lo, hi, dual_clip):
     """-> out [8] fp32: (pg_loss, clipfrac, approx_kl, ratio_mean, ratio_min, ratio_max, count, 0).
-    `block` and `one_program` override the launch (tests use them to run both Triton paths)."""
+    Up to ONE_PROGRAM_MAX_N tokens one program loops over the blocks; past it, per-block partials and
+    a one-program reduction (tests lower the threshold and force small blocks to run both paths)."""
     if backend == "cpp":
         return ext_op("ppo_loss_fwd")(lp, olp, adv, m, lo, hi, dual_clip)
     N = lp.numel()
-    block = block or flat_block(N)
-    P = triton.cdiv(N, block)
     out = torch.zeros(8, device=lp.device, dtype=torch.float32)
-    if one_program is None:
-        one_program = P == 1 or N <= ONE_PROGRAM_MAX_N
-    if P == 0:
+    if N == 0:
         return out
-    if one_program:
-        block = block if triton_interpreted() else 2048
-        _ppo_loss_fwd_one_program_kernel[(1,)](
-            lp, olp, adv, m, out, N, lo, hi, dual_clip, DUAL=dual_clip > 0, BLOCK=block, num_warps=8,
+    block = flat_block(N)
+    P = triton.cdiv(N, block)
+    with on_device(lp):
+        if P == 1 or N <= ONE_PROGRAM_MAX_N:
+            _ppo_loss_fwd_one_program_kernel[(1,)](
+                lp, olp, adv, m, out, N, lo, hi, dual_clip, DUAL=dual_clip > 0,
+                BLOCK=block if triton_interpreted() else 2048, num_warps=8,
+            )  # fmt: skip
+            return out
+        part = torch.empty((P, 8), device=lp.device, dtype=torch.float32)
+        _ppo_loss_fwd_kernel[(P,)](
+            lp, olp, adv, m, part, N, lo, hi, dual_clip, DUAL=dual_clip > 0, BLOCK=block, num_warps=4,
         )  # fmt: skip
-        return out
-    part = torch.empty((P, 8), device=lp.device, dtype=torch.float32)
-    _ppo_loss_fwd_kernel[(P,)](
-        lp, olp, adv, m, part, N, lo, hi, dual_clip, DUAL=dual_clip > 0, BLOCK=block, num_warps=4,
-    )  # fmt: skip
-    _ppo_loss_finalize_kernel[(1,)](part, out, P, BLOCK=min(next_pow2(P), 1024), num_warps=4)
+        _ppo_loss_finalize_kernel[(1,)](part, out, P, BLOCK=reduce_block(P), num_warps=4)
     return out
 
 
@@ -283,10 +288,11 @@ def _bwd(backend, lp, olp, adv, m, out, grad_out, lo, hi, dual_clip):
     grad = torch.empty_like(lp)
     block = flat_block(N)
     if N:
-        _ppo_loss_bwd_kernel[(triton.cdiv(N, block),)](
-            lp, olp, adv, m, out, grad_out, grad, N, lo, hi, dual_clip,
-            DUAL=dual_clip > 0, BLOCK=block, num_warps=4,
-        )  # fmt: skip
+        with on_device(lp):
+            _ppo_loss_bwd_kernel[(triton.cdiv(N, block),)](
+                lp, olp, adv, m, out, grad_out, grad, N, lo, hi, dual_clip,
+                DUAL=dual_clip > 0, BLOCK=block, num_warps=4,
+            )  # fmt: skip
     return grad
 
 
@@ -297,14 +303,17 @@ class _PPOLoss(torch.autograd.Function):
         flat = [t.reshape(-1).contiguous() for t in (logprobs, old_logprobs, advantages, m)]
         out = _fwd(backend, *flat, lo, hi, dual_clip)
         ctx.save_for_backward(*flat, out)
-        ctx.meta = (lo, hi, dual_clip, backend, shape)
+        ctx.meta = (lo, hi, dual_clip, shape)
+        ctx.backend = backend
         ctx.mark_non_differentiable(out)
         return out[0].clone(), out
 
     @staticmethod
+    @first_order_only("ppo_loss")
     def backward(ctx, grad_loss, _grad_out):
         lp, olp, adv, m, out = ctx.saved_tensors
-        lo, hi, dual_clip, backend, shape = ctx.meta
+        lo, hi, dual_clip, shape = ctx.meta
+        backend = ctx.backend
         grad_loss = grad_loss.float().reshape(())
         grad = _bwd(backend, lp, olp, adv, m, out, grad_loss, lo, hi, dual_clip)
         return grad.view(shape), None, None, None, None, None, None, None
@@ -327,13 +336,14 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_hig
         backend: "auto" | "torch" | "triton" | "cpp" (see kernels.backends()).
 
     Returns:
-        (pg_loss, PPOStats): pg_loss a 0-d fp32 tensor differentiable w.r.t. logprobs.
+        (pg_loss, PPOStats): pg_loss a 0-d fp32 tensor differentiable w.r.t. logprobs only (on every
+        backend; first order only except on "torch").
     """
     for name, t in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages)):
         check_float(name, t)
     check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
     check_same_device(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
-    check_mask(mask, logprobs.shape)
+    m = check_mask(mask, logprobs.shape)
     lo = 1.0 - check_scalar("clip_low", clip_low, lo=0.0, hi=1.0)
     hi = 1.0 + check_scalar("clip_high", clip_high, lo=0.0)
     if dual_clip is not None:
@@ -348,7 +358,7 @@ def ppo_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_hig
     else:
         logprobs_in = logprobs
     loss, out = _PPOLoss.apply(
-        logprobs_in, old_logprobs.detach(), advantages.detach(), mask_u8(mask), lo, hi,
+        logprobs_in, old_logprobs.detach(), advantages.detach(), m, lo, hi,
         dual_clip if dual_clip is not None else 0.0, chosen,
     )  # fmt: skip
     _, clipfrac, approx_kl, ratio_mean, ratio_min, ratio_max, _, _ = out.unbind(0)  # one op, not five

@@ -9,7 +9,9 @@ Letters: N tokens (all dims flattened).
     vf_loss        = 0.5 * masked_mean(max(vf_losses1, vf_losses2), mask)     token mean over the batch
     vf_clipfrac    = masked_mean(vf_losses2 > vf_losses1)
 
-A batch with no valid token gives 0 for both. Only `values` gets a gradient:
+A batch with no valid token gives 0 for both. Gradient rule (kernels/_autograd.py), the same on every
+backend, the reference included: only `values` gets a gradient (old_values and returns are
+constants); first order only in the kernel backends (the torch backend supports higher orders):
 
     d vf_losses1 / d values = 2 (values - returns)
     d vf_losses2 / d values = 2 (values_clipped - returns) * [-clip <= values - old_values <= clip]
@@ -27,10 +29,11 @@ from typing import NamedTuple
 
 import torch
 
+from rlhf_kernels._autograd import first_order_only
 from rlhf_kernels._checks import check_float, check_same_device
 from rlhf_kernels._dispatch import ext_op, resolve
-from rlhf_kernels._masks import check_mask, check_same_shape, check_scalar, mask_u8, masked_mean
-from rlhf_kernels._triton import flat_block, next_pow2, tl, triton
+from rlhf_kernels._masks import check_mask, check_same_shape, check_scalar, masked_mean
+from rlhf_kernels._triton import flat_block, on_device, reduce_block, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 
@@ -45,13 +48,14 @@ class ValueStats(NamedTuple):
 # Reference
 # --------------------------------------------------------------------------------------------------
 def value_loss_ref(values, old_values, returns, mask, clip=0.2):
-    """PyTorch reference; math in max(dtype, fp32). Differentiable. -> (vf_loss, ValueStats)."""
+    """PyTorch reference; math in max(dtype, fp32). Differentiable w.r.t. values only (old_values and
+    returns are detached: the gradient rule of every backend). -> (vf_loss, ValueStats)."""
     dtype = torch.promote_types(values.dtype, torch.float32)
     valid = mask != 0
     zero = torch.zeros((), dtype=dtype, device=values.device)
     v = torch.where(valid, values.to(dtype), zero)
-    old = torch.where(valid, old_values.to(dtype), zero)
-    ret = torch.where(valid, returns.to(dtype), zero)
+    old = torch.where(valid, old_values.detach().to(dtype), zero)
+    ret = torch.where(valid, returns.detach().to(dtype), zero)
     diff = v - old
     values_clipped = torch.where(diff.abs() <= clip, v, old + torch.clamp(diff, -clip, clip))
     vf_losses1 = (v - ret) ** 2
@@ -158,8 +162,9 @@ def _fwd(backend, v, old, ret, m, clip):
     part = torch.empty((max(P, 1), 4), device=v.device, dtype=torch.float32)
     out = torch.zeros(4, device=v.device, dtype=torch.float32)
     if P:
-        _value_loss_fwd_kernel[(P,)](v, old, ret, m, part, N, clip, BLOCK=block, num_warps=4)
-        _value_loss_finalize_kernel[(1,)](part, out, P, BLOCK=min(next_pow2(P), 1024), num_warps=4)
+        with on_device(v):
+            _value_loss_fwd_kernel[(P,)](v, old, ret, m, part, N, clip, BLOCK=block, num_warps=4)
+            _value_loss_finalize_kernel[(1,)](part, out, P, BLOCK=reduce_block(P), num_warps=4)
     return out
 
 
@@ -170,9 +175,10 @@ def _bwd(backend, v, old, ret, m, out, grad_out, clip):
     grad = torch.empty_like(v)
     block = flat_block(N)
     if N:
-        _value_loss_bwd_kernel[(triton.cdiv(N, block),)](
-            v, old, ret, m, out, grad_out, grad, N, clip, BLOCK=block, num_warps=4,
-        )  # fmt: skip
+        with on_device(v):
+            _value_loss_bwd_kernel[(triton.cdiv(N, block),)](
+                v, old, ret, m, out, grad_out, grad, N, clip, BLOCK=block, num_warps=4,
+            )  # fmt: skip
     return grad
 
 
@@ -183,15 +189,17 @@ class _ValueLoss(torch.autograd.Function):
         flat = [t.reshape(-1).contiguous() for t in (values, old_values, returns, m)]
         out = _fwd(backend, *flat, clip)
         ctx.save_for_backward(*flat, out)
-        ctx.meta = (clip, backend, shape)
+        ctx.meta = (clip, shape)
+        ctx.backend = backend
         ctx.mark_non_differentiable(out)
         return out[0].clone(), out
 
     @staticmethod
+    @first_order_only("value_loss")
     def backward(ctx, grad_loss, _grad_out):
         v, old, ret, m, out = ctx.saved_tensors
-        clip, backend, shape = ctx.meta
-        grad = _bwd(backend, v, old, ret, m, out, grad_loss.float().reshape(()), clip)
+        clip, shape = ctx.meta
+        grad = _bwd(ctx.backend, v, old, ret, m, out, grad_loss.float().reshape(()), clip)
         return grad.view(shape), None, None, None, None, None
 
 
@@ -210,18 +218,19 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, backend="auto"):
         backend: "auto" | "torch" | "triton" | "cpp" (see kernels.backends()).
 
     Returns:
-        (vf_loss, ValueStats(vf_clipfrac)): vf_loss a 0-d fp32 tensor differentiable w.r.t. values.
+        (vf_loss, ValueStats(vf_clipfrac)): vf_loss a 0-d fp32 tensor differentiable w.r.t. values
+        only (on every backend; first order only except on "torch").
     """
     for name, t in (("values", values), ("old_values", old_values), ("returns", returns)):
         check_float(name, t)
     check_same_shape(values=values, old_values=old_values, returns=returns)
     check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
-    check_mask(mask, values.shape)
+    m = check_mask(mask, values.shape)
     clip = check_scalar("clip", clip, lo=0.0)
     chosen = resolve(backend, values.device, "value_loss", IMPLEMENTED)
     if chosen == "torch" or torch.float64 in (values.dtype, old_values.dtype, returns.dtype):
         return value_loss_ref(values, old_values, returns, mask, clip)
     if chosen == "cpp" and len({values.dtype, old_values.dtype, returns.dtype}) > 1:
         values, old_values, returns = values.float(), old_values.float(), returns.float()
-    loss, out = _ValueLoss.apply(values, old_values.detach(), returns.detach(), mask_u8(mask), clip, chosen)
+    loss, out = _ValueLoss.apply(values, old_values.detach(), returns.detach(), m, clip, chosen)
     return loss, ValueStats(out.unbind(0)[1])

@@ -13,8 +13,9 @@ shift_mean=False). Kernels: per-block (count, sum, M2 about the block mean), a o
 combining them with Chan et al.'s parallel variance formula into (mean, rstd), then an elementwise
 pass; the C++ kernel does two exact passes (mean, then squared deviations) in double.
 
-The output is fp32 and not differentiable in the kernel backends (whitened advantages are targets);
-with an input that requires grad and grad mode on, the differentiable reference runs instead.
+Gradients. Whitened advantages are targets, so the kernels are forward-only. The rule, the same on
+every backend: with grad mode on and `x` requiring grad, the public op runs the differentiable
+reference (masked_whiten_ref) whatever the backend; the mask is a constant.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 
 from rlhf_kernels._checks import check_float, check_same_device
 from rlhf_kernels._dispatch import ext_op, resolve
-from rlhf_kernels._masks import check_mask, mask_u8
-from rlhf_kernels._triton import flat_block, next_pow2, tl, triton
+from rlhf_kernels._masks import check_mask
+from rlhf_kernels._triton import flat_block, on_device, reduce_block, tl, triton
 
 IMPLEMENTED = ("torch", "triton", "cpp")
 EPS = 1e-8
@@ -133,9 +134,10 @@ def _whiten_triton(x, m, shift_mean):
     P = triton.cdiv(N, block)
     part = torch.empty((P, 4), device=x.device, dtype=torch.float32)
     stats = torch.empty(4, device=x.device, dtype=torch.float32)
-    _whiten_partial_kernel[(P,)](x, m, part, N, BLOCK=block, num_warps=8)
-    _whiten_stats_kernel[(1,)](part, stats, P, EPS, BLOCK=min(next_pow2(P), 1024), num_warps=4)
-    _whiten_apply_kernel[(P,)](x, m, stats, out, N, SHIFT_MEAN=shift_mean, BLOCK=block, num_warps=8)
+    with on_device(x):
+        _whiten_partial_kernel[(P,)](x, m, part, N, BLOCK=block, num_warps=8)
+        _whiten_stats_kernel[(1,)](part, stats, P, EPS, BLOCK=reduce_block(P), num_warps=4)
+        _whiten_apply_kernel[(P,)](x, m, stats, out, N, SHIFT_MEAN=shift_mean, BLOCK=block, num_warps=8)
     return out
 
 
@@ -152,17 +154,18 @@ def masked_whiten(x, mask, *, shift_mean=True, backend="auto"):
         backend: "auto" | "torch" | "triton" | "cpp" (see kernels.backends()).
 
     Returns:
-        [...] fp32 (float64 in gives float64), 0 where mask == 0.
+        [...] fp32 (float64 in gives float64), 0 where mask == 0. Differentiable w.r.t. x through the
+        reference on every backend (the kernels are forward-only; see the module docstring).
     """
     check_float("x", x)
     check_same_device(x=x, mask=mask)
-    check_mask(mask, x.shape)
+    m = check_mask(mask, x.shape)
     chosen = resolve(backend, x.device, "masked_whiten", IMPLEMENTED)
     wants_grad = torch.is_grad_enabled() and x.requires_grad
     if chosen == "torch" or wants_grad or x.dtype == torch.float64:
         return masked_whiten_ref(x, mask, bool(shift_mean))
     flat_x = x.detach().reshape(-1).contiguous()
-    flat_m = mask_u8(mask).reshape(-1).contiguous()
+    flat_m = m.reshape(-1).contiguous()
     if chosen == "cpp":
         out = ext_op("masked_whiten")(flat_x, flat_m, bool(shift_mean), EPS)
     else:

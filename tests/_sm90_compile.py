@@ -181,6 +181,29 @@ def scenario_rl():
     for N in [70000 + 1024 * (1 << k) for k in range(0, 10)]:  # past the one-program ppo forward
         x = torch.zeros(N, requires_grad=True)
         kernels.ppo_loss(x, x.detach(), x.detach(), torch.ones(N), backend="triton")[0].backward()
+    # the small blocks the tests force (on a GPU machine they run compiled): flat 16/64/1024-token
+    # blocks, 2/4-wide reductions, both ppo forwards, gae chunks of 4-16 with spans
+    import importlib
+
+    from rlhf_kernels._triton import forced_blocks
+
+    ppo = importlib.import_module("rlhf_kernels.ppo_loss")
+    gae = importlib.import_module("rlhf_kernels.gae")
+    one_program_max = ppo.ONE_PROGRAM_MAX_N
+    for flat, reduce in ((16, 2), (16, 4), (64, 4), (1024, 4)):
+        with forced_blocks(flat=flat, reduce=reduce):
+            x = torch.zeros(3000, requires_grad=True)
+            m = torch.ones(3000)
+            kernels.masked_whiten(x.detach(), m, backend="triton")
+            kernels.value_loss(x, x.detach(), x.detach(), m, backend="triton")[0].backward()
+            kernels.kl_penalty(x, x.detach(), kind="k3", backend="triton").sum().backward()
+            for limit in (one_program_max, 0):
+                ppo.ONE_PROGRAM_MAX_N = limit
+                kernels.ppo_loss(x, x.detach(), x.detach(), m, dual_clip=3.0, backend="triton")[0].backward()
+            ppo.ONE_PROGRAM_MAX_N = one_program_max
+    for block, span in ((8, None), (8, 16), (4, 4), (16, 32)):
+        z = torch.zeros(6, 37)
+        gae._gae_triton(z, z, torch.ones(6, 37, dtype=torch.uint8), 0.99, 0.95, block=block, span=span)
 
 
 SCENARIOS = {"vocab": scenario_vocab, "rl": scenario_rl}
