@@ -89,8 +89,8 @@ def test_gpu_check_evaluates_targets(gpu_check, tmp_path):
         _row("logprobs", "fwd+bwd", shape, "triton", x_roofline=1.25),  # missed: > 1.20
         _row("logprobs", "fwd+bwd", {"N": 4096, "V": 151936}, "triton", x_roofline=1.0),  # another shape
         _row("linear_logprobs", "fwd+bwd", lin, "triton", x_roofline=1.2, peak_extra_mib=300.0),  # too much memory
-        _row("gae", "fwd", {"B": 512, "T": 2048}, "triton", median_ms=0.060),
-        _row("gae", "fwd", {"B": 512, "T": 2048}, "cuda", median_ms=0.040),  # the best of triton/cuda counts
+        _row("gae", "fwd", {"B": 512, "T": 2048, "mask": "bool"}, "triton", median_ms=0.060),
+        _row("gae", "fwd", {"B": 512, "T": 2048, "mask": "bool"}, "cuda", median_ms=0.040),  # the best of triton/cuda counts
     ]
     results = {r["target"]: r for r in gpu_check.evaluate(gpu_check.TARGETS, rows)}
     status = {k: v["status"] for k, v in results.items()}

@@ -84,3 +84,19 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_cpu_kernels_run_on_torchs_threads():
+    # at::parallel_for is header code over OpenMP: built without -fopenmp the extension's CPU kernels
+    # ran every range on one thread, whatever torch.get_num_threads() said.
+    from rlhf_kernels._dispatch import ext_op
+
+    threads = ext_op("parallel_threads")
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert threads(64) == 2
+        torch.set_num_threads(1)
+        assert threads(64) == 1
+    finally:
+        torch.set_num_threads(saved)
