@@ -93,6 +93,7 @@ MODEL_PRESETS: dict[str, dict] = {
 
 VALUE_MODES = ("adapter", "policy_head")
 ADAPTERS = ("policy", "value", "reward", "reference")
+CACHES = ("dynamic", "static")
 QUANTIZATIONS = ("nf4", None)
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -184,6 +185,36 @@ class RunConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """How responses are sampled (the knobs of transformers' generate that RLHF uses)."""
+
+    max_new_tokens: int = 64  # response length limit, in tokens
+    temperature: float = 1.0  # softmax temperature; 0 = greedy (argmax)
+    top_k: int = 0  # keep only the k most likely tokens (0: all)
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens with total probability >= top_p (1: all)
+    stop_strings: tuple[str, ...] = ()  # a response ends once its text contains one (kept in the response)
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end a response, besides the tokenizer's EOS
+    max_prompt_length: int = 256  # longer prompts keep their LAST tokens
+    cache: str = "dynamic"  # KV cache: "dynamic", or "static" (transformers' StaticCache; compiled on CUDA)
+
+    def validate(self) -> SamplingConfig:
+        if self.max_new_tokens < 1 or self.max_prompt_length < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}, max_prompt_length={self.max_prompt_length}: "
+                              "both must be >= 1")  # fmt: skip
+        if not (0.0 <= self.temperature < float("inf")):
+            raise ConfigError(f"temperature={self.temperature}: expected a finite number >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k}: expected >= 0 (0 = off)")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ConfigError(f"top_p={self.top_p}: expected 0 < top_p <= 1")
+        if self.cache not in CACHES:
+            raise ConfigError(f"cache={self.cache!r}: expected one of {', '.join(CACHES)}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ConfigError(f"stop_strings={self.stop_strings!r}: expected non-empty strings")
+        return self
+
+
+@dataclass
 class RewardConfig(RunConfig):
     """Reward-model training from pairwise or ranked feedback (`python -m engine rm`).
 
@@ -266,3 +297,202 @@ def reward_preset(name: str, **overrides) -> RewardConfig:
     if unknown:
         raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
     return dataclasses.replace(base, stack=dataclasses.replace(base.stack, **stack_over), **overrides)
+
+
+KL_ESTIMATORS = ("exact", "k1", "k2", "k3")
+KL_PLACEMENTS = ("reward", "loss")
+REFERENCES = ("auto", "base", "init")
+REWARD_NORMALIZATIONS = ("none", "batch", "running")
+
+
+@dataclass
+class PPOConfig(RunConfig):
+    """PPO on one (4-bit) base (`python -m engine ppo`): the policy and value adapters train; the
+    reference (the bare base or a frozen copy of the starting adapter) and the reward adapter are the
+    same base. Exactly one reward source: reward_model, reward_fn or reward_classifier.
+
+    Inherits out, seed, log_every, checkpoint_every, resume and progress from RunConfig."""
+
+    prompts: str = ""  # JSONL of {"prompt": ...}; "" = the embedded prompts of engine.corpus
+    eval_fraction: float = 0.1  # share of prompts held out: evaluation and the reward threshold
+    stack: StackConfig = field(default_factory=lambda: StackConfig(adapters=("policy", "value")))
+    init_adapter: str = ""  # start the policy from a saved adapter (an `engine sft` or `engine ppo` output)
+    reference: str = "auto"  # "base": adapters off; "init": frozen copy of the starting adapter; auto: init iff init_adapter
+    # ---- reward (exactly one source) ----
+    reward_model: str = ""  # an `engine rm` output directory: its reward adapter + head join this stack
+    reward_fn: str = ""  # MODULE:FUNCTION or PATH.py:FUNCTION: score(prompts, responses) -> list[float]
+    reward_classifier: str = ""  # a ...ForSequenceClassification directory (a separate model)
+    reward_positive_label: str = ""  # the classifier's positive class (name or index) when it has 2+ labels
+    reward_max_length: int = 512  # tokens of prompt + response the reward model reads (the last ones)
+    missing_eos_penalty: float | None = None  # added to the score of a response that never stopped (e.g. -1.0)
+    reward_clip: float | None = None  # scores clipped to [-c, c] after normalisation
+    reward_normalization: str = "none"  # "none", "batch" (this batch's mean/std) or "running" (all batches so far)
+    # ---- rollout ----
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64))
+    samples_per_prompt: int = 1  # responses per prompt (a group, for GRPO / RLOO)
+    rollout_batch_size: int = 16  # prompts per step; the step's sequences are this x samples_per_prompt
+    forward_batch_size: int = 16  # sequences per no-grad forward (old / reference log-probs, values)
+    # ---- optimisation ----
+    ppo_epochs: int = 1  # passes over each rollout
+    minibatch_size: int = 8  # sequences per optimizer step
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate up to the minibatch
+    lr: float = 1e-5  # AdamW learning rate of the policy and value parameters (constant)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping of the policy and value parameters together; 0 disables it
+    # ---- losses ----
+    clip_low: float = 0.2  # ratio clipped below at 1 - clip_low
+    clip_high: float = 0.2  # ratio clipped above at 1 + clip_high (DAPO's clip-higher: > clip_low)
+    dual_clip: float | None = None  # c > 1: tokens with negative advantages are capped at -A * c
+    value_clip: float = 0.2  # values may move this far from the rollout's before the clipped branch takes over
+    vf_coef: float = 0.1  # weight of the value loss
+    ent_coef: float = 0.0  # weight of the entropy bonus (subtracted from the loss)
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise the advantages over the batch (mean 0, std 1)
+    # ---- KL to the reference ----
+    kl_coef: float = 0.05  # beta, the KL penalty's weight (its start when target_kl is set)
+    kl_estimator: str = "exact"  # "exact": full-vocabulary KL; "k1", "k2", "k3": sampled estimates from log-probs
+    kl_in: str = "reward"  # "reward": -beta KL_t in every token's reward; "loss": + beta mean KL in the loss
+    target_kl: float | None = None  # adaptive beta (Ziegler et al. 2019) towards this KL per sequence; None: fixed
+    kl_horizon: int = 10000  # sequences over which the adaptive beta moves by about e^0.2
+    # ---- run ----
+    max_steps: int = 100  # rollout + optimisation rounds
+    eval_every: int = 10  # held-out evaluation every this many steps (and at 0 and the end); 0: start and end
+    reward_threshold: float | None = None  # stop once the held-out mean score reaches this
+    eval_prompts: int = 64  # held-out prompts used per evaluation (at most)
+    backend: str = "auto"  # rlhf_kernels backend for every op ("torch": the unfused references)
+
+    RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES + ("max_steps", "eval_every", "reward_threshold")
+
+    @property
+    def INPUT_FILES(self) -> tuple[str, ...]:  # noqa: N802 (the RunConfig attribute)
+        return ("prompts",) if self.prompts else ()
+
+    @property
+    def reward_sources(self) -> dict[str, str]:
+        """The configured reward sources, by field name."""
+        return {k: getattr(self, k) for k in ("reward_model", "reward_fn", "reward_classifier") if getattr(self, k)}
+
+    @property
+    def reference_mode(self) -> str:
+        """"base" or "init" ("auto" resolved)."""
+        if self.reference == "auto":
+            return "init" if self.init_adapter else "base"
+        return self.reference
+
+    def validate(self) -> PPOConfig:
+        super().validate()
+        self.stack.validate()
+        self.sampling.validate()
+        sources = self.reward_sources
+        if len(sources) != 1:
+            raise ConfigError(f"reward: give exactly one of --reward-model, --reward-fn, --reward-classifier "
+                              f"(got {', '.join(sources) or 'none'})")  # fmt: skip
+        if self.reward_model and not os.path.isfile(os.path.join(self.reward_model, "stack.json")):
+            raise ConfigError(f"reward_model {self.reward_model!r}: not an `engine rm` output directory (no stack.json)")
+        if self.reward_classifier and not os.path.isfile(os.path.join(self.reward_classifier, "config.json")):
+            raise ConfigError(f"reward_classifier {self.reward_classifier!r}: no config.json (a save_pretrained directory)")
+        if self.init_adapter and not os.path.isfile(os.path.join(self.init_adapter, "stack.json")):
+            raise ConfigError(f"init_adapter {self.init_adapter!r}: not a saved stack directory (no stack.json)")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"reference={self.reference!r}: expected one of {', '.join(REFERENCES)}")
+        if self.reference == "init" and not self.init_adapter:
+            raise ConfigError("reference='init' needs --init-adapter (the adapter the reference copies)")
+        for name, allowed in (("kl_estimator", KL_ESTIMATORS), ("kl_in", KL_PLACEMENTS),
+                              ("reward_normalization", REWARD_NORMALIZATIONS)):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.backend not in ("auto", "torch", "triton", "cpp", "cuda"):
+            raise ConfigError(f"backend={self.backend!r}: expected auto, torch, triton, cpp or cuda")
+        positive = {"samples_per_prompt": self.samples_per_prompt, "rollout_batch_size": self.rollout_batch_size,
+                    "forward_batch_size": self.forward_batch_size, "ppo_epochs": self.ppo_epochs,
+                    "minibatch_size": self.minibatch_size, "micro_batch_size": self.micro_batch_size,
+                    "max_steps": self.max_steps, "eval_prompts": self.eval_prompts,
+                    "reward_max_length": self.reward_max_length, "kl_horizon": self.kl_horizon}  # fmt: skip
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name}={value}: must be >= 1")
+        sequences = self.rollout_batch_size * self.samples_per_prompt
+        if self.minibatch_size > sequences:
+            raise ConfigError(f"minibatch_size={self.minibatch_size} is larger than the batch of {sequences} "
+                              f"sequences (rollout_batch_size x samples_per_prompt)")  # fmt: skip
+        if self.micro_batch_size > self.minibatch_size:
+            raise ConfigError(f"micro_batch_size={self.micro_batch_size} > minibatch_size={self.minibatch_size}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError(f"lr={self.lr} must be > 0; weight_decay, max_grad_norm >= 0")
+        if not (0 <= self.clip_low < 1) or self.clip_high < 0 or self.value_clip < 0:
+            raise ConfigError(f"clip_low={self.clip_low} in [0, 1), clip_high={self.clip_high} and "
+                              f"value_clip={self.value_clip} >= 0")  # fmt: skip
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ConfigError(f"dual_clip={self.dual_clip}: must be > 1")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError(f"gamma={self.gamma}, lam={self.lam}: both in [0, 1]")
+        if self.kl_coef < 0 or (self.target_kl is not None and not self.target_kl > 0):
+            raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0 and target_kl={self.target_kl} > 0")
+        if self.vf_coef < 0 or self.ent_coef < 0:
+            raise ConfigError(f"vf_coef={self.vf_coef}, ent_coef={self.ent_coef}: must be >= 0")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction={self.eval_fraction}: expected 0 <= f < 1")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every={self.eval_every}: must be >= 0")
+        if self.reward_normalization != "none" and self.reward_clip is not None and not self.reward_clip > 0:
+            raise ConfigError(f"reward_clip={self.reward_clip}: must be > 0")
+        if self.stack.value_mode == "adapter" and "value" not in self.stack.adapters:
+            raise ConfigError("stack.adapters: PPO trains a value adapter (or set value_mode='policy_head')")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PPOConfig:
+        """A PPOConfig from plain data (a JSON/YAML config file): unknown fields are an error."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if "stack" in d:
+            d["stack"] = stack_config_from_dict(d["stack"])
+        if "sampling" in d:
+            s = dict(d["sampling"])
+            unknown = sorted(set(s) - {f.name for f in dataclasses.fields(SamplingConfig)})
+            if unknown:
+                raise ConfigError(f"unknown sampling fields: {', '.join(unknown)}")
+            for key in ("stop_strings", "stop_token_ids"):
+                if isinstance(s.get(key), list):
+                    s[key] = tuple(s[key])
+            d["sampling"] = SamplingConfig(**s)
+        return cls(**d)
+
+
+PPO_PRESETS: dict[str, PPOConfig] = {
+    # A real run on a GPU: NF4 base, LoRA policy and value, 64 prompts x 128 new tokens per step.
+    "default": PPOConfig(
+        sampling=SamplingConfig(max_new_tokens=128, temperature=1.0), rollout_batch_size=64, forward_batch_size=32,
+        minibatch_size=16, micro_batch_size=8, ppo_epochs=2, lr=1e-5, max_steps=200, eval_every=20,
+    ),
+    # CPU smoke run on the tiny preset base: short responses, a few prompts, a high rate.
+    "tiny": PPOConfig(
+        stack=StackConfig(model="tiny-llama", adapters=("policy", "value")),
+        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0, max_prompt_length=64),
+        rollout_batch_size=8, forward_batch_size=16, minibatch_size=8, micro_batch_size=4, ppo_epochs=2,
+        lr=3e-3, vf_coef=0.5, kl_coef=0.02, max_steps=20, eval_every=5, eval_prompts=16, checkpoint_every=5,
+        reward_max_length=128,
+    ),
+}  # fmt: skip
+
+
+def ppo_preset(name: str, **overrides) -> PPOConfig:
+    """A copy of PPO_PRESETS[name] with fields replaced; `stack` and `sampling` overrides are dicts."""
+    if name not in PPO_PRESETS:
+        raise ConfigError(f"preset {name!r}: expected one of {', '.join(PPO_PRESETS)}")
+    base = PPO_PRESETS[name]
+    stack_over = overrides.pop("stack", {}) or {}
+    sampling_over = overrides.pop("sampling", {}) or {}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(PPOConfig)}
+    unknown |= set(stack_over) - {f.name for f in dataclasses.fields(StackConfig)}
+    unknown |= {f"sampling.{k}" for k in set(sampling_over) - {f.name for f in dataclasses.fields(SamplingConfig)}}
+    if unknown:
+        raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
+    return dataclasses.replace(
+        base, stack=dataclasses.replace(base.stack, **stack_over),
+        sampling=dataclasses.replace(base.sampling, **sampling_over), **overrides,
+    )  # fmt: skip

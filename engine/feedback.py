@@ -20,19 +20,18 @@ Pure Python: no torch, no transformers.
 
 from __future__ import annotations
 
-import difflib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from rlhf_engine.config import FLOAT32_MAX, EngineError, short_repr
+from rlhf_engine.config import FLOAT32_MAX, short_repr
+from rlhf_engine.jsonl import DataError, check_fields, read_jsonl, require_str
 
 PAIRWISE_FIELDS = ("prompt", "chosen", "rejected", "margin")
 RANKED_FIELDS = ("prompt", "completions", "rankings", "labelers", "thumbs")
 
 
-class FeedbackError(EngineError, ValueError):
+class FeedbackError(DataError):
     """Bad feedback data; the message starts with `file:line:`."""
 
 
@@ -67,65 +66,18 @@ Record = PreferencePair | RankedFeedback
 
 def load_feedback(path: str) -> list[Record]:
     """Parse a feedback JSONL file; any bad record raises FeedbackError naming `path:line`."""
-    try:
-        f = open(path, "rb")  # bytes: a bad UTF-8 sequence is then reported on its own line
-    except OSError as e:
-        raise FeedbackError(f"{path}: cannot open ({e.strerror})") from e
-    records = []
-    with f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may open the file
-            except UnicodeDecodeError as e:
-                raise FeedbackError(
-                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
-                ) from e
-            if not text.strip():
-                continue
-            try:
-                records.append(parse_record(parse_json(text), lineno))
-            except ValueError as e:
-                raise FeedbackError(f"{path}:{lineno}: {e}") from e
-    if not records:
-        raise FeedbackError(f"{path}: no records")
-    return records
-
-
-def parse_json(text: str):
-    """One line of JSON, strictly: no NaN / Infinity, no key twice; ValueError says what is wrong."""
-    try:
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates)
-    except RecursionError:
-        raise ValueError("not valid JSON (nested too deeply)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from e
-    except ValueError as e:  # from the hooks, or an integer past Python's 4300-digit conversion limit
-        detail = "a number with too many digits" if "digits" in str(e) else str(e)
-        raise ValueError(f"not valid JSON ({detail})") from e
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _object_without_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"key {short_repr(key)} given twice")
-        obj[key] = value
-    return obj
+    return read_jsonl(path, parse_record, FeedbackError)
 
 
 def parse_record(obj, line: int = 0) -> Record:
     """One JSON object -> PreferencePair or RankedFeedback; ValueError says what is wrong."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    _require_str(obj, "prompt")
+    require_str(obj, "prompt")
     if "chosen" in obj or "rejected" in obj:
         _check_fields(obj, "pairwise", PAIRWISE_FIELDS)
-        _require_str(obj, "chosen")
-        _require_str(obj, "rejected")
+        require_str(obj, "chosen")
+        require_str(obj, "rejected")
         if obj["chosen"] == obj["rejected"]:
             raise ValueError("'chosen' and 'rejected' are the same text")
         margin = _number(obj.get("margin", 0.0), "margin")
@@ -166,15 +118,7 @@ def parse_record(obj, line: int = 0) -> Record:
 
 
 def _check_fields(obj: dict, kind: str, known: tuple[str, ...]) -> None:
-    """Reject fields the record kind does not have (a typo would be ignored and change the result)."""
-    unknown = [k for k in obj if k not in known]
-    if unknown:
-        others = [f for f in PAIRWISE_FIELDS + RANKED_FIELDS if f != unknown[0]]
-        close = difflib.get_close_matches(unknown[0], others, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"unknown field {short_repr(unknown[0])}{hint}; {kind} records have: {', '.join(known)}"
-        )
+    check_fields(obj, kind, known, PAIRWISE_FIELDS + RANKED_FIELDS)
 
 
 def _number(value, key: str) -> float:
@@ -217,13 +161,6 @@ def _thumb(t) -> int | None:
     if isinstance(t, int) and t in (1, -1):
         return t
     raise ValueError(f"thumb {short_repr(t)}: expected 1 (up), -1 (down), true, false or null")
-
-
-def _require_str(obj: dict, key: str) -> None:
-    if key not in obj:
-        raise ValueError(f"missing key {key!r}")
-    if not isinstance(obj[key], str) or not obj[key]:
-        raise ValueError(f"{key!r} must be a non-empty string")
 
 
 # ---- consensus, pairs, agreement ---------------------------------------------------------------

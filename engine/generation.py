@@ -23,40 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-CACHES = ("dynamic", "static")
-
-
-@dataclass
-class SamplingConfig:
-    """How responses are sampled (the knobs of transformers' generate that RLHF uses)."""
-
-    max_new_tokens: int = 64  # response length limit, in tokens
-    temperature: float = 1.0  # softmax temperature; 0 = greedy (argmax)
-    top_k: int = 0  # keep only the k most likely tokens (0: all)
-    top_p: float = 1.0  # nucleus: keep the smallest set of tokens with total probability >= top_p (1: all)
-    stop_strings: tuple[str, ...] = ()  # a response ends once its text contains one (kept in the response)
-    stop_token_ids: tuple[int, ...] = ()  # tokens that end a response, besides the tokenizer's EOS
-    max_prompt_length: int = 256  # longer prompts keep their LAST tokens
-    cache: str = "dynamic"  # KV cache: "dynamic", or "static" (transformers' StaticCache; compiled on CUDA)
-
-    def validate(self) -> SamplingConfig:
-        from rlhf_engine.config import ConfigError
-
-        if self.max_new_tokens < 1 or self.max_prompt_length < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens}, max_prompt_length={self.max_prompt_length}: "
-                              "both must be >= 1")  # fmt: skip
-        if not (0.0 <= self.temperature < float("inf")):
-            raise ConfigError(f"temperature={self.temperature}: expected a finite number >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k={self.top_k}: expected >= 0 (0 = off)")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ConfigError(f"top_p={self.top_p}: expected 0 < top_p <= 1")
-        if self.cache not in CACHES:
-            raise ConfigError(f"cache={self.cache!r}: expected one of {', '.join(CACHES)}")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ConfigError(f"stop_strings={self.stop_strings!r}: expected non-empty strings")
-        return self
-
+from rlhf_engine.config import SamplingConfig
 
 @dataclass
 class Samples:
