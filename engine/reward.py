@@ -25,6 +25,7 @@ from torch import nn
 from rlhf_engine.config import FLOAT32_MAX, ConfigError, RewardConfig, StackConfig
 from rlhf_engine.feedback import FeedbackError, PreferencePair, build_pairs, load_feedback
 from rlhf_engine.run import Run
+from rlhf_engine.text import encode, format_sample
 
 LABELERS_FILE = "labelers.json"
 CLASSIFIER_DIR = "classifier"
@@ -55,21 +56,6 @@ def reward_loss(
 
 
 # ---- data ------------------------------------------------------------------------------------
-
-
-def format_sample(prompt: str, completion: str) -> str:
-    """The one place a prompt and a completion become the RM's input text."""
-    return f"{prompt}\n{completion}"
-
-
-def encode(tokenizer, text: str, max_length: int) -> list[int]:
-    """Token ids ending with eos; longer texts keep their LAST max_length tokens, since the score
-    is read at the last token and the completion is at the end."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids = ids + [eos]
-    return ids[-max_length:]
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 
 from rlhf_engine.config import ConfigError, EngineError
 from rlhf_engine.rl import RunningMoments
+from rlhf_engine.text import encode, format_sample
 
 NORMALIZATIONS = ("none", "batch", "running")
 
@@ -98,8 +99,6 @@ class StackReward:
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        from rlhf_engine.reward import encode, format_sample
-
         tok = self.stack.tokenizer
         out = []
         for i in range(0, len(responses), self.batch_size):
@@ -135,8 +134,6 @@ class ClassifierReward:
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        from rlhf_engine.reward import format_sample
-
         out = []
         for i in range(0, len(responses), self.batch_size):
             texts = [format_sample(p, r) for p, r in zip(prompts[i : i + self.batch_size],

@@ -449,8 +449,13 @@ class Run:
     removed). result.json is removed either way: it marks a completed run.
     """
 
-    def __init__(self, stage: str, config: RunConfig, progress_keys: tuple[str, ...] = ("loss",)):
+    def __init__(self, stage: str, config: RunConfig, progress_keys: tuple[str, ...] = ("loss",), *,
+                 main: bool = True):  # fmt: skip
         self.stage = stage
+        # A data-parallel run has one main process (rank 0) that owns OUT: the lock, the metrics, the
+        # checkpoints, result.json and the progress bar. The others (main=False) vet and resume from the
+        # same checkpoint read-only and write nothing; they keep the same steps and guards.
+        self.main = main
         self.config = config
         self.out = config.out
         self.progress_keys = progress_keys  # row entries shown on the progress bar
@@ -486,6 +491,9 @@ class Run:
 
     def _open(self) -> None:
         self.config.validate()
+        if not self.main:
+            self._open_follower()
+            return
         try:
             os.makedirs(self.out, exist_ok=True)
         except OSError as e:
@@ -515,6 +523,16 @@ class Run:
                     os.remove(path)
         self._metrics = open(metrics, "a", encoding="utf-8")
         self._stack.callback(self._metrics.close)
+        self._stack.enter_context(_hub_progress(self.config.progress))
+
+    def _open_follower(self) -> None:
+        """A non-main rank: hash the inputs, seed, and vet the checkpoint to resume (read-only)."""
+        for name in self.config.INPUT_FILES:
+            path = getattr(self.config, name)
+            self.inputs[name] = {"path": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+        seed_everything(self.config.seed)
+        if self.config.resume and os.path.isfile(self.path(CHECKPOINT_FILE)):
+            self._pending = self._vet(self._read_checkpoint(mmap=True))
         self._stack.enter_context(_hub_progress(self.config.progress))
 
     def close(self) -> None:
@@ -625,6 +643,9 @@ class Run:
         bad = _first_non_finite(state)
         if bad is not None:
             raise NonFiniteError(f"step {step}: {bad} is not finite; {self._last_good()}")
+        if not self.main:
+            self.last_checkpoint = step
+            return
         payload = {
             "format": CHECKPOINT_FORMAT,
             "stage": self.stage,
@@ -654,7 +675,7 @@ class Run:
         self.total = total
         self._bar = tqdm(
             total=total, initial=min(self.start, total), desc=self.stage, unit="step",
-            disable=not self.config.progress, file=sys.stderr,
+            disable=not (self.config.progress and self.main), file=sys.stderr,
         )
         for step in range(self.start, total):
             self.step = step
@@ -704,6 +725,8 @@ class Run:
 
     def log(self, step: int, row: Mapping) -> None:
         """One metrics row ({"step": step, **row, "elapsed_s": ...}) as strict JSON, flushed."""
+        if not self.main:
+            return
         values = {k: v for k, v in row.items() if k != "step"}
         line = dumps({"step": step, **values, "elapsed_s": round(time.perf_counter() - self._t0, 3)})
         self._metrics.write(line + "\n")
@@ -726,9 +749,10 @@ class Run:
     # ---- outputs ----------------------------------------------------------------------------------
 
     def write_json(self, name: str, obj) -> str:
-        """OUT/name as strict JSON, written atomically; returns its path."""
+        """OUT/name as strict JSON, written atomically (by the main process); returns its path."""
         path = self.path(name)
-        write_json(path, obj)
+        if self.main:
+            write_json(path, obj)
         return path
 
     def finish(self, result) -> str:

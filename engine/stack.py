@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +39,12 @@ from torch import nn
 from rlhf_engine.config import MODEL_PRESETS, ConfigError, StackConfig, stack_config_from_dict
 
 ROLES_WITH_HEADS = ("value", "reward")
+LM_HEAD_ROW_NORM = 2.0  # preset bases: |logit| <= 2 |h| with |h| ~ sqrt(H) after the final RMSNorm
+
+# On an avx512_bf16 CPU, importing bitsandbytes (peft and transformers do) warns that the hub's
+# "kernels-community" fused CPU gemm could not load; the stack switches that path off on every
+# Linear4bit (disable_bnb_cpu_repack), so for the engine the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 STACK_FILE = "stack.json"
 HEADS_FILE = "heads.safetensors"
 
@@ -77,6 +84,12 @@ def build_preset(name: str, seed: int, out_dir: str) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Rows of norm LM_HEAD_ROW_NORM, as a trained model's output layer has: the default init
+        # (std 0.02) caps |logit| at |h| |w_v| ~ 0.16 sqrt(H) after the final norm, so a LoRA policy over
+        # the frozen head could not make any distribution peaked (SFT and PPO on a preset would not learn).
+        w = model.get_output_embeddings().weight
+        w.mul_(LM_HEAD_ROW_NORM / w.norm(dim=1, keepdim=True))
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 

@@ -19,3 +19,9 @@ def nan_for_second(prompts, responses):
 
 
 NOT_CALLABLE = 3
+
+
+def lowercase_share(prompts, responses):
+    """A dense rule-based reward a tiny random model can learn quickly: the share of the response's
+    characters that are ASCII lowercase letters (about 10% for uniformly random bytes)."""
+    return [sum("a" <= c <= "z" for c in r) / max(1, len(r)) for r in responses]

@@ -55,7 +55,7 @@ def _classifier(tmp_path, num_labels, id2label=None):
 
 
 def test_classifier_reward_scores_and_positive_label(tmp_path):
-    from rlhf_engine.reward import format_sample
+    from rlhf_engine.text import format_sample
 
     model, tok = _classifier(tmp_path, 2, {0: "hate", 1: "not hate"})
     rm = ClassifierReward(str(tmp_path), torch.device("cpu"), positive_label="Not Hate")
@@ -74,7 +74,7 @@ def test_classifier_reward_scores_and_positive_label(tmp_path):
 
 
 def test_stack_reward_reads_the_rm_as_trained():
-    from rlhf_engine.reward import encode, format_sample
+    from rlhf_engine.text import encode, format_sample
 
     stack = ModelStack.build(StackConfig(model="tiny-llama", adapters=("policy", "reward")))
     with torch.no_grad():

@@ -79,9 +79,9 @@ class RunningScale:
         self.mean, self.count = state["mean"], state["count"]
 
 
-def train_toy(config: ToyConfig) -> dict[str, torch.Tensor]:
-    """The toy stage; returns copies of the final weights."""
-    with Run("toy", config) as run:
+def train_toy(config: ToyConfig, main: bool = True) -> dict[str, torch.Tensor]:
+    """The toy stage; returns copies of the final weights. main=False: a non-main data-parallel rank."""
+    with Run("toy", config, main=main) as run:
         # step 1. data: targets from the file, inputs from the seeded torch RNG
         with open(config.data) as f:
             offsets = torch.tensor([float(x) for x in f.read().split()])
@@ -184,6 +184,24 @@ def test_resume_repeats_the_uninterrupted_run_bit_for_bit(tmp_path):
     # 7 items in batches of 3: 3 steps per epoch; 5 steps done -> epoch 1, next item at offset 2 * 3
     assert ckpt["data"]["data"] == {"n": 7, "batch_size": 3, "seed": 0, "epoch": 1, "offset": 6}
     assert json.loads((tmp_path / "split" / RESULT_FILE).read_text())["steps"] == 12
+
+
+def test_a_follower_rank_resumes_read_only_and_writes_nothing(tmp_path):
+    # Data parallel: rank 0 owns OUT; another rank resumes from the same checkpoint, takes no lock and
+    # writes nothing, and ends where the uninterrupted run ends.
+    straight = train_toy(toy(tmp_path, "straight", steps=12, checkpoint_every=100))
+    train_toy(toy(tmp_path, "shared", steps=5, checkpoint_every=100))
+    out = tmp_path / "shared"
+    before = {name: (out / name).read_bytes() for name in (CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE)}
+    lock = OutputLock(str(out))
+    lock.acquire()  # rank 0 holds OUT meanwhile
+    try:
+        follower = train_toy(toy(tmp_path, "shared", steps=12, checkpoint_every=4), main=False)
+    finally:
+        lock.release()
+    assert_same_weights(straight, follower)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
 def child_training(cfg: dict) -> subprocess.Popen:

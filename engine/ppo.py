@@ -1,0 +1,496 @@
+"""PPO with a KL penalty, on ONE shared (4-bit) base (Ziegler et al. 2019; Stiennon et al. 2020;
+Ouyang et al. 2022; PPO: Schulman et al. 2017).
+
+    python -m engine ppo --preset tiny --reward-fn MODULE:FUNCTION --out runs/ppo
+
+One base model serves every role: the LoRA policy and the value adapter + head train; the reference
+is the bare base (adapters off) or a frozen copy of the starting adapter; the reward is the `reward`
+adapter + head of an `engine rm` output on the same base, or an outside source (engine.rewards).
+Each step of `train_ppo`:
+
+    1. prompts      this step's prompts (a seeded order over the training prompts), this rank's share
+    2. generate     k responses per prompt from the policy (engine.generation)
+    3. score        the reward source, then shaped (missing-EOS penalty, normalisation, clipping)
+    4. forward      old log-probs, entropy, exact KL and reference log-probs straight from hidden
+                    states (rlhf_kernels.linear_token_stats / linear_logprobs: no [N, V] logits), values
+    5. rewards      the score at the last token - beta * KL_t (or the KL goes into the loss instead)
+    6. advantages   rlhf_kernels.gae, then rlhf_kernels.masked_whiten
+    7. optimise     PPO epochs x minibatches (x micro-batches): ppo_loss + vf_coef * value_loss
+                    - ent_coef * entropy (+ beta * KL with kl_in="loss")
+    8. KL control   fixed beta, or adapted towards target_kl
+    9. log          metrics row, held-out evaluation, stop at the reward threshold, checkpoint
+
+Letters: B sequences of this rank's rollout, P prompt tokens (left-padded), R response positions, H
+hidden, V vocabulary. Per-token tensors live on the response grid (B, R): position j is the j-th
+response token, whose log-prob and value come from the hidden state right before it (column P - 1 + j).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels as kernels
+from rlhf_engine.config import ConfigError, PPOConfig
+from rlhf_engine.corpus import embedded_prompts
+from rlhf_engine.distributed import Dist, init_distributed
+from rlhf_engine.generation import sample
+from rlhf_engine.jsonl import load_prompts
+from rlhf_engine.rewards import ClassifierReward, FunctionReward, StackReward, shape_scores
+from rlhf_engine.rl import KLController, RunningMoments, explained_variance, token_rewards
+from rlhf_engine.run import Run, seeded_permutation
+from rlhf_engine.text import format_prompt
+
+IGNORE = -100
+METRIC_KEYS = (
+    "reward_mean", "reward_std", "kl", "kl_k3", "entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
+    "vf_clipfrac", "explained_variance", "response_length", "eos_fraction", "beta", "grad_norm", "tokens_per_s",
+    "time_generate_s", "time_score_s", "time_logprobs_s", "time_train_s", "peak_mem_mib",
+)  # fmt: skip
+
+
+@dataclass
+class Trajectory:
+    """One rollout of this rank on the response grid; fields filled step by step."""
+
+    input_ids: torch.Tensor  # (B, P + R) prompt (left-padded) then response (right-padded)
+    attention_mask: torch.Tensor  # (B, P + R)
+    prompt_length: int  # P
+    labels: torch.Tensor  # (B, R) response tokens; IGNORE past each response's end
+    mask: torch.Tensor  # (B, R) bool: real response tokens
+    stopped: torch.Tensor  # (B,) bool: the response ended at EOS / a stop (not at the length limit)
+    prompts: list[str]  # (B,) each row's prompt
+    responses: list[str]  # (B,) decoded responses
+    raw_scores: torch.Tensor | None = None  # (B,) what the reward source said
+    scores: torch.Tensor | None = None  # (B,) after shaping: what PPO maximises
+    old_logprobs: torch.Tensor | None = None  # (B, R) log-probs under the policy that sampled (no grad)
+    ref_logprobs: torch.Tensor | None = None  # (B, R) under the reference
+    entropy: torch.Tensor | None = None  # (B, R) of the policy's next-token distribution
+    kl_exact: torch.Tensor | None = None  # (B, R) full-vocabulary KL(policy || reference) per token
+    kl: torch.Tensor | None = None  # (B, R) the KL estimate the penalty uses (exact or k1/k2/k3)
+    old_values: torch.Tensor | None = None  # (B, R)
+    ref_hidden: torch.Tensor | None = None  # (B, R, H) reference hidden states (exact KL in the loss)
+    rewards: torch.Tensor | None = None  # (B, R)
+    advantages: torch.Tensor | None = None  # (B, R), whitened when configured
+    returns: torch.Tensor | None = None  # (B, R)
+
+    def rows(self, idx: torch.Tensor) -> dict:
+        """The per-row tensors a training micro-batch needs, for rows `idx`."""
+        names = ("input_ids", "attention_mask", "labels", "mask", "old_logprobs", "ref_logprobs", "old_values",
+                 "advantages", "returns", "ref_hidden")  # fmt: skip
+        return {n: (None if getattr(self, n) is None else getattr(self, n)[idx]) for n in names}
+
+
+# ---- building the stack and the reward ------------------------------------------------------------
+
+
+def build_stack(config: PPOConfig):
+    """The one stack for every role, and the reward source; the policy starts from init_adapter when
+    given, and the reference is a frozen copy of it when reference_mode == "init"."""
+    from rlhf_engine.stack import ModelStack, read_stack_meta, resolve_device
+
+    adapters = ["policy"]
+    if config.stack.value_mode == "adapter":
+        adapters.append("value")
+    if config.reward_model:
+        adapters.append("reward")
+    if config.reference_mode == "init":
+        adapters.append("reference")
+    stack_config = dataclasses.replace(config.stack, adapters=tuple(adapters))
+    for source in filter(None, (config.reward_model, config.init_adapter)):
+        saved = read_stack_meta(source)["stack"]
+        if saved.get("model") != stack_config.model:
+            raise ConfigError(f"{source}: trained on base {saved.get('model')!r}, this run's base is "
+                              f"{stack_config.model!r} (--model): one base serves every role")  # fmt: skip
+    stack = ModelStack.build(stack_config)
+    if config.reward_model:
+        stack.load_roles(config.reward_model, roles=("reward",))
+        source = StackReward(stack, max_length=config.reward_max_length, batch_size=config.forward_batch_size)
+    elif config.reward_classifier:
+        source = ClassifierReward(config.reward_classifier, resolve_device(config.stack.device),
+                                  positive_label=config.reward_positive_label or None,
+                                  max_length=config.reward_max_length, batch_size=config.forward_batch_size)
+    else:
+        source = FunctionReward(config.reward_fn)
+    if config.init_adapter:
+        stack.load_roles(config.init_adapter, roles=("policy",))
+        if config.reference_mode == "init":
+            stack.copy_adapter("policy", "reference")
+    stack.set_trainable(*("policy", "value"))
+    return stack, source
+
+
+def prompt_split(config: PPOConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts): the prompt file (or the embedded prompts), whole prompts
+    held out by a seeded shuffle, eval_fraction of them (at least one stays for training)."""
+    prompts = load_prompts(config.prompts) if config.prompts else embedded_prompts()
+    order = seeded_permutation(len(prompts), config.seed, 0, name="eval-split")
+    n_eval = min(math.ceil(config.eval_fraction * len(prompts)), len(prompts) - 1) if config.eval_fraction else 0
+    held = sorted(order[:n_eval])
+    train = [prompts[i] for i in sorted(order[n_eval:])]
+    return train, [prompts[i] for i in held][: config.eval_prompts]
+
+
+def step_prompts(n: int, batch: int, seed: int, step: int) -> list[int]:
+    """Indices (into the training prompts) of step `step`'s prompts: the seeded epoch orders laid end
+    to end, `batch` items per step across epoch boundaries (every step gets a full batch); a pure
+    function of (n, batch, seed, step)."""
+    first = step * batch
+    out, perms = [], {}
+    for g in range(first, first + batch):
+        epoch, pos = divmod(g, n)
+        if epoch not in perms:
+            perms[epoch] = seeded_permutation(n, seed, epoch, name="prompts")
+        out.append(perms[epoch][pos])
+    return out
+
+
+# ---- steps 2-6: rollout ---------------------------------------------------------------------------
+
+
+def rollout(stack, prompts: list[str], keys: list[int], config: PPOConfig, *, adapter="policy",
+            seed: int | None = None) -> Trajectory:  # fmt: skip
+    """Step 2: samples_per_prompt responses to each prompt (keys name each prompt's randomness)."""
+    k = config.samples_per_prompt
+    s = sample(stack, [format_prompt(p) for p in prompts], config.sampling, adapter=adapter, samples_per_prompt=k,
+               seed=config.seed if seed is None else seed, keys=keys)  # fmt: skip
+    P = s.prompt_length
+    mask = s.response_mask
+    labels = torch.where(mask, s.input_ids[:, P:], torch.full_like(s.input_ids[:, P:], IGNORE))
+    return Trajectory(
+        input_ids=s.input_ids, attention_mask=s.attention_mask, prompt_length=P, labels=labels, mask=mask,
+        stopped=s.stopped, prompts=[prompts[i] for i in s.prompt_index.tolist()], responses=s.responses,
+    )  # fmt: skip
+
+
+def score(traj: Trajectory, source, config: PPOConfig, moments: RunningMoments, dist: Dist) -> None:
+    """Step 3: raw scores from the source, then shaped over the GLOBAL batch (normalisation sees every
+    rank's scores)."""
+    traj.raw_scores = source.score(traj.prompts, traj.responses).to(traj.mask.device)
+    every = dist.gather_rows(traj.raw_scores)
+    stopped = dist.gather_rows(traj.stopped)
+    shaped = shape_scores(every, stopped, missing_eos_penalty=config.missing_eos_penalty, clip=config.reward_clip,
+                          normalize=config.reward_normalization, moments=moments)  # fmt: skip
+    mine = dist.share(len(every) // config.samples_per_prompt)
+    k = config.samples_per_prompt
+    traj.scores = shaped[mine.start * k : mine.stop * k]
+
+
+def logprob_temperature(config: PPOConfig) -> float:
+    """Log-probs are taken of the distribution that was sampled: logits / T (greedy counts as T = 1)."""
+    return config.sampling.temperature or 1.0
+
+
+@torch.no_grad()
+def forward_stats(stack, traj: Trajectory, config: PPOConfig) -> None:
+    """Step 4: in forward batches, the policy's log-probs, entropy and exact KL to the reference
+    (one fused pass over both hidden states), the reference's log-probs and the values."""
+    P, T = traj.prompt_length, logprob_temperature(config)
+    weight = stack.lm_head_weight
+    keep_ref = config.kl_in == "loss" and config.kl_estimator == "exact"
+    parts: dict[str, list] = {k: [] for k in ("logp", "ent", "kl", "ref_logp", "values", "ref_hidden")}
+    for rows in torch.arange(traj.input_ids.shape[0], device=traj.mask.device).split(config.forward_batch_size):
+        ids, am, labels = traj.input_ids[rows], traj.attention_mask[rows], traj.labels[rows]
+        hidden = stack.policy(ids, am)  # (b, P + R, H)
+        ref_hidden = stack.reference(ids, am)[:, P - 1 : -1]  # (b, R, H)
+        logp, ent, kl = kernels.linear_token_stats(hidden[:, P - 1 : -1], ref_hidden, weight, labels, temperature=T,
+                                                   ignore_index=IGNORE, backend=config.backend)  # fmt: skip
+        parts["logp"].append(logp)
+        parts["ent"].append(ent)
+        parts["kl"].append(kl)
+        parts["ref_logp"].append(kernels.linear_logprobs(ref_hidden, weight, labels, temperature=T,
+                                                         ignore_index=IGNORE, backend=config.backend))  # fmt: skip
+        parts["values"].append(stack.values(ids, am, policy_hidden=hidden)[:, P - 1 : -1].float())
+        if keep_ref:
+            parts["ref_hidden"].append(ref_hidden)
+    m = traj.mask
+    traj.old_logprobs = torch.cat(parts["logp"]) * m
+    traj.entropy = torch.cat(parts["ent"]) * m
+    traj.kl_exact = torch.cat(parts["kl"]) * m
+    traj.ref_logprobs = torch.cat(parts["ref_logp"]) * m
+    traj.old_values = torch.cat(parts["values"]) * m
+    traj.ref_hidden = torch.cat(parts["ref_hidden"]) if keep_ref else None
+
+
+def penalty_kl(traj: Trajectory, config: PPOConfig) -> torch.Tensor:
+    """The per-token KL the penalty uses: the exact one, or a sampled estimate (k1/k2/k3)."""
+    if config.kl_estimator == "exact":
+        return traj.kl_exact
+    return kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind=config.kl_estimator,
+                              backend=config.backend) * traj.mask  # fmt: skip
+
+
+def assign_rewards(traj: Trajectory, config: PPOConfig, beta: float) -> None:
+    """Step 5: per-token rewards: the score at the last token minus beta * KL_t (kl_in="reward"), or
+    the score alone (kl_in="loss": the KL is a loss term then)."""
+    traj.kl = penalty_kl(traj, config)
+    in_reward = beta if config.kl_in == "reward" else 0.0
+    traj.rewards = token_rewards(traj.scores, traj.kl, traj.mask, in_reward)
+
+
+def whiten_advantages(adv: torch.Tensor, mask: torch.Tensor, config: PPOConfig, dist: Dist) -> torch.Tensor:
+    """The one place advantages are normalised: rlhf_kernels.masked_whiten over the GLOBAL batch (every
+    rank's tokens), returning this rank's rows."""
+    every, every_mask = dist.gather_rows(adv), dist.gather_rows(mask, fill=False)
+    white = kernels.masked_whiten(every, every_mask, backend=config.backend)
+    start = _row_offset(mask.shape[0], dist)
+    return white[start : start + adv.shape[0], : adv.shape[1]]
+
+
+def _row_offset(n_rows: int, dist: Dist) -> int:
+    """Where this rank's rows start among every rank's (rank order)."""
+    if not dist.active:
+        return 0
+    counts = [0.0] * dist.world
+    counts[dist.rank] = float(n_rows)
+    return int(sum(dist.sum_floats(*counts)[: dist.rank]))
+
+
+def estimate_advantages(traj: Trajectory, config: PPOConfig, dist: Dist) -> None:
+    """Step 6: GAE over the response tokens (rlhf_kernels.gae), then whitening."""
+    adv, ret = kernels.gae(traj.rewards, traj.old_values, traj.mask, gamma=config.gamma, lam=config.lam,
+                           backend=config.backend)  # fmt: skip
+    traj.returns = ret
+    traj.advantages = whiten_advantages(adv, traj.mask, config, dist) if config.whiten_advantages else adv
+
+
+# ---- step 7: optimisation -------------------------------------------------------------------------
+
+
+def micro_loss(stack, mb: dict, P: int, config: PPOConfig, beta: float, n_total: float) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's share of the minibatch loss and its token-weighted stats.
+
+    loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy (+ beta * KL with kl_in="loss"), each a
+    token mean over the micro-batch, weighted by its tokens / the minibatch's (all ranks): the sum of
+    the micro-batches' (and ranks') gradients is the gradient of the minibatch's token mean."""
+    T, weight, b = logprob_temperature(config), stack.lm_head_weight, config.backend
+    mask = mb["mask"]
+    hidden = stack.policy(mb["input_ids"], mb["attention_mask"])
+    h = hidden[:, P - 1 : -1]
+    kl = None
+    if config.kl_in == "loss" and config.kl_estimator == "exact":
+        logp, ent, kl = kernels.linear_token_stats(h, mb["ref_hidden"], weight, mb["labels"], temperature=T,
+                                                   ignore_index=IGNORE, backend=b)  # fmt: skip
+    else:
+        logp, ent = kernels.linear_logprobs(h, weight, mb["labels"], temperature=T, ignore_index=IGNORE,
+                                            entropy=True, backend=b)  # fmt: skip
+        if config.kl_in == "loss":
+            kl = kernels.kl_penalty(logp, mb["ref_logprobs"], kind=config.kl_estimator, backend=b)
+    values = stack.values(mb["input_ids"], mb["attention_mask"], policy_hidden=hidden)[:, P - 1 : -1].float()
+    pg_loss, pst = kernels.ppo_loss(logp, mb["old_logprobs"], mb["advantages"], mask, clip_low=config.clip_low,
+                                    clip_high=config.clip_high, dual_clip=config.dual_clip, backend=b)  # fmt: skip
+    vf_loss, vst = kernels.value_loss(values, mb["old_values"], mb["returns"], mask, clip=config.value_clip, backend=b)
+    n = mask.sum().float()
+    entropy = (ent * mask).sum() / n.clamp(min=1)
+    loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
+    if kl is not None:
+        loss = loss + beta * (kl * mask).sum() / n.clamp(min=1)
+    share = float(n) / max(n_total, 1.0)
+    stats = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "clipfrac": pst.clipfrac,
+             "approx_kl": pst.approx_kl, "vf_clipfrac": vst.vf_clipfrac, "train_entropy": entropy.detach()}  # fmt: skip
+    return loss * share, {k: float(v) * share for k, v in stats.items()}
+
+
+def optimise(stack, traj: Trajectory, config: PPOConfig, beta: float, run: Run, optimizer, params, dist: Dist,
+             step: int) -> dict:  # fmt: skip
+    """Step 7: ppo_epochs passes; each a seeded permutation of the GLOBAL batch cut into minibatches
+    (one optimizer step each); this rank trains its own rows of each minibatch in micro-batches."""
+    B = traj.input_ids.shape[0]
+    G = int(dist.sum_floats(float(B))[0])  # sequences of every rank
+    start = _row_offset(B, dist)
+    totals: dict[str, float] = {}
+    grad_norms = []
+    for epoch in range(config.ppo_epochs):
+        perm = seeded_permutation(G, config.seed, step * config.ppo_epochs + epoch, name="minibatches")
+        for mb0 in range(0, G, config.minibatch_size):
+            mine = [g - start for g in perm[mb0 : mb0 + config.minibatch_size] if start <= g < start + B]
+            idx = torch.tensor(mine, dtype=torch.long, device=traj.mask.device)
+            n_total = dist.sum_floats(float(traj.mask[idx].sum()) if mine else 0.0)[0]
+            optimizer.zero_grad(set_to_none=True)
+            for micro in idx.split(config.micro_batch_size):
+                loss, stats = micro_loss(stack, traj.rows(micro), traj.prompt_length, config, beta, n_total)
+                run.check_finite(loss=loss.detach())
+                loss.backward()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+            dist.reduce_gradients(params)
+            grad_norms.append(run.optimizer_step(optimizer, params, config.max_grad_norm))
+    n_mb = config.ppo_epochs * math.ceil(G / config.minibatch_size)
+    summed = dist.sum_floats(*totals.values()) if totals else []
+    out = {k: v / n_mb for k, v in zip(totals, summed)}
+    out["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+    return out
+
+
+# ---- step 9: metrics and evaluation ----------------------------------------------------------------
+
+
+def rollout_metrics(traj: Trajectory, config: PPOConfig, dist: Dist) -> dict:
+    """Global means over the step's sequences and tokens (sums and counts reduced over ranks)."""
+    m = traj.mask.float()
+    k3 = kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind="k3", backend=config.backend) * m
+    raw = traj.raw_scores.double()
+    n, tokens, s, s2, kl, kl3, ent, eos = dist.sum_floats(
+        float(len(raw)), float(m.sum()), float(raw.sum()), float((raw**2).sum()), float(traj.kl_exact.sum()),
+        float(k3.sum()), float(traj.entropy.sum()), float(traj.stopped.float().sum()),
+    )  # fmt: skip
+    var = max(s2 / n - (s / n) ** 2, 0.0) * n / max(n - 1, 1)
+    values, returns = dist.gather_rows(traj.old_values), dist.gather_rows(traj.returns)
+    return {
+        "reward_mean": s / n, "reward_std": math.sqrt(var),
+        "kl": kl / n,  # exact KL(policy || reference) summed over a response, mean over responses
+        "kl_k3": kl3 / n,  # the same with Schulman's k3 estimate per token
+        "entropy": ent / max(tokens, 1), "response_length": tokens / n, "eos_fraction": eos / n,
+        "explained_variance": explained_variance(values, returns, dist.gather_rows(traj.mask, fill=False)),
+    }  # fmt: skip
+
+
+def evaluate_rollout(stack, prompts: list[str], source, config: PPOConfig, dist: Dist, *, adapter="policy") -> dict:
+    """Mean score and response length of `adapter`'s responses to the held-out prompts (sampled as in
+    training, from a fixed seed: every evaluation sees the same draws); this rank's share of the prompts."""
+    if not prompts:
+        return {}
+    share = dist.share(len(prompts))
+    mine = prompts[share]
+    n, s, length = 0.0, 0.0, 0.0
+    if mine:
+        traj = rollout(stack, mine, list(range(share.start, share.stop)), config, adapter=adapter,
+                       seed=config.seed + 1_000_003)  # fmt: skip
+        scores = source.score(traj.prompts, traj.responses)
+        n, s, length = float(len(scores)), float(scores.double().sum()), float(traj.mask.sum())
+    n, s, length = dist.sum_floats(n, s, length)
+    return {"eval_reward_mean": s / n, "eval_response_length": length / n}
+
+
+class Progress:
+    """What the run remembers besides weights: whether it stopped at the reward threshold."""
+
+    def __init__(self):
+        self.stopped_at: int | None = None
+        self.eval_reward: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"stopped_at": self.stopped_at, "eval_reward": self.eval_reward}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stopped_at, self.eval_reward = state["stopped_at"], state["eval_reward"]
+
+
+def _peak_mem_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's high-water mark (KiB)
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@dataclass
+class PPOResult:
+    out: str  # output directory
+    steps: int  # steps done in total (resumed ones included)
+    resumed_from: int  # step the run resumed from (0: fresh)
+    stopped_at_threshold: bool  # the held-out reward reached reward_threshold
+    eval_reward_mean: float | None  # the last held-out evaluation
+    train_prompts: int
+    eval_prompts: int
+    files: list[str]  # adapters, heads and stack.json written at the end
+
+
+# ---- the trainer -----------------------------------------------------------------------------------
+
+
+def train_ppo(config: PPOConfig) -> PPOResult:
+    """PPO from `config`; see the module docstring for the steps and the command."""
+    dist = init_distributed()
+    with Run("ppo", config, progress_keys=("reward_mean", "kl"), main=dist.main) as run:
+        train_prompts, eval_prompts = prompt_split(config)
+        if len(train_prompts) < 1:
+            raise ConfigError("no training prompts")
+        stack, source = build_stack(config)
+        stack.train(True)
+        device = stack.device
+        params = [p for role in ("policy", "value") for p in stack.role_parameters(role)]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        kl_ctl = KLController(config.kl_coef, config.target_kl, config.kl_horizon)
+        moments, progress = RunningMoments(), Progress()
+        run.data_order(len(train_prompts), config.rollout_batch_size, name="prompts")  # recorded and vetted
+        run.track(weights=[(n, p) for role in ("policy", "value") for n, p in stack.named_role_parameters(role)],
+                  optimizer=optimizer, kl_ctl=kl_ctl, moments=moments, progress=progress)  # fmt: skip
+        start = run.resume()
+        if start == 0:
+            run.log(0, evaluate_rollout(stack, eval_prompts, source, config, dist))
+
+        for step in run.steps(config.max_steps):
+            if progress.stopped_at is not None:
+                break
+            t0 = _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # step 1. this step's prompts (global indices name their randomness), this rank's share
+            idx = step_prompts(len(train_prompts), config.rollout_batch_size, config.seed, step)
+            share = dist.share(len(idx))
+            keys = [step * config.rollout_batch_size + i for i in range(share.start, share.stop)]
+            # step 2. generate
+            traj = rollout(stack, [train_prompts[i] for i in idx[share]], keys, config)
+            t1 = _sync(device)
+            # step 3. score
+            score(traj, source, config, moments, dist)
+            t2 = _sync(device)
+            # step 4. log-probs, entropy, KL and values, no grad
+            forward_stats(stack, traj, config)
+            # step 5. per-token rewards
+            beta = kl_ctl.beta
+            assign_rewards(traj, config, beta)
+            # step 6. advantages and returns
+            estimate_advantages(traj, config, dist)
+            t3 = _sync(device)
+            # step 7. PPO epochs over minibatches
+            train_stats = optimise(stack, traj, config, beta, run, optimizer, params, dist, step)
+            t4 = _sync(device)
+            # step 8. KL control, from the mean KL of the step's responses
+            row = rollout_metrics(traj, config, dist)
+            n_seq = int(dist.sum_floats(float(len(traj.responses)))[0])
+            kl_ctl.update(row["kl"] if config.kl_estimator == "exact" else _mean_penalty_kl(traj, dist), n_seq)
+            # step 9. metrics, evaluation, stop, checkpoint
+            tokens = row["response_length"] * n_seq
+            row.update(train_stats)
+            row.update(beta=beta, lr=config.lr, tokens_per_s=tokens / max(t4 - t0, 1e-9),
+                       time_generate_s=t1 - t0, time_score_s=t2 - t1, time_logprobs_s=t3 - t2,
+                       time_train_s=t4 - t3, peak_mem_mib=_peak_mem_mib(device))  # fmt: skip
+            done = step + 1
+            if run.due(done, config.eval_every):
+                row.update(evaluate_rollout(stack, eval_prompts, source, config, dist))
+                progress.eval_reward = row.get("eval_reward_mean")
+                threshold = config.reward_threshold
+                if threshold is not None and progress.eval_reward is not None and progress.eval_reward >= threshold:
+                    progress.stopped_at = done
+            run.end_step(done, row, log=progress.stopped_at is not None)
+            if progress.stopped_at is not None and run.last_checkpoint != done:
+                run.checkpoint(done)
+
+        # every role's adapter and head (the reward's and the reference's too, for `engine eval`), the
+        # base named in stack.json
+        files = stack.save(config.out, roles=stack.roles) if dist.main else []
+        result = PPOResult(
+            out=config.out, steps=progress.stopped_at or max(config.max_steps, run.start), resumed_from=run.start,
+            stopped_at_threshold=progress.stopped_at is not None, eval_reward_mean=progress.eval_reward,
+            train_prompts=len(train_prompts), eval_prompts=len(eval_prompts), files=files,
+        )  # fmt: skip
+        run.finish(dataclasses.asdict(result))
+    dist.barrier()
+    return result
+
+
+def _mean_penalty_kl(traj: Trajectory, dist: Dist) -> float:
+    """Mean over responses of the summed penalty KL (k1/k2/k3), for the adaptive controller."""
+    total, n = dist.sum_floats(float(traj.kl.sum()), float(len(traj.responses)))
+    return total / max(n, 1)
