@@ -1,6 +1,8 @@
 """The engine's command line; one subcommand per stage.
 
     python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/rm
+    python -m engine ppo --preset tiny --reward-fn MODULE:FUNCTION --out runs/ppo
+    python -m engine eval --policy runs/ppo --reward-fn MODULE:FUNCTION
 
 Every error a user can act on prints one `error: ...` line, never a traceback. Exit status: 0 done;
 2 a bad option, path, config, data line or checkpoint, or OUT in use by another run; 3 the run
@@ -137,6 +139,125 @@ def _run_rm(args) -> int:
     return 0
 
 
+def _merge(base: dict, override: dict) -> dict:
+    """base with override's keys replaced; nested dicts (stack, sampling) merged key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _add_ppo(sub) -> None:
+    from rlhf_engine.cli import add_config_flags
+    from rlhf_engine.config import PPO_PRESETS, PPOConfig, SamplingConfig, StackConfig
+
+    d = PPO_PRESETS["default"]
+    p = sub.add_parser(
+        "ppo",
+        help="RLHF with PPO: the policy and value adapters against a reward, with a KL penalty",
+        description=(
+            "PPO on one (4-bit) base: the LoRA policy and value adapters train; the reference is the bare base "
+            "or a frozen copy of --init-adapter; the reward is an `engine rm` output (--reward-model), a "
+            "classifier directory (--reward-classifier) or a Python function (--reward-fn MODULE:FUNCTION or "
+            "PATH.py:FUNCTION, score(prompts, responses) -> list[float]). Log-probs, the exact full-vocabulary "
+            "KL, GAE, whitening and the losses run on rlhf_kernels. Writes OUT/metrics.jsonl (one row per step), "
+            "the adapters, OUT/eval_prompts.jsonl and OUT/checkpoint.pt; rerunning with the same OUT resumes. "
+            "Settings come from the preset, then --config FILE (JSON/YAML of these fields, stack and sampling "
+            "nested), then the flags. Batch sizes are global (all data-parallel ranks together)."
+        ),
+        epilog=(
+            "example: python -m engine ppo --preset tiny --reward-fn tests/_reward_fns.py:lowercase_share "
+            "--out runs/ppo --max-steps 20"
+        ),
+    )
+    p.add_argument("--preset", default="default", choices=sorted(PPO_PRESETS),
+                   help="settings the config file and flags override (tiny: a CPU smoke run; default: a GPU run)")
+    p.add_argument("--config", help="JSON or YAML file of config fields (stack and sampling as nested objects)")
+    top = add_config_flags(p, PPOConfig, d, skip=("resume", "progress"))
+    stack = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack,
+                             skip=("adapters", "seed", "target_modules"))  # fmt: skip
+    sampling = add_config_flags(p.add_argument_group("sampling"), SamplingConfig, d.sampling)
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                   help="start over: delete OUT/checkpoint.pt instead of resuming from it")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (transformers' and huggingface_hub's loading bars included)")
+    p.set_defaults(func=_run_ppo, flags={"top": top + ["resume", "progress"], "stack": stack, "sampling": sampling})
+
+
+def _ppo_config(args):
+    import dataclasses
+
+    from rlhf_engine.cli import given, read_config_file
+    from rlhf_engine.config import PPO_PRESETS, PPOConfig
+
+    data = dataclasses.asdict(PPO_PRESETS[args.preset])
+    if args.config:
+        data = _merge(data, read_config_file(args.config))
+    data = _merge(data, given(args, args.flags["top"]))
+    data = _merge(data, {"stack": given(args, args.flags["stack"]), "sampling": given(args, args.flags["sampling"])})
+    data["stack"]["seed"] = data["seed"]  # one --seed: the run's and the preset base's init
+    return PPOConfig.from_dict(data).validate()
+
+
+def _run_ppo(args) -> int:
+    config = _ppo_config(args)  # config, files and reward spec are checked before the heavy imports
+    if config.prompts:
+        from rlhf_engine.jsonl import load_prompts
+
+        load_prompts(config.prompts)
+    from rlhf_engine.ppo import train_ppo
+
+    r = train_ppo(config)
+    stop = " (reward threshold reached)" if r.stopped_at_threshold else ""
+    ev = "n/a" if r.eval_reward_mean is None else f"{r.eval_reward_mean:.4f}"
+    print(f"ppo: {r.steps} steps{stop}, held-out reward {ev} on {r.eval_prompts} prompts; saved to {r.out}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    from rlhf_engine.cli import add_config_flags
+    from rlhf_engine.config import EvalConfig, SamplingConfig
+
+    d = EvalConfig()
+    p = sub.add_parser(
+        "eval",
+        help="before/after: the reference vs the trained policy on held-out prompts",
+        description=(
+            "The reference and the trained policy of a saved stack (an `engine ppo` output) answer the same "
+            "held-out prompts (--prompts, else the run's OUT/eval_prompts.jsonl) with the same randomness; each "
+            "reward source scores both (the policy directory's reward adapter when no source is given), sampling as "
+            "the training run did (POLICY/config.json) unless the sampling flags say otherwise. Prints "
+            "the table (mean scores, exact KL to the reference, response length) and a few completions side "
+            "by side, and writes it to --out (default POLICY/eval.json)."
+        ),
+        epilog="example: python -m engine eval --policy runs/ppo --reward-fn tests/_reward_fns.py:lowercase_share",
+    )
+    top = add_config_flags(p, EvalConfig, d)
+    sampling = add_config_flags(p.add_argument_group("sampling"), SamplingConfig, d.sampling)
+    p.set_defaults(func=_run_eval, flags={"top": top, "sampling": sampling})
+
+
+def _run_eval(args) -> int:
+    import dataclasses
+
+    from rlhf_engine.cli import given
+    from rlhf_engine.config import EvalConfig
+
+    from rlhf_engine.evaluate import trained_sampling
+
+    base = EvalConfig()
+    if getattr(args, "policy", None):
+        base = dataclasses.replace(base, sampling=trained_sampling(args.policy) or base.sampling)
+    config = dataclasses.replace(
+        base, **given(args, args.flags["top"]),
+        sampling=dataclasses.replace(base.sampling, **given(args, args.flags["sampling"])),
+    ).validate()  # fmt: skip
+    from rlhf_engine.evaluate import evaluate, format_report
+
+    print(format_report(evaluate(config)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m engine",
@@ -144,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_rm(sub)
+    _add_ppo(sub)
+    _add_eval(sub)
     return parser
 
 

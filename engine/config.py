@@ -388,12 +388,15 @@ class PPOConfig(RunConfig):
         if len(sources) != 1:
             raise ConfigError(f"reward: give exactly one of --reward-model, --reward-fn, --reward-classifier "
                               f"(got {', '.join(sources) or 'none'})")  # fmt: skip
-        if self.reward_model and not os.path.isfile(os.path.join(self.reward_model, "stack.json")):
-            raise ConfigError(f"reward_model {self.reward_model!r}: not an `engine rm` output directory (no stack.json)")
         if self.reward_classifier and not os.path.isfile(os.path.join(self.reward_classifier, "config.json")):
             raise ConfigError(f"reward_classifier {self.reward_classifier!r}: no config.json (a save_pretrained directory)")
-        if self.init_adapter and not os.path.isfile(os.path.join(self.init_adapter, "stack.json")):
-            raise ConfigError(f"init_adapter {self.init_adapter!r}: not a saved stack directory (no stack.json)")
+        for name in ("reward_model", "init_adapter"):  # adapters only fit the base they were trained on
+            path = getattr(self, name)
+            if path:
+                base = saved_base(path, name)
+                if base != self.stack.model:
+                    raise ConfigError(f"{name} {path!r} was trained on base {base!r}; this run's base is "
+                                      f"{self.stack.model!r} (--model): one base serves every role")  # fmt: skip
         if self.reference not in REFERENCES:
             raise ConfigError(f"reference={self.reference!r}: expected one of {', '.join(REFERENCES)}")
         if self.reference == "init" and not self.init_adapter:
@@ -463,6 +466,20 @@ class PPOConfig(RunConfig):
         return cls(**d)
 
 
+def saved_base(path: str, name: str) -> str:
+    """The base model named in a saved stack directory's stack.json (ConfigError when it has none)."""
+    import json
+
+    meta = os.path.join(path, "stack.json")
+    if not os.path.isfile(meta):
+        raise ConfigError(f"{name} {path!r}: not a saved stack directory (no stack.json)")
+    try:
+        with open(meta, encoding="utf-8") as f:
+            return json.load(f)["stack"]["model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{name} {path!r}: unreadable stack.json ({type(e).__name__}: {e})") from e
+
+
 PPO_PRESETS: dict[str, PPOConfig] = {
     # A real run on a GPU: NF4 base, LoRA policy and value, 64 prompts x 128 new tokens per step.
     "default": PPOConfig(
@@ -496,3 +513,48 @@ def ppo_preset(name: str, **overrides) -> PPOConfig:
         base, stack=dataclasses.replace(base.stack, **stack_over),
         sampling=dataclasses.replace(base.sampling, **sampling_over), **overrides,
     )  # fmt: skip
+
+
+@dataclass
+class EvalConfig:
+    """Before/after evaluation on held-out prompts (`python -m engine eval`): the reference and the
+    trained policy of a saved stack answer the same prompts with the same randomness; every reward
+    source scores both; KL to the reference and response length come along."""
+
+    policy: str = ""  # a saved stack directory with a policy adapter (an `engine ppo` output)
+    prompts: str = ""  # JSONL of {"prompt": ...}; "" = the embedded prompts
+    out: str = ""  # where eval.json goes ("" = POLICY/eval.json)
+    reward_model: str = ""  # an `engine rm` directory; "" = the policy directory's own reward adapter, if saved
+    reward_fn: tuple[str, ...] = ()  # user scorers, each MODULE:FUNCTION or PATH.py:FUNCTION (one column each)
+    reward_classifier: str = ""  # a ...ForSequenceClassification directory
+    reward_positive_label: str = ""  # its positive class when it has 2+ labels
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.0))
+    max_prompts: int = 64  # prompts evaluated (the first ones of the file)
+    show: int = 3  # prompts whose two completions are printed side by side
+    batch_size: int = 16  # prompts per generation / scoring batch
+    seed: int = 0  # sampling seed (both policies draw the same randomness)
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    backend: str = "auto"  # rlhf_kernels backend for the KL
+    progress: bool = True  # transformers' loading bars (False silences them)
+
+    def validate(self) -> EvalConfig:
+        check_seed(self.seed)
+        check_numbers(self)
+        self.sampling.validate()
+        if not self.policy or not os.path.isfile(os.path.join(self.policy, "stack.json")):
+            raise ConfigError(f"policy {self.policy!r}: not a saved stack directory (no stack.json)")
+        if not os.path.isfile(os.path.join(self.policy, "adapter_policy.safetensors")):
+            raise ConfigError(f"policy {self.policy!r}: has no policy adapter (adapter_policy.safetensors)")
+        if self.prompts and not os.path.isfile(self.prompts):
+            raise ConfigError(f"prompts {self.prompts!r}: no such file")
+        if self.reward_model and not os.path.isfile(os.path.join(self.reward_model, "stack.json")):
+            raise ConfigError(f"reward_model {self.reward_model!r}: not an `engine rm` output directory (no stack.json)")
+        if self.reward_classifier and not os.path.isfile(os.path.join(self.reward_classifier, "config.json")):
+            raise ConfigError(f"reward_classifier {self.reward_classifier!r}: no config.json")
+        if min(self.max_prompts, self.batch_size) < 1 or self.show < 0:
+            raise ConfigError(f"max_prompts={self.max_prompts}, batch_size={self.batch_size} >= 1; show >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device {self.device!r}: expected auto, cpu or cuda")
+        if self.out:
+            check_out_dir(os.path.dirname(os.path.abspath(self.out)) or ".")
+        return self

@@ -36,17 +36,19 @@ from dataclasses import dataclass
 import torch
 
 import rlhf_kernels as kernels
-from rlhf_engine.config import ConfigError, PPOConfig
+from rlhf_engine.config import ConfigError, PPOConfig, SamplingConfig
 from rlhf_engine.corpus import embedded_prompts
 from rlhf_engine.distributed import Dist, init_distributed
 from rlhf_engine.generation import sample
 from rlhf_engine.jsonl import load_prompts
 from rlhf_engine.rewards import ClassifierReward, FunctionReward, StackReward, shape_scores
 from rlhf_engine.rl import KLController, RunningMoments, explained_variance, token_rewards
-from rlhf_engine.run import Run, seeded_permutation
+from rlhf_engine.run import Run, atomic_write, dumps, seeded_permutation
 from rlhf_engine.text import format_prompt
 
 IGNORE = -100
+EVAL_PROMPTS_FILE = "eval_prompts.jsonl"  # the held-out prompts, beside the adapters (`engine eval` reads them)
+EVAL_SEED_OFFSET = 1_000_003  # held-out evaluations sample from their own stream (the same at every evaluation)
 METRIC_KEYS = (
     "reward_mean", "reward_std", "kl", "kl_k3", "entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
     "vf_clipfrac", "explained_variance", "response_length", "eos_fraction", "beta", "grad_norm", "tokens_per_s",
@@ -92,7 +94,7 @@ class Trajectory:
 def build_stack(config: PPOConfig):
     """The one stack for every role, and the reward source; the policy starts from init_adapter when
     given, and the reference is a frozen copy of it when reference_mode == "init"."""
-    from rlhf_engine.stack import ModelStack, read_stack_meta, resolve_device
+    from rlhf_engine.stack import ModelStack, resolve_device
 
     adapters = ["policy"]
     if config.stack.value_mode == "adapter":
@@ -101,13 +103,7 @@ def build_stack(config: PPOConfig):
         adapters.append("reward")
     if config.reference_mode == "init":
         adapters.append("reference")
-    stack_config = dataclasses.replace(config.stack, adapters=tuple(adapters))
-    for source in filter(None, (config.reward_model, config.init_adapter)):
-        saved = read_stack_meta(source)["stack"]
-        if saved.get("model") != stack_config.model:
-            raise ConfigError(f"{source}: trained on base {saved.get('model')!r}, this run's base is "
-                              f"{stack_config.model!r} (--model): one base serves every role")  # fmt: skip
-    stack = ModelStack.build(stack_config)
+    stack = ModelStack.build(dataclasses.replace(config.stack, adapters=tuple(adapters)))  # the bases match (validate)
     if config.reward_model:
         stack.load_roles(config.reward_model, roles=("reward",))
         source = StackReward(stack, max_length=config.reward_max_length, batch_size=config.forward_batch_size)
@@ -153,12 +149,12 @@ def step_prompts(n: int, batch: int, seed: int, step: int) -> list[int]:
 # ---- steps 2-6: rollout ---------------------------------------------------------------------------
 
 
-def rollout(stack, prompts: list[str], keys: list[int], config: PPOConfig, *, adapter="policy",
-            seed: int | None = None) -> Trajectory:  # fmt: skip
-    """Step 2: samples_per_prompt responses to each prompt (keys name each prompt's randomness)."""
-    k = config.samples_per_prompt
-    s = sample(stack, [format_prompt(p) for p in prompts], config.sampling, adapter=adapter, samples_per_prompt=k,
-               seed=config.seed if seed is None else seed, keys=keys)  # fmt: skip
+def rollout(stack, prompts: list[str], keys: list[int], sampling: SamplingConfig, *, samples_per_prompt: int = 1,
+            seed: int, adapter: str | None = "policy") -> Trajectory:  # fmt: skip
+    """Step 2: samples_per_prompt responses to each prompt from `adapter` (keys name each prompt's
+    randomness), on the response grid."""
+    s = sample(stack, [format_prompt(p) for p in prompts], sampling, adapter=adapter,
+               samples_per_prompt=samples_per_prompt, seed=seed, keys=keys)  # fmt: skip
     P = s.prompt_length
     mask = s.response_mask
     labels = torch.where(mask, s.input_ids[:, P:], torch.full_like(s.input_ids[:, P:], IGNORE))
@@ -187,27 +183,36 @@ def logprob_temperature(config: PPOConfig) -> float:
 
 
 @torch.no_grad()
-def forward_stats(stack, traj: Trajectory, config: PPOConfig) -> None:
-    """Step 4: in forward batches, the policy's log-probs, entropy and exact KL to the reference
-    (one fused pass over both hidden states), the reference's log-probs and the values."""
-    P, T = traj.prompt_length, logprob_temperature(config)
+def policy_reference_stats(stack, ids, am, labels, P: int, temperature: float, backend: str, *,
+                           adapter: str = "policy") -> dict:  # fmt: skip
+    """For sequences (b, P + R) and their response labels (b, R): the policy's (`adapter`'s) log-probs,
+    entropy and exact KL to the reference in one fused pass over both hidden states, and the
+    reference's log-probs; plus the hidden states (b, P + R, H) and the reference's (b, R, H)."""
     weight = stack.lm_head_weight
+    hidden = stack.hidden_states(adapter, ids, am)
+    ref_hidden = stack.reference(ids, am)[:, P - 1 : -1]
+    logp, ent, kl = kernels.linear_token_stats(hidden[:, P - 1 : -1], ref_hidden, weight, labels,
+                                               temperature=temperature, ignore_index=IGNORE, backend=backend)  # fmt: skip
+    ref_logp = kernels.linear_logprobs(ref_hidden, weight, labels, temperature=temperature, ignore_index=IGNORE,
+                                       backend=backend)  # fmt: skip
+    return {"logp": logp, "ent": ent, "kl": kl, "ref_logp": ref_logp, "hidden": hidden, "ref_hidden": ref_hidden}
+
+
+@torch.no_grad()
+def forward_stats(stack, traj: Trajectory, config: PPOConfig) -> None:
+    """Step 4: in forward batches, the policy's log-probs, entropy and exact KL to the reference,
+    the reference's log-probs (policy_reference_stats) and the values."""
+    P, T = traj.prompt_length, logprob_temperature(config)
     keep_ref = config.kl_in == "loss" and config.kl_estimator == "exact"
     parts: dict[str, list] = {k: [] for k in ("logp", "ent", "kl", "ref_logp", "values", "ref_hidden")}
     for rows in torch.arange(traj.input_ids.shape[0], device=traj.mask.device).split(config.forward_batch_size):
-        ids, am, labels = traj.input_ids[rows], traj.attention_mask[rows], traj.labels[rows]
-        hidden = stack.policy(ids, am)  # (b, P + R, H)
-        ref_hidden = stack.reference(ids, am)[:, P - 1 : -1]  # (b, R, H)
-        logp, ent, kl = kernels.linear_token_stats(hidden[:, P - 1 : -1], ref_hidden, weight, labels, temperature=T,
-                                                   ignore_index=IGNORE, backend=config.backend)  # fmt: skip
-        parts["logp"].append(logp)
-        parts["ent"].append(ent)
-        parts["kl"].append(kl)
-        parts["ref_logp"].append(kernels.linear_logprobs(ref_hidden, weight, labels, temperature=T,
-                                                         ignore_index=IGNORE, backend=config.backend))  # fmt: skip
-        parts["values"].append(stack.values(ids, am, policy_hidden=hidden)[:, P - 1 : -1].float())
+        ids, am = traj.input_ids[rows], traj.attention_mask[rows]
+        st = policy_reference_stats(stack, ids, am, traj.labels[rows], P, T, config.backend)
+        for name in ("logp", "ent", "kl", "ref_logp"):
+            parts[name].append(st[name])
+        parts["values"].append(stack.values(ids, am, policy_hidden=st["hidden"])[:, P - 1 : -1].float())
         if keep_ref:
-            parts["ref_hidden"].append(ref_hidden)
+            parts["ref_hidden"].append(st["ref_hidden"])
     m = traj.mask
     traj.old_logprobs = torch.cat(parts["logp"]) * m
     traj.entropy = torch.cat(parts["ent"]) * m
@@ -359,8 +364,8 @@ def evaluate_rollout(stack, prompts: list[str], source, config: PPOConfig, dist:
     mine = prompts[share]
     n, s, length = 0.0, 0.0, 0.0
     if mine:
-        traj = rollout(stack, mine, list(range(share.start, share.stop)), config, adapter=adapter,
-                       seed=config.seed + 1_000_003)  # fmt: skip
+        traj = rollout(stack, mine, list(range(share.start, share.stop)), config.sampling,
+                       seed=config.seed + EVAL_SEED_OFFSET, adapter=adapter)  # fmt: skip
         scores = source.score(traj.prompts, traj.responses)
         n, s, length = float(len(scores)), float(scores.double().sum()), float(traj.mask.sum())
     n, s, length = dist.sum_floats(n, s, length)
@@ -413,8 +418,9 @@ def train_ppo(config: PPOConfig) -> PPOResult:
     dist = init_distributed()
     with Run("ppo", config, progress_keys=("reward_mean", "kl"), main=dist.main) as run:
         train_prompts, eval_prompts = prompt_split(config)
-        if len(train_prompts) < 1:
-            raise ConfigError("no training prompts")
+        if dist.main:
+            atomic_write(run.path(EVAL_PROMPTS_FILE),
+                         lambda f: f.write("".join(dumps({"prompt": p}) + "\n" for p in eval_prompts).encode()))
         stack, source = build_stack(config)
         stack.train(True)
         device = stack.device
@@ -440,7 +446,8 @@ def train_ppo(config: PPOConfig) -> PPOResult:
             share = dist.share(len(idx))
             keys = [step * config.rollout_batch_size + i for i in range(share.start, share.stop)]
             # step 2. generate
-            traj = rollout(stack, [train_prompts[i] for i in idx[share]], keys, config)
+            traj = rollout(stack, [train_prompts[i] for i in idx[share]], keys, config.sampling,
+                           samples_per_prompt=config.samples_per_prompt, seed=config.seed)  # fmt: skip
             t1 = _sync(device)
             # step 3. score
             score(traj, source, config, moments, dist)

@@ -14,6 +14,7 @@ Files, locking, resume, metrics, progress and the data order live here, once:
     OUT/metrics.jsonl   one strict JSON object per line (a non-finite number is written as null), flushed
                         per row; a resumed run drops the rows past its checkpoint and a partial last line
     OUT/result.json     strict JSON, written atomically when the run finishes (so: the run completed)
+    OUT/config.json     the stage and its whole config, written when the run opens
 
 A stage opens a Run, builds its data and model, tracks what must survive a restart, and loops
 (`rlhf_engine.reward.train_reward_model` is the stage in use; tests/test_run.py has a toy one):
@@ -96,6 +97,7 @@ CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes; an older one i
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
+CONFIG_FILE = "config.json"  # the run's stage and full config, for people and later stages (engine eval)
 LOCK_FILE = "run.lock"
 _CHECKPOINT_KEYS = ("format", "stage", "step", "config", "inputs", "data", "state", "rng")
 # atomic_write's temp files: .<target>.<pid>.<random>.tmp, so two writers never share one
@@ -409,7 +411,7 @@ class OutputLock:
 
 
 @contextlib.contextmanager
-def _hub_progress(enabled: bool) -> Iterator[None]:
+def hub_progress(enabled: bool) -> Iterator[None]:
     """With progress off, transformers' and huggingface_hub's own bars ("Loading weights", downloads)
     are off too for the run, and restored afterwards."""
     if enabled:
@@ -523,7 +525,8 @@ class Run:
                     os.remove(path)
         self._metrics = open(metrics, "a", encoding="utf-8")
         self._stack.callback(self._metrics.close)
-        self._stack.enter_context(_hub_progress(self.config.progress))
+        write_json(self.path(CONFIG_FILE), {"stage": self.stage, "config": self.config.to_dict()})
+        self._stack.enter_context(hub_progress(self.config.progress))
 
     def _open_follower(self) -> None:
         """A non-main rank: hash the inputs, seed, and vet the checkpoint to resume (read-only)."""
@@ -533,7 +536,7 @@ class Run:
         seed_everything(self.config.seed)
         if self.config.resume and os.path.isfile(self.path(CHECKPOINT_FILE)):
             self._pending = self._vet(self._read_checkpoint(mmap=True))
-        self._stack.enter_context(_hub_progress(self.config.progress))
+        self._stack.enter_context(hub_progress(self.config.progress))
 
     def close(self) -> None:
         if self._bar is not None:

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -200,7 +201,9 @@ class ModelStack:
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             target_modules=target, bias="none", task_type="CAUSAL_LM",
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per build)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             torch.manual_seed(config.seed + 1)
             first, *rest = config.adapters
             model = get_peft_model(base, lora, adapter_name=first)
