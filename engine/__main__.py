@@ -13,6 +13,7 @@ interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rlhf_engine.config import MODEL_PRESETS, REWARD_PRESETS, EngineError, RewardConfig, reward_preset
@@ -210,7 +211,8 @@ def _run_ppo(args) -> int:
     r = train_ppo(config)
     stop = " (reward threshold reached)" if r.stopped_at_threshold else ""
     ev = "n/a" if r.eval_reward_mean is None else f"{r.eval_reward_mean:.4f}"
-    print(f"ppo: {r.steps} steps{stop}, held-out reward {ev} on {r.eval_prompts} prompts; saved to {r.out}")
+    if os.environ.get("RANK", "0") == "0":  # one summary line per job (torchrun starts one process per rank)
+        print(f"ppo: {r.steps} steps{stop}, held-out reward {ev} on {r.eval_prompts} prompts; saved to {r.out}")
     return 0
 
 

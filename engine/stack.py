@@ -91,6 +91,9 @@ def build_preset(name: str, seed: int, out_dir: str) -> None:
         # the frozen head could not make any distribution peaked (SFT and PPO on a preset would not learn).
         w = model.get_output_embeddings().weight
         w.mul_(LM_HEAD_ROW_NORM / w.norm(dim=1, keepdim=True))
+    # Under torch.distributed transformers writes checkpoint files on rank 0 only; every rank builds its
+    # own copy of the preset in its own temporary directory, so every rank writes.
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
 

@@ -1,0 +1,386 @@
+"""engine.ppo: the PPO trainer on one shared base.
+
+Alignment of every per-token quantity with the model's own logits, the step functions, kernels on vs
+off, learning on a rule-based reward (and the KL penalty holding the policy back), the reference as a
+frozen copy of a starting adapter, the threshold stop, resume after SIGKILL, data parallel over two
+gloo processes, and the command line. Letters: B sequences, P prompt tokens, R response positions."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rlhf_kernels as kernels
+from rlhf_engine.config import ConfigError, ppo_preset
+from rlhf_engine.ppo import (
+    EVAL_PROMPTS_FILE,
+    Trajectory,
+    build_stack,
+    forward_stats,
+    prompt_split,
+    rollout,
+    step_prompts,
+    train_ppo,
+    whiten_advantages,
+)
+from rlhf_engine.distributed import Dist
+from util import assert_rel_norm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REWARD = os.path.join(ROOT, "tests", "_reward_fns.py") + ":lowercase_share"
+TIMING = ("elapsed_s", "tokens_per_s", "time_generate_s", "time_score_s", "time_logprobs_s", "time_train_s",
+          "peak_mem_mib")  # fmt: skip
+
+
+def config(tmp_path, name="out", **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("max_steps", 2)
+    kw.setdefault("eval_every", 0)
+    return ppo_preset("tiny", out=str(tmp_path / name), reward_fn=REWARD, **kw)
+
+
+def rows(out) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def untimed(rs):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+
+
+def weights(out) -> dict[str, torch.Tensor]:
+    w = {}
+    for name in ("adapter_policy.safetensors", "adapter_value.safetensors", "heads.safetensors"):
+        w.update(load_file(os.path.join(out, name)))
+    return w
+
+
+# ---- the per-token grid -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def policy_stack(tmp_path_factory):
+    cfg = config(tmp_path_factory.mktemp("stack"))
+    stack, source = build_stack(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a policy and a value adapter that differ from the base
+        for name, p in stack.model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return cfg, stack.eval(), source
+
+
+def test_rollout_stats_line_up_with_the_models_own_logits(policy_stack):
+    # Every per-token quantity at response position j must come from the hidden state before token
+    # P + j (an off-by-one here trains the policy on the wrong tokens without any error): check the
+    # fused-kernel stats against log_softmax of the full logits of the policy and of the bare base.
+    cfg, stack, _ = policy_stack
+    traj = rollout(stack, ["My house is too hot.", "Hi"], [0, 1], cfg.sampling, samples_per_prompt=2, seed=3)
+    forward_stats(stack, traj, cfg)
+    P, (B, R) = traj.prompt_length, traj.mask.shape
+    pos = (traj.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def logits(adapter):
+        with stack._active(adapter), torch.no_grad():
+            out = stack.model.get_base_model()(input_ids=traj.input_ids, attention_mask=traj.attention_mask,
+                                               position_ids=pos)  # fmt: skip
+        return out.logits[:, P - 1 : -1].double()  # (B, R, V): position j predicts token P + j
+
+    lp, lq = torch.log_softmax(logits("policy"), -1), torch.log_softmax(logits(None), -1)
+    tokens = traj.input_ids[:, P:]
+    m = traj.mask
+    want_logp = torch.where(m, lp.gather(-1, tokens[..., None])[..., 0], 0)
+    want_ref = torch.where(m, lq.gather(-1, tokens[..., None])[..., 0], 0)
+    want_kl = torch.where(m, (lp.exp() * (lp - lq)).sum(-1), 0)
+    want_ent = torch.where(m, -(lp.exp() * lp).sum(-1), 0)
+    for name, got, want in (("old_logprobs", traj.old_logprobs, want_logp), ("ref_logprobs", traj.ref_logprobs,
+                            want_ref), ("kl_exact", traj.kl_exact, want_kl), ("entropy", traj.entropy, want_ent)):  # fmt: skip
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5, msg=name)
+    # values: the value adapter's head at the same positions
+    with torch.no_grad():
+        hv = stack.hidden_states("value", traj.input_ids, traj.attention_mask)
+        want_v = stack.heads["value"](hv)[:, P - 1 : -1]
+    torch.testing.assert_close(traj.old_values, torch.where(m, want_v, 0), atol=1e-5, rtol=1e-5)
+    # the labels are the response tokens, ignored past each response's end
+    assert torch.equal(traj.labels, torch.where(m, tokens, -100)) and m.sum(1).tolist() == traj.mask.sum(1).tolist()
+    assert B == 4 and R == int(traj.mask.sum(1).max())
+
+
+def test_step_prompts_give_full_batches_across_epochs():
+    n, batch = 7, 3
+    seen = [step_prompts(n, batch, seed=5, step=s) for s in range(7)]
+    assert all(len(b) == batch for b in seen)
+    flat = [i for b in seen for i in b]
+    # 21 items = 3 whole epochs, each a permutation of the 7 prompts
+    for e in range(3):
+        assert sorted(flat[e * n : (e + 1) * n]) == list(range(n))
+    assert step_prompts(n, batch, seed=5, step=4) == seen[4]  # a pure function of the step
+    assert step_prompts(n, batch, seed=6, step=4) != seen[4]
+
+
+def test_prompt_split_holds_out_whole_prompts(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"prompt {i}"}) + "\n" for i in range(20)))
+    train, held = prompt_split(config(tmp_path, prompts=str(data), eval_fraction=0.25))
+    assert len(held) == 5 and len(train) == 15 and not set(train) & set(held)
+    assert (train, held) == prompt_split(config(tmp_path, prompts=str(data), eval_fraction=0.25))
+    assert prompt_split(config(tmp_path, prompts=str(data), eval_fraction=0.25, eval_prompts=2))[1] == held[:2]
+
+
+def test_one_rank_whitening_is_the_kernel():
+    adv = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) > 0.3
+    cfg = ppo_preset("tiny", out="x", reward_fn="a:b")
+    assert torch.equal(whiten_advantages(adv, mask, cfg, Dist()), kernels.masked_whiten(adv, mask))
+
+
+# ---- whole runs ---------------------------------------------------------------------------------------
+
+
+def test_kernels_on_vs_off(tmp_path):
+    # The same two PPO steps with the fused kernels ("auto": C++ here) and with the PyTorch references
+    # ("torch", [N, V] logits): the same losses, grad norms and adapter weights. Tolerance: both are
+    # fp32 computations of the same math in different orders (~1e-6 relative per op): losses and grad
+    # norms agree to 1e-4. Adam divides each coordinate's step by its own gradient scale, so where a
+    # gradient is near 0 the fp32 difference is amplified coordinate-wise: weights compare norm-wise
+    # (measured: 1.1e-4 relative at worst per tensor).
+    on = train_ppo(config(tmp_path, "on", backend="auto"))
+    off = train_ppo(config(tmp_path, "off", backend="torch"))
+    ron, roff = untimed(rows(on.out)), untimed(rows(off.out))
+    assert [r["step"] for r in ron] == [0, 1, 2] and len(ron) == len(roff)
+    for a, b in zip(ron, roff):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
+    wa, wb = weights(on.out), weights(off.out)
+    for k in wa:
+        assert_rel_norm(wa[k], wb[k], bound=1e-3, name=k)
+
+
+def test_metrics_rows_carry_every_key_and_the_held_out_prompts(tmp_path):
+    from rlhf_engine.ppo import METRIC_KEYS
+
+    result = train_ppo(config(tmp_path, max_steps=2, eval_every=2))
+    rs = rows(result.out)
+    assert rs[0]["step"] == 0 and "eval_reward_mean" in rs[0]  # the untrained baseline
+    for r in rs[1:]:
+        missing = [k for k in METRIC_KEYS if k not in r]
+        assert not missing, missing
+        assert r["response_length"] > 0 and 0 <= r["eos_fraction"] <= 1 and r["beta"] == 0.02
+    assert "eval_reward_mean" in rs[-1]
+    held = [json.loads(line)["prompt"] for line in open(os.path.join(result.out, EVAL_PROMPTS_FILE))]
+    assert len(held) == result.eval_prompts == 4
+    saved = json.load(open(os.path.join(result.out, "stack.json")))
+    assert set(saved["roles"]) == {"policy", "value"}
+
+
+def _eval_and_kl(out):
+    rs = rows(out)
+    evals = [r["eval_reward_mean"] for r in rs if "eval_reward_mean" in r]
+    kl_tail = [r["kl"] for r in rs if "kl" in r][-5:]
+    return evals, sum(kl_tail) / len(kl_tail)
+
+
+def test_ppo_learns_a_rule_based_reward_and_the_kl_penalty_holds_it_back(tmp_path):
+    # The reward: the share of lowercase letters in the response (about 0.2 for the tiny random
+    # base). 20 steps, 8 prompts each, held-out evaluation at 0, 10 and 20 (same draws every time).
+    free = train_ppo(config(tmp_path, "free", max_steps=20, eval_every=10, kl_coef=0.0))
+    held = train_ppo(config(tmp_path, "held", max_steps=20, eval_every=10, kl_coef=0.2))
+    evals_free, kl_free = _eval_and_kl(free.out)
+    _, kl_held = _eval_and_kl(held.out)
+    assert evals_free[-1] > evals_free[0] + 0.15, evals_free  # measured: 0.22 -> 0.66
+    assert kl_held < 0.8 * kl_free, (kl_held, kl_free)  # measured: 10.8 vs 16.6 nats per response
+
+
+def test_reference_as_a_frozen_copy_of_the_starting_adapter(tmp_path):
+    # A policy that starts from a trained adapter: with reference="init" the reference is that adapter
+    # frozen, so the first rollout's KL is exactly 0; the bare base as reference would be far from it.
+    first = train_ppo(config(tmp_path, "first", max_steps=3))
+    copy = train_ppo(config(tmp_path, "copy", max_steps=1, init_adapter=first.out))
+    base = train_ppo(config(tmp_path, "base", max_steps=1, init_adapter=first.out, reference="base"))
+    assert rows(copy.out)[1]["kl"] == 0.0 and rows(copy.out)[1]["kl_k3"] == 0.0
+    assert rows(base.out)[1]["kl"] > 0.1
+    saved = json.load(open(os.path.join(copy.out, "stack.json")))
+    assert "reference" in saved["roles"]
+    start = load_file(os.path.join(first.out, "adapter_policy.safetensors"))
+    ref = load_file(os.path.join(copy.out, "adapter_reference.safetensors"))
+    assert all(torch.equal(v, ref[k.replace(".policy.", ".reference.")]) for k, v in start.items())
+
+
+@pytest.mark.parametrize("estimator", ["exact", "k3"])
+def test_kl_in_the_loss_adds_beta_times_the_mean_kl(policy_stack, estimator):
+    # kl_in="loss": the rewards carry the score alone, and the loss carries beta * (token mean of KL):
+    # exact through linear_token_stats with the cached reference hidden states, k3 through kl_penalty.
+    # Before any update the training forward's policy is the rollout's, so the added term is
+    # beta * masked_mean(the rollout's KL) exactly (up to fp32): check it against the kl_in="reward"
+    # loss of the same micro-batch, where the KL is not in the loss.
+    import dataclasses
+
+    from rlhf_engine.ppo import assign_rewards, estimate_advantages, micro_loss
+
+    cfg, stack, _ = policy_stack
+    in_loss = dataclasses.replace(cfg, kl_in="loss", kl_estimator=estimator)
+    traj = rollout(stack, ["My house is too hot.", "Hi"], [0, 1], cfg.sampling, samples_per_prompt=2, seed=3)
+    forward_stats(stack, traj, in_loss)
+    traj.scores = torch.tensor([1.0, 0.0, -1.0, 0.5])
+    assign_rewards(traj, in_loss, beta=0.7)
+    assert torch.equal(traj.rewards.sum(1), traj.scores)  # no KL in the rewards
+    estimate_advantages(traj, in_loss, Dist())
+    mb, n = traj.rows(torch.arange(4)), float(traj.mask.sum())
+    with_kl, _ = micro_loss(stack, mb, traj.prompt_length, in_loss, 0.7, n)
+    without, _ = micro_loss(stack, mb, traj.prompt_length, dataclasses.replace(in_loss, kl_in="reward"), 0.7, n)
+    kl = traj.kl_exact if estimator == "exact" else kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind="k3")
+    want = 0.7 * float((kl * traj.mask).sum()) / n
+    assert float((with_kl - without).detach()) == pytest.approx(want, rel=1e-4, abs=1e-6) and want > 0
+
+
+def test_a_run_with_kl_in_the_loss(tmp_path):
+    result = train_ppo(config(tmp_path, max_steps=2, kl_in="loss", kl_coef=0.5))
+    assert rows(result.out)[-1]["kl"] > 0
+    assert all(bool(torch.isfinite(v).all()) for v in weights(result.out).values())
+
+
+def test_stops_at_the_reward_threshold_and_stays_stopped(tmp_path):
+    cfg = config(tmp_path, max_steps=5, eval_every=1, reward_threshold=-1.0)  # any held-out reward reaches it
+    result = train_ppo(cfg)
+    assert result.stopped_at_threshold and result.steps == 1
+    assert [r["step"] for r in rows(cfg.out)] == [0, 1]
+    again = train_ppo(cfg)  # resumes from the stop's checkpoint and does not train on
+    assert again.steps == 1 and again.resumed_from == 1 and [r["step"] for r in rows(cfg.out)] == [0, 1]
+
+
+# ---- resume after SIGKILL, data parallel, the command line ---------------------------------------------
+
+
+def cli(*args, env=None, check=False, **kw):
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    full.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-P", "-m", "rlhf_engine", *args], env=full, capture_output=True,
+                          text=True, timeout=600, **kw)  # fmt: skip
+
+
+def ppo_args(out, *extra):
+    return ["ppo", "--preset", "tiny", "--reward-fn", REWARD, "--out", str(out), "--no-progress", *extra]
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
+    steps = ["--max-steps", "6", "--checkpoint-every", "1", "--eval-every", "3"]
+    straight = cli(*ppo_args(tmp_path / "straight", *steps))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    child = subprocess.Popen([sys.executable, "-P", "-m", "rlhf_engine", *ppo_args(tmp_path / "killed", *steps)],
+                             env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):  # steps 0, 1, 2 logged
+        assert child.poll() is None, child.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    resumed = cli(*ppo_args(tmp_path / "killed", *steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "killed" / "result.json").read_text())["resumed_from"] >= 1  # not a fresh start
+    assert untimed(rows(tmp_path / "killed")) == untimed(rows(tmp_path / "straight"))
+    a, b = weights(tmp_path / "killed"), weights(tmp_path / "straight")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_make_the_update_one_rank_makes(tmp_path):
+    # torchrun, 2 CPU processes on gloo, 8 prompts per step in all (4 per rank), against 1 process with
+    # the same 8: the same responses (sampling keys are global), global whitening and token means,
+    # summed gradients -> the same metrics and adapter weights, up to summation order (1e-4).
+    steps = ["--max-steps", "2", "--eval-every", "2"]
+    one = cli(*ppo_args(tmp_path / "one", *steps))
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    two = subprocess.run(
+        [sys.executable, "-P", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+         "127.0.0.1", "--master-port", str(_free_port()), "-m", "rlhf_engine", *ppo_args(tmp_path / "two", *steps)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-4000:]
+    r1, r2 = untimed(rows(tmp_path / "one")), untimed(rows(tmp_path / "two"))
+    assert [r["step"] for r in r2] == [0, 1, 2]
+    for a, b in zip(r1, r2):
+        for k in a:
+            if isinstance(a[k], float):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in wa:
+        assert_rel_norm(wa[k], wb[k], bound=1e-3, name=k)  # norm-wise, as in test_kernels_on_vs_off
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--minibatch-size", "64"], "minibatch_size=64 is larger than the batch of 8 sequences"),
+        (["--reward-fn", "no_such_module_xyz:score"], "cannot import 'no_such_module_xyz'"),
+        (["--reward-fn", "", "--reward-model", "/no/such/rm"], "reward_model '/no/such/rm': not a saved stack"),
+        (["--reward-model", "/no/such/rm"], "give exactly one of"),
+        (["--kl-estimator", "k4"], "kl_estimator='k4': expected one of exact, k1, k2, k3"),
+        (["--temperature", "-1"], "temperature=-1.0"),
+        (["--config", "/no/such/config.yaml"], "config '/no/such/config.yaml': cannot read"),
+    ],
+)
+def test_bad_config_is_one_line_and_exit_2(tmp_path, extra, message):
+    out = cli(*ppo_args(tmp_path / "out", *extra))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+
+
+def test_config_file_then_flags(tmp_path):
+    from rlhf_engine.__main__ import _ppo_config, build_parser
+
+    cfg_file = tmp_path / "ppo.yaml"
+    cfg_file.write_text("lr: 0.001\nsampling:\n  max_new_tokens: 7\n  top_p: 0.9\nstack:\n  lora_r: 4\n")
+    args = build_parser().parse_args(ppo_args(tmp_path / "o", "--config", str(cfg_file), "--top-p", "0.8"))
+    c = _ppo_config(args)
+    assert (c.lr, c.sampling.max_new_tokens, c.sampling.top_p, c.stack.lora_r) == (0.001, 7, 0.8, 4)
+    assert c.sampling.temperature == 1.0 and c.max_steps == 20  # the tiny preset's, untouched
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}))
+    with pytest.raises(ConfigError, match="unknown config fields: learning_rate"):
+        _ppo_config(build_parser().parse_args(ppo_args(tmp_path / "o", "--config", str(tmp_path / "bad.json"))))
+
+
+def test_help_names_every_knob():
+    out = cli("ppo", "--help")
+    assert out.returncode == 0
+    for f in ("--prompts", "--reward-fn", "--reward-model", "--reward-classifier", "--max-new-tokens", "--temperature",
+              "--top-p", "--top-k", "--stop-strings", "--samples-per-prompt", "--rollout-batch-size",
+              "--minibatch-size", "--ppo-epochs", "--clip-low", "--clip-high", "--value-clip", "--vf-coef",
+              "--ent-coef", "--gamma", "--lam", "--kl-coef", "--kl-estimator", "--kl-in", "--target-kl",
+              "--whiten-advantages", "--reward-clip", "--missing-eos-penalty", "--lr", "--max-grad-norm",
+              "--max-steps", "--eval-every", "--checkpoint-every", "--seed", "--backend", "--config",
+              "--init-adapter", "--reference"):  # fmt: skip
+        assert f in out.stdout, f
+
+
+def test_eval_before_and_after(tmp_path):
+    result = train_ppo(config(tmp_path, max_steps=3))
+    out = cli("eval", "--policy", result.out, "--reward-fn", REWARD, "--progress", "false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(open(os.path.join(result.out, "eval.json")).read())
+    assert report["prompts"] == 4 and report["before"]["kl"] == 0.0 and report["after"]["kl"] > 0
+    assert set(report["before"]["scores"]) == {REWARD}
+    assert "before" in out.stdout and "after" in out.stdout and "prompt:" in out.stdout
+    assert len(report["samples"]) == 3 and all(s["prompt"] and "after" in s for s in report["samples"])
+    missing = cli("eval", "--policy", result.out)
+    assert missing.returncode == 2 and "eval needs a reward source" in missing.stderr
