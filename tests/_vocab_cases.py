@@ -34,6 +34,19 @@ def grad_rel_bound(dtype):
     return 8 * torch.finfo(dtype).eps / 2
 
 
+def keep_strides(device, *tensors):
+    """util.on, but a tensor keeps its strides on the other device (Tensor.to makes a sliced or
+    permuted view contiguous): the strided layouts a test builds on CPU reach the CUDA kernels too."""
+
+    def move(t):
+        if t is None or t.device == torch.device(device):
+            return t
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
+
+    moved = tuple(move(t) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
+
+
 def close(actual, expected, atol, rtol, what):
     """util.assert_close (float64, mismatch count, first indices and values) with positional tolerances."""
     assert_close(actual, expected, atol=atol, rtol=rtol, name=what)

@@ -15,6 +15,7 @@ from _vocab_cases import (
     DTYPES,
     MULTI_BLOCK,
     close,
+    keep_strides,
     make_pair,
     multi_block_pair,
     nan_pair,
@@ -32,8 +33,10 @@ def _check(backend, x, z, temperature, tols, seed=0):
     """Forward and backward on backend's device (inputs built on CPU) vs the float64 reference."""
     fwd_atol, fwd_rtol, g_atol, g_rtol = tols
     dev = device_for(backend)
-    xk = on(dev, x).detach().requires_grad_()
-    kl = kernels.full_kl(xk, on(dev, z), temperature=temperature, backend=backend)
+    xk, zk = keep_strides(dev, x, z)
+    xk = xk.detach().requires_grad_()
+    assert xk.stride() == x.stride() and zk.stride() == z.stride()
+    kl = kernels.full_kl(xk, zk, temperature=temperature, backend=backend)
     assert kl.dtype == torch.float32 and kl.shape == x.shape[:-1] and kl.device == dev
     xr = x.detach().double().requires_grad_()
     kr = full_kl_ref(xr, z.double(), temperature)
@@ -215,7 +218,7 @@ def test_nan_propagates_like_the_reference(backend, V, block):
         xk = on(dev, x).detach().requires_grad_()
         kl = kernels.full_kl(xk, on(dev, z), backend=backend)
         kl.sum().backward()
-    xr = x.double().requires_grad_()
+    xr = x.detach().double().requires_grad_()
     kr = full_kl_ref(xr, z.double())
     kr.sum().backward()
     assert torch.isnan(kr[:4]).all() and torch.isfinite(kr[4])  # the reference's behaviour
@@ -238,7 +241,7 @@ def test_double_backward_raises_first_order_still_right(backend):
     x, z = make_pair((4, 19), torch.float32, seed=2)
     xk = on(dev, x).detach().requires_grad_()
     (grad,) = second_backward_raises(kernels.full_kl(xk, on(dev, z), backend=backend).sum(), [xk], "full_kl", backend)
-    xr = x.double().requires_grad_()
+    xr = x.detach().double().requires_grad_()
     (want,) = torch.autograd.grad(full_kl_ref(xr, z.double()).sum(), xr)
     assert_close(grad, want, atol=1e-6, name="first-order grad under create_graph=True")
 
@@ -332,7 +335,7 @@ def test_gpu_non_default_device():
     kl = kernels.full_kl(xk, z.to("cuda:1"), temperature=0.9, backend="triton")
     g = upstream(kl.shape, 1)
     kl.backward(g.float().to("cuda:1"))
-    xr = x.double().requires_grad_()
+    xr = x.detach().double().requires_grad_()
     kr = full_kl_ref(xr, z.double(), 0.9)
     kr.backward(g)
     assert kl.device == xk.grad.device == torch.device("cuda:1")

@@ -16,7 +16,7 @@ import rlhf_kernels as kernels
 import rlhf_kernels._linear as linear
 from rlhf_kernels._linear import IMPLEMENTED, vocab_slice
 from rlhf_kernels.linear_logprobs import linear_logprobs_ref
-from _vocab_cases import close, grad_rel_bound, make_labels, make_linear, second_backward_raises, upstream
+from _vocab_cases import close, grad_rel_bound, keep_strides, make_labels, make_linear, second_backward_raises, upstream
 
 BACKENDS = kernel_backends(IMPLEMENTED)
 
@@ -37,10 +37,10 @@ def _run(fn, hidden, weight, bias, labels, *, weight_grad, entropy, seed=0, devi
     """-> (outputs, grads) with grads for hidden, and weight/bias when weight_grad; inputs on `device`."""
     dev = device or hidden.device
     # detach(), not clone(): a view keeps its strides (clone would make a sliced hidden contiguous)
-    h = on(dev, hidden).detach().requires_grad_()
-    w = on(dev, weight).detach().requires_grad_(weight_grad)
-    b = None if bias is None else on(dev, bias).detach().requires_grad_(weight_grad)
-    out = fn(h, w, on(dev, labels), bias=b, entropy=entropy, **kw)
+    h, w, b, lab = keep_strides(dev, hidden, weight, bias, labels)
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_(weight_grad)
+    b = None if b is None else b.detach().requires_grad_(weight_grad)
+    out = fn(h, w, lab, bias=b, entropy=entropy, **kw)
     outs = out if entropy else (out,)
     loss = sum((o * on(dev, upstream(o.shape, seed + k)).to(o.dtype)).sum() for k, o in enumerate(outs))
     loss.backward()
@@ -52,8 +52,8 @@ def _ref64(hidden, weight, bias, labels, **kw):
     def fn(h, w, lab, *, bias, entropy, temperature=1.0, ignore_index=-100):
         return linear_logprobs_ref(h, w, lab, bias, temperature, ignore_index, entropy)
 
-    d = lambda t: None if t is None else t.double().cpu()  # noqa: E731
-    return _run(fn, d(hidden), d(weight), d(bias), labels.cpu(), **kw)
+    d = lambda t: None if t is None else t.double()  # noqa: E731  (on the inputs' device)
+    return _run(fn, d(hidden), d(weight), d(bias), labels, **kw)
 
 
 def check_grads(grads, rgrads, dtype, atol, rtol, names=("grad_hidden", "grad_weight", "grad_bias")):
@@ -572,12 +572,11 @@ def test_empty_vocabulary_is_a_value_error(backend):
 @pytest.mark.cuda
 @pytest.mark.parametrize("V", [128256, 151936])
 def test_gpu_full_size(V):
-    # H = 4096, 256 tokens, bf16, several 64-token chunks, weight gradient; float64 reference.
+    # H = 4096, 256 tokens, bf16, several 64-token chunks, weight gradient; float64 reference on GPU.
     hidden, _, weight, _ = make_linear((256,), 4096, V, torch.bfloat16, seed=V)
-    labels = make_labels((256,), V, seed=1)
+    hidden, weight, labels = hidden.cuda(), weight.cuda(), make_labels((256,), V, seed=1).cuda()
     kw = dict(weight_grad=True, entropy=True)
-    outs, grads = _run(kernels.linear_logprobs, hidden, weight, None, labels, chunk_size=64, backend="triton",
-                       device=torch.device("cuda"), **kw)  # fmt: skip
+    outs, grads = _run(kernels.linear_logprobs, hidden, weight, None, labels, chunk_size=64, backend="triton", **kw)
     routs, rgrads = _ref64(hidden, weight, None, labels, **kw)
     for name, o, r in zip(("logp", "entropy"), outs, routs):
         close(o, r, 3e-2, 2e-2, name)
@@ -602,14 +601,15 @@ def _ref64_token_chunks(hidden, weight, labels, gs, chunk):
 
 @pytest.mark.cuda
 def test_gpu_default_chunk_large_m():
-    # The default chunk (128 MiB of [C, V] bf16 logits: C = 523 at V = 128256) with M = 8192 tokens
-    # (H = 4096) and a weight gradient: 16 forward chunks, 128-aligned vocabulary slices of the whole
-    # M in the backward (Vs = 8064), fp32 grad_hidden across 16 slices.
+    # The default chunk (128 MiB of [C, V] bf16 logits: C = 523 at V = 128256) with N = 8192 tokens, M =
+    # 8092 of them not ignored (H = 4096), and a weight gradient: 16 forward chunks, 128-aligned
+    # vocabulary slices of all M tokens in the backward (Vs = 8192, unrounded 8289), fp32 grad_hidden
+    # across 16 slices.
     M, H, V = 8192, 4096, 128256
     hidden, _, weight, _ = make_linear((M,), H, V, torch.bfloat16, seed=29)
     labels = make_labels((M,), V, seed=29, n_ignored=100)
     hidden, weight, labels = hidden.cuda(), weight.cuda(), labels.cuda()
-    assert linear.default_chunk(V, torch.bfloat16) == 523 and vocab_slice(523, V, M - 100) == 8064
+    assert linear.default_chunk(V, torch.bfloat16) == 523 and vocab_slice(523, V, M - 100) == 8192
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     logp, ent = kernels.linear_logprobs(h, w, labels, entropy=True, backend="triton")

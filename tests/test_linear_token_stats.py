@@ -13,7 +13,7 @@ from util import assert_close, assert_rel_norm, device_for, kernel_backends, on
 import rlhf_kernels as kernels
 from rlhf_kernels._linear import IMPLEMENTED
 from rlhf_kernels.linear_token_stats import linear_token_stats_ref
-from _vocab_cases import close, grad_rel_bound, make_labels, make_linear, second_backward_raises, upstream
+from _vocab_cases import close, grad_rel_bound, keep_strides, make_labels, make_linear, second_backward_raises, upstream
 
 BACKENDS = kernel_backends(IMPLEMENTED)
 
@@ -38,11 +38,10 @@ def _run(fn, hidden, ref_hidden, weight, bias, labels, *, weight_grad, use=(True
          **kw):  # fmt: skip
     """-> (outputs, grads) on `device`; every float input requires grad (ref_hidden must get none)."""
     dev = device or hidden.device
-    h = on(dev, hidden).detach().requires_grad_()
-    rh = on(dev, ref_hidden).detach().requires_grad_()
-    w = on(dev, weight).detach().requires_grad_(weight_grad)
-    b = None if bias is None else on(dev, bias).detach().requires_grad_(weight_grad)
-    outs = fn(h, rh, w, on(dev, labels), bias=b, **kw)
+    h, rh, w, b, lab = keep_strides(dev, hidden, ref_hidden, weight, bias, labels)
+    h, rh, w = h.detach().requires_grad_(), rh.detach().requires_grad_(), w.detach().requires_grad_(weight_grad)
+    b = None if b is None else b.detach().requires_grad_(weight_grad)
+    outs = fn(h, rh, w, lab, bias=b, **kw)
     loss = sum((o * on(dev, upstream(o.shape, seed + k)).to(o.dtype)).sum()
                for k, (o, u) in enumerate(zip(outs, use)) if u)  # fmt: skip
     loss.backward()
@@ -56,8 +55,8 @@ def _ref(h, rh, w, lab, *, bias, temperature=1.0, ignore_index=-100):
 
 
 def _ref64(hidden, ref_hidden, weight, bias, labels, **kw):
-    d = lambda t: None if t is None else t.double().cpu()  # noqa: E731
-    return _run(_ref, d(hidden), d(ref_hidden), d(weight), d(bias), labels.cpu(), **kw)
+    d = lambda t: None if t is None else t.double()  # noqa: E731  (on the inputs' device)
+    return _run(_ref, d(hidden), d(ref_hidden), d(weight), d(bias), labels, **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,11 +325,12 @@ def test_empty_vocabulary_and_temperature_floor(backend):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.cuda
 def test_gpu_full_size():
-    # H = 4096, V = 151936, 192 tokens in 64-token chunks, bf16, weight gradient; float64 reference.
+    # H = 4096, V = 151936, 192 tokens in 64-token chunks, bf16, weight gradient; float64 reference on GPU.
     hidden, ref_hidden, weight, _ = make_linear((192,), 4096, 151936, torch.bfloat16, seed=11, ref=True)
-    labels = make_labels((192,), 151936, seed=12)
+    hidden, ref_hidden, weight = hidden.cuda(), ref_hidden.cuda(), weight.cuda()
+    labels = make_labels((192,), 151936, seed=12).cuda()
     outs, grads = _run(kernels.linear_token_stats, hidden, ref_hidden, weight, None, labels, chunk_size=64,
-                       backend="triton", weight_grad=True, device=torch.device("cuda"))  # fmt: skip
+                       backend="triton", weight_grad=True)  # fmt: skip
     routs, rgrads = _ref64(hidden, ref_hidden, weight, None, labels, weight_grad=True)
     for name, o, r in zip(NAMES, outs, routs):
         close(o, r, 1e-1, 2e-2, name)

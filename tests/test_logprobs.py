@@ -18,7 +18,14 @@ import rlhf_kernels as kernels
 import rlhf_kernels._vocab as vocab
 from rlhf_kernels._triton import forced_blocks
 from rlhf_kernels.logprobs import IMPLEMENTED, logprobs_ref
-from _vocab_cases import MULTI_BLOCK, multi_block_labels, multi_block_pair, nan_pair, second_backward_raises
+from _vocab_cases import (
+    MULTI_BLOCK,
+    keep_strides,
+    multi_block_labels,
+    multi_block_pair,
+    nan_pair,
+    second_backward_raises,
+)
 
 BACKENDS = kernel_backends(IMPLEMENTED)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -57,9 +64,11 @@ def forward_tol(x, temperature):
 def run_case(backend, x, labels, *, temperature=1.0, entropy=True, seed=0, ignore_index=-100):
     """Forward and backward under random upstream gradients on backend's device, vs the float64 reference."""
     dev = device_for(backend)
-    xk = on(dev, x).detach().requires_grad_(True)
+    xk, lk = keep_strides(dev, x, labels)
+    xk = xk.detach().requires_grad_(True)
+    assert xk.stride() == x.stride() and lk.stride() == labels.stride()
     xr = x.detach().double().requires_grad_(True)
-    out = kernels.logprobs(xk, on(dev, labels), temperature=temperature, ignore_index=ignore_index,
+    out = kernels.logprobs(xk, lk, temperature=temperature, ignore_index=ignore_index,
                            entropy=entropy, backend=backend)  # fmt: skip
     ref = logprobs_ref(xr, labels, temperature, ignore_index, entropy)
     out = out if entropy else (out,)
@@ -140,7 +149,7 @@ def test_batch_time_noncontiguous_extremes_temperature(backend, dtype):
     labels[0, 0] = 1  # the label sits on the -inf logit: logp must be -inf
     run_case(backend, x, labels, temperature=0.7, seed=1)
     dev = device_for(backend)
-    out = kernels.logprobs(on(dev, x), on(dev, labels), backend=backend)
+    out = kernels.logprobs(keep_strides(dev, x), on(dev, labels), backend=backend)
     assert out[0, 0].item() == float("-inf")
 
 
@@ -177,7 +186,7 @@ def test_large_common_offset_keeps_fp32_precision(backend, temperature):
     labels = torch.randint(0, 300, (6,), generator=g)
     dev = device_for(backend)
     xk = on(dev, x).detach().requires_grad_(True)
-    xr = x.double().requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
     out = kernels.logprobs(xk, on(dev, labels), temperature=temperature, entropy=True, backend=backend)
     ref = logprobs_ref(xr, labels, temperature, entropy=True)
     tol = 16 * EPS32 * max(1.0, ref[0].abs().max().item())
@@ -203,7 +212,7 @@ def test_nan_propagates_like_the_reference(backend, V, block):
         xk = on(dev, x).detach().requires_grad_(True)
         out = kernels.logprobs(xk, on(dev, labels), entropy=True, backend=backend)
         (out[0].sum() + out[1].sum()).backward()
-    xr = x.double().requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
     ref = logprobs_ref(xr, labels, entropy=True)
     (ref[0].sum() + ref[1].sum()).backward()
     assert torch.isnan(ref[0][:3]).all() and torch.isfinite(ref[0][3:]).all()  # the reference's behaviour
@@ -294,7 +303,7 @@ def test_double_backward_raises_first_order_still_right(backend):
     xk = on(dev, x).detach().requires_grad_(True)
     logp, ent = kernels.logprobs(xk, on(dev, labels), entropy=True, backend=backend)
     (grad,) = second_backward_raises((logp + 0.5 * ent).sum(), [xk], "logprobs", backend)
-    xr = x.double().requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
     lr, er = logprobs_ref(xr, labels, entropy=True)
     (want,) = torch.autograd.grad((lr + 0.5 * er).sum(), xr)
     assert_close(grad, want, atol=1e-6, name="first-order grad under create_graph=True")
@@ -452,7 +461,7 @@ def test_cuda_non_default_device():
     xk = x.to("cuda:1").requires_grad_(True)
     logp, ent = kernels.logprobs(xk, labels.to("cuda:1"), entropy=True, backend="triton")
     (logp.sum() + ent.sum()).backward()
-    xr = x.double().requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
     lr, er = logprobs_ref(xr, labels, entropy=True)
     (lr.sum() + er.sum()).backward()
     assert logp.device == xk.grad.device == torch.device("cuda:1")

@@ -17,6 +17,7 @@ from _vocab_cases import (
     DTYPES,
     MULTI_BLOCK,
     close,
+    keep_strides,
     make_labels,
     make_pair,
     multi_block_labels,
@@ -39,9 +40,10 @@ def _check(backend, x, z, labels, temperature, tols, *, ignore_index=-100, use=(
     sum(g_k * out_k) over the outputs in `use`, vs the float64 reference."""
     fwd_atol, fwd_rtol, g_atol, g_rtol = tols
     dev = device_for(backend)
-    xk = on(dev, x).detach().requires_grad_()
-    outs = kernels.token_stats(xk, on(dev, z), on(dev, labels), temperature=temperature, ignore_index=ignore_index,
-                               backend=backend)  # fmt: skip
+    xk, zk, lk = keep_strides(dev, x, z, labels)
+    xk = xk.detach().requires_grad_()
+    assert xk.stride() == x.stride() and zk.stride() == z.stride() and lk.stride() == labels.stride()
+    outs = kernels.token_stats(xk, zk, lk, temperature=temperature, ignore_index=ignore_index, backend=backend)
     xr = x.detach().double().requires_grad_()
     refs = token_stats_ref(xr, z.double(), labels, temperature, ignore_index)
     for name, o, r in zip(NAMES, outs, refs):
@@ -187,7 +189,7 @@ def test_nan_propagates_like_the_reference(backend, V, block):
         xk = on(dev, x).detach().requires_grad_()
         outs = kernels.token_stats(xk, on(dev, z), on(dev, labels), backend=backend)
         sum(o.sum() for o in outs).backward()
-    xr = x.double().requires_grad_()
+    xr = x.detach().double().requires_grad_()
     refs = token_stats_ref(xr, z.double(), labels)
     sum(r.sum() for r in refs).backward()
     assert torch.isnan(refs[2][:4]).all() and torch.isfinite(refs[0][3:]).all()  # the reference's behaviour
@@ -246,7 +248,7 @@ def test_double_backward_raises_first_order_still_right(backend):
     xk = on(dev, x).detach().requires_grad_()
     logp, ent, kl = kernels.token_stats(xk, on(dev, z), on(dev, labels), backend=backend)
     (grad,) = second_backward_raises((logp + 0.3 * ent + 2 * kl).sum(), [xk], "token_stats", backend)
-    xr = x.double().requires_grad_()
+    xr = x.detach().double().requires_grad_()
     lr, er, kr = token_stats_ref(xr, z.double(), labels)
     (want,) = torch.autograd.grad((lr + 0.3 * er + 2 * kr).sum(), xr)
     assert_close(grad, want, atol=1e-6, name="first-order grad under create_graph=True")
@@ -343,11 +345,12 @@ def test_gpu_non_default_device():
     # cuda:1 tensors while cuda:0 is current: the launches must run on cuda:1.
     x, z = make_pair((2, 5, 3001), torch.float16, seed=19, masked=True, layout="sliced")
     labels = make_labels((2, 5), 3001, seed=19, n_ignored=2)
-    labels[0, 0] = 3000  # off row 0's -inf head
+    on_mask = ~torch.isfinite(x.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)) & (labels != -100)
+    labels[on_mask] = 3000  # off the -inf-masked vocabulary (the last entry is never masked)
     xk = x.to("cuda:1").requires_grad_()
     outs = kernels.token_stats(xk, z.to("cuda:1"), labels.to("cuda:1"), backend="triton")
     sum(o.sum() for o in outs).backward()
-    xr = x.double().requires_grad_()
+    xr = x.detach().double().requires_grad_()
     refs = token_stats_ref(xr, z.double(), labels)
     sum(r.sum() for r in refs).backward()
     assert xk.grad.device == torch.device("cuda:1")
