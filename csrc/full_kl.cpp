@@ -7,17 +7,18 @@
 namespace rlhf {
 namespace {
 
-// -> (kl, lse, lse_ref), each [N] fp32.
+// -> (kl [N], stats [N, 2], stats_ref [N, 2]), fp32; stats = (max, log sum exp((x - max) / T)).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> full_kl_fwd(const at::Tensor& x3, const at::Tensor& z3,
                                                            double inv_temp) {
-  auto [logp, ent, kl, lse, lse_ref] = vocab::stats_fwd(x3, z3, std::nullopt, inv_temp, -100, false, "full_kl_fwd");
-  return {kl, lse, lse_ref};
+  auto [logp, ent, kl, stats, stats_ref] =
+      vocab::stats_fwd(x3, z3, std::nullopt, inv_temp, -100, false, "full_kl_fwd");
+  return {kl, stats, stats_ref};
 }
 
 // grad_x_v = g p_v (log p_v - log q_v - KL) / T -> [N, V] contiguous in x's dtype.
-at::Tensor full_kl_bwd(const at::Tensor& x3, const at::Tensor& z3, const at::Tensor& lse, const at::Tensor& lse_ref,
-                       const at::Tensor& kl, const at::Tensor& grad_kl, double inv_temp) {
-  return vocab::stats_bwd(x3, z3, std::nullopt, lse, lse_ref, std::nullopt, kl, std::nullopt, std::nullopt, grad_kl,
+at::Tensor full_kl_bwd(const at::Tensor& x3, const at::Tensor& z3, const at::Tensor& stats,
+                       const at::Tensor& stats_ref, const at::Tensor& kl, const at::Tensor& grad_kl, double inv_temp) {
+  return vocab::stats_bwd(x3, z3, std::nullopt, stats, stats_ref, std::nullopt, kl, std::nullopt, std::nullopt, grad_kl,
                           inv_temp, -100, "full_kl_bwd");
 }
 
@@ -27,7 +28,7 @@ at::Tensor full_kl_bwd(const at::Tensor& x3, const at::Tensor& z3, const at::Ten
 TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
   m.def("full_kl_fwd(Tensor x3, Tensor z3, float inv_temp) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "full_kl_bwd(Tensor x3, Tensor z3, Tensor lse, Tensor lse_ref, Tensor kl, Tensor grad_kl, float inv_temp) "
+      "full_kl_bwd(Tensor x3, Tensor z3, Tensor stats, Tensor stats_ref, Tensor kl, Tensor grad_kl, float inv_temp) "
       "-> Tensor");
 }
 

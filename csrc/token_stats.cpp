@@ -15,12 +15,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_sta
 }
 
 at::Tensor token_stats_bwd(const at::Tensor& x3, const std::optional<at::Tensor>& z3,
-                           const std::optional<at::Tensor>& labels, const at::Tensor& lse,
-                           const std::optional<at::Tensor>& lse_ref, const std::optional<at::Tensor>& ent,
+                           const std::optional<at::Tensor>& labels, const at::Tensor& stats,
+                           const std::optional<at::Tensor>& stats_ref, const std::optional<at::Tensor>& ent,
                            const std::optional<at::Tensor>& kl, const std::optional<at::Tensor>& grad_logp,
                            const std::optional<at::Tensor>& grad_ent, const std::optional<at::Tensor>& grad_kl,
                            double inv_temp, int64_t ignore_index) {
-  return vocab::stats_bwd(x3, z3, labels, lse, lse_ref, ent, kl, grad_logp, grad_ent, grad_kl, inv_temp,
+  return vocab::stats_bwd(x3, z3, labels, stats, stats_ref, ent, kl, grad_logp, grad_ent, grad_kl, inv_temp,
                           ignore_index, "token_stats_bwd");
 }
 
@@ -32,8 +32,8 @@ TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
       "token_stats_fwd(Tensor x3, Tensor? z3, Tensor? labels, float inv_temp, int ignore_index, bool entropy) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "token_stats_bwd(Tensor x3, Tensor? z3, Tensor? labels, Tensor lse, Tensor? lse_ref, Tensor? ent, Tensor? kl, "
-      "Tensor? grad_logp, Tensor? grad_ent, Tensor? grad_kl, float inv_temp, int ignore_index) -> Tensor");
+      "token_stats_bwd(Tensor x3, Tensor? z3, Tensor? labels, Tensor stats, Tensor? stats_ref, Tensor? ent, "
+      "Tensor? kl, Tensor? grad_logp, Tensor? grad_ent, Tensor? grad_kl, float inv_temp, int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {

@@ -25,9 +25,24 @@ def check_same_device(**tensors: torch.Tensor) -> None:
         raise ValueError(f"tensors must be on one device: {listed}")
 
 
+# Smallest temperature the ops accept. At T = 1e-3 a logit gap of 0.1 (under one bf16 ulp at |logit| >= 16)
+# already gives p = e^-100, below fp32's smallest normal: the softmax is an argmax to fp32 precision, so
+# refusing smaller T loses nothing. Without a floor, T -> 0 reaches where the backends disagree: the
+# kernels multiply by an fp32 1/T, which overflows to inf below T ~ 2.9e-39 (then (x - max) / T is
+# 0 * inf = NaN at the max), while the reference divides by T.
+MIN_TEMPERATURE = 1e-3
+
+
 def check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not (ok and MIN_TEMPERATURE <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g}, got {temperature!r}")
+
+
+def check_vocab(V: int, name: str = "logits") -> None:
+    """An empty vocabulary has no softmax: one clear error instead of an IndexError deep inside."""
+    if V == 0:
+        raise ValueError(f"{name}: the vocabulary is empty (V = 0); a softmax needs at least one entry")
 
 
 def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignore_index: int, *, name="labels") -> None:
@@ -43,7 +58,8 @@ def check_labels(labels: torch.Tensor, lead_shape: torch.Size, vocab: int, ignor
     if labels.shape != lead_shape:
         raise ValueError(f"{name} shape {tuple(labels.shape)} must equal the logits' leading shape {tuple(lead_shape)}")
     if labels.numel() and (labels.device.type == "cpu" or debug_checks()):
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        lab = labels.long()  # compared in int64: an ignore_index outside int32 must not wrap
+        bad = (lab != ignore_index) & ((lab < 0) | (lab >= vocab))
         if bool(bad.any()):
             idx = bad.nonzero()[0].tolist()
             value = int(labels[tuple(idx)])

@@ -35,10 +35,13 @@ because its upstream gradient is one number known to scale everything; per-token
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-from rlhf_kernels._checks import check_float, check_labels, check_same_device, check_temperature
+from rlhf_kernels._autograd import first_order_only
+from rlhf_kernels._checks import check_float, check_labels, check_same_device, check_temperature, check_vocab
 from rlhf_kernels._dispatch import resolve
 from rlhf_kernels._vocab import vocab_bwd, vocab_fwd
 
@@ -65,6 +68,7 @@ def check_linear(hidden, ref_hidden, weight, bias, labels, temperature, ignore_i
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
     V, H = weight.shape
+    check_vocab(V, "weight")
     if hidden.shape[-1] != H:
         raise ValueError(f"hidden's last dim {hidden.shape[-1]} must equal weight's H = {H} (weight is [V, H])")
     if weight.dtype != hidden.dtype:
@@ -87,9 +91,52 @@ def check_linear(hidden, ref_hidden, weight, bias, labels, temperature, ignore_i
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-# Whether this torch's CUDA addmm.dtype_out accepts an fp32 `self` with 16-bit inputs (newer builds do;
-# older ones want `self` in the inputs' dtype). Learned on first use.
-_FP32_OUT_GEMM = {"ok": True}
+def vocab_slice(chunk: int, V: int, M: int) -> int:
+    """Width Vs of the backward's [M, Vs] vocabulary slices: as many elements as a forward [C, V] chunk,
+    rounded down to a multiple of 128 (at least 128) once V >= 128. The slices' row stride is then a
+    multiple of 256 bytes in bf16: 16-byte vector loads in the row kernels and cuBLAS leading dimensions
+    that are multiples of 8 (unrounded, V = 128256 with C = 523, M = 8192 gives Vs = 8188: 16376-byte
+    rows, 8-byte aligned only). The last slice is V mod Vs wide, also a multiple of 128 when V is
+    (128256 = 1002 x 128, 151936 = 1187 x 128)."""
+    vs = max(1, (chunk * V) // max(M, 1))
+    if V >= 128:
+        vs = max(128, vs - vs % 128)
+    return min(vs, V)
+
+
+# Per (device, dtype): whether this torch's CUDA addmm.dtype_out accepts an fp32 `self` with 16-bit
+# inputs (newer builds do; older ones want `self` in the inputs' dtype). Learned once by a probe on
+# tiny tensors, never from a failure of a real call (that would turn an out-of-memory error into a
+# silent, permanent switch to the slower path).
+_FP32_OUT_GEMM: dict[tuple[torch.device, torch.dtype], bool] = {}
+# Devices whose GEMM may write fp32 from 16-bit inputs (tests widen it to exercise the probe on CPU).
+_FP32_OUT_DEVICES = ("cuda",)
+
+
+def _addmm_fp32_out(acc, a, b):
+    """acc [P, Q] fp32 += a @ b with 16-bit a, b: the GEMM writes fp32 C/D itself."""
+    torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+
+
+def _fp32_out_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    key = (device, dtype)
+    if key not in _FP32_OUT_GEMM:
+        probe = torch.zeros(8, 8, device=device, dtype=dtype)
+        try:
+            _addmm_fp32_out(torch.zeros(8, 8, device=device, dtype=torch.float32), probe, probe)
+            ok = True
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            ok = False
+            warnings.warn(
+                f"fused linear: this torch has no fp32-output {dtype} GEMM on {device} ({exc}); grad_hidden "
+                "accumulates through fp32 copies of each slice instead (slower, same result)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _FP32_OUT_GEMM[key] = ok
+    return _FP32_OUT_GEMM[key]
 
 
 def _accumulate_f32(acc, a, b):
@@ -97,14 +144,12 @@ def _accumulate_f32(acc, a, b):
     if a.dtype == torch.float32:
         torch.addmm(acc, a, b, out=acc)
         return
-    if a.is_cuda and _FP32_OUT_GEMM["ok"]:
-        # cuBLAS bf16/fp16 GEMM with an fp32 C/D: no [P, Q] fp32 temporary, no 16-bit rounding per chunk.
-        try:
-            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
-            return
-        except RuntimeError:
-            _FP32_OUT_GEMM["ok"] = False
-    # upcast the operands instead: a [P, K] fp32 copy per chunk, an fp32 GEMM
+    if a.device.type in _FP32_OUT_DEVICES and _fp32_out_supported(a.device, a.dtype):
+        # cuBLAS bf16/fp16 GEMM with an fp32 C/D: no [P, Q] fp32 temporary, no 16-bit rounding per slice.
+        # Any error of this call (out of memory included) propagates.
+        _addmm_fp32_out(acc, a, b)
+        return
+    # upcast the operands instead: a [P, K] fp32 copy per slice, an fp32 GEMM
     torch.addmm(acc, a.float(), b.float(), out=acc)
 
 
@@ -116,18 +161,19 @@ class LinearVocab(torch.autograd.Function):
         H = hidden.shape[-1]
         h2 = hidden.reshape(-1, H)  # [N, H]
         rh2 = ref_hidden.detach().reshape(-1, H) if ref_hidden is not None else None
-        lab = labels.reshape(-1)
+        lab = labels.reshape(-1).contiguous()  # [N]; strided or expanded labels copied once
         N = lab.numel()
-        idx = (lab != ignore_index).nonzero().squeeze(1)  # [M] tokens that do vocabulary work
+        # compared in int64: an ignore_index outside int32 must not wrap against int32 labels
+        idx = (lab.long() != ignore_index).nonzero().squeeze(1)  # [M] tokens that do vocabulary work
         M = idx.numel()
         has_kl = rh2 is not None
         f32 = dict(device=hidden.device, dtype=torch.float32)
         logp = torch.zeros(N, **f32)
         ent = torch.zeros(N, **f32) if entropy else None
         kl = torch.zeros(N, **f32) if has_kl else None
-        # per valid token, for the backward
-        lse_v = torch.empty(M, **f32)
-        lse_ref_v = torch.empty(M, **f32) if has_kl else None
+        # per valid token, for the backward: row statistics (max, log-sum) [M, 2] (kernels/_vocab.py)
+        stats_v = torch.empty((M, 2), **f32)
+        stats_ref_v = torch.empty((M, 2), **f32) if has_kl else None
         ent_v = torch.empty(M, **f32) if entropy else None
         kl_v = torch.empty(M, **f32) if has_kl else None
         need_h = ctx.needs_input_grad[0]
@@ -143,32 +189,34 @@ class LinearVocab(torch.autograd.Function):
             x = F.linear(h2.index_select(0, ci), weight, bias)  # [C, V]
             z = F.linear(rh2.index_select(0, ci), weight, bias) if has_kl else None  # [C, V]
             x3 = x.unsqueeze(0)  # [1, C, V]
-            lp, en, k, lse, lse_ref = vocab_fwd(
+            lp, en, k, stats, stats_ref = vocab_fwd(
                 backend, x3, z.unsqueeze(0) if has_kl else None, lab_c, inv_temp, ignore_index, entropy
             )
             logp.index_copy_(0, ci, lp)
-            lse_v[c0 : c0 + C] = lse
+            stats_v[c0 : c0 + C] = stats
             if entropy:
                 ent.index_copy_(0, ci, en)
                 ent_v[c0 : c0 + C] = en
             if has_kl:
                 kl.index_copy_(0, ci, k)
                 kl_v[c0 : c0 + C] = k
-                lse_ref_v[c0 : c0 + C] = lse_ref
+                stats_ref_v[c0 : c0 + C] = stats_ref
             if precompute:
                 ones = torch.ones(C, **f32)
-                D = vocab_bwd(backend, x3, None, lab_c, (lse, None, None, None), (ones, None, None), inv_temp,
+                D = vocab_bwd(backend, x3, None, lab_c, (stats, None, None, None), (ones, None, None), inv_temp,
                               ignore_index, out=x)  # fmt: skip  (D = (onehot - p) / T, in place over x on Triton)
                 torch.matmul(D, weight, out=G[c0 : c0 + C])
-        ctx.save_for_backward(hidden, ref_hidden, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v, G)
+        ctx.save_for_backward(hidden, ref_hidden, weight, bias, lab, idx, stats_v, stats_ref_v, ent_v, kl_v, G)
         ctx.meta = (inv_temp, ignore_index, backend, chunk, precompute)
+        ctx.backend = backend
         ctx.set_materialize_grads(False)
         shape = labels.shape
         return logp.view(shape), (ent.view(shape) if entropy else None), (kl.view(shape) if has_kl else None)
 
     @staticmethod
+    @first_order_only("linear_logprobs/linear_token_stats")
     def backward(ctx, g_logp, g_ent, g_kl):
-        hidden, ref_hidden, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v, G = ctx.saved_tensors
+        hidden, ref_hidden, weight, bias, lab, idx, stats_v, stats_ref_v, ent_v, kl_v, G = ctx.saved_tensors
         inv_temp, ignore_index, backend, chunk, precompute = ctx.meta
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         need_b = bias is not None and ctx.needs_input_grad[3]
@@ -191,7 +239,7 @@ class LinearVocab(torch.autograd.Function):
         grads = (g_logp, g_ent, g_kl)
         if need_w or need_b:
             return LinearVocab._backward_vocab_slices(
-                ctx, hidden.shape, h2, rh2, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v, grads, need_h,
+                ctx, hidden.shape, h2, rh2, weight, bias, lab, idx, stats_v, stats_ref_v, ent_v, kl_v, grads, need_h,
                 need_w, need_b,
             )  # fmt: skip
         # Frozen weight: token chunks; each token's grad_hidden is complete in its chunk.
@@ -202,7 +250,7 @@ class LinearVocab(torch.autograd.Function):
             x = F.linear(h2.index_select(0, ci), weight, bias)  # [C, V], recomputed
             z = F.linear(rh2.index_select(0, ci), weight, bias).unsqueeze(0) if rh2 is not None else None
             pick = lambda g: None if g is None else g.index_select(0, ci).contiguous()  # noqa: E731
-            saved = (lse_v[s], lse_ref_v[s] if z is not None else None, ent_v[s] if g_ent is not None else None,
+            saved = (stats_v[s], stats_ref_v[s] if z is not None else None, ent_v[s] if g_ent is not None else None,
                      kl_v[s] if z is not None else None)  # fmt: skip
             dl = vocab_bwd(backend, x.unsqueeze(0), z, lab.index_select(0, ci), saved, tuple(map(pick, grads)),
                            inv_temp, ignore_index, out=x)  # fmt: skip
@@ -210,15 +258,15 @@ class LinearVocab(torch.autograd.Function):
         return (grad_h.view(hidden.shape),) + none[1:]
 
     @staticmethod
-    def _backward_vocab_slices(ctx, hidden_shape, h2, rh2, weight, bias, lab, idx, lse_v, lse_ref_v, ent_v, kl_v,
+    def _backward_vocab_slices(ctx, hidden_shape, h2, rh2, weight, bias, lab, idx, stats_v, stats_ref_v, ent_v, kl_v,
                                grads, need_h, need_w, need_b):  # fmt: skip
         """Backward with weight/bias gradient, over [M, Vs] vocabulary slices of all M tokens.
 
         Each slice's grad_weight rows are complete in one GEMM over the M tokens (fp32 accumulation
         inside the GEMM, one rounding), so no [V, H] fp32 accumulator exists (2 GiB at V = 128256,
         H = 4096); grad_hidden [M, H] accumulates in fp32 across slices instead (128 MiB at M = 8192).
-        The row kernels take a slice as a row: log p_v = x_v / T - lse uses the forward's whole-row
-        statistics, and labels are shifted by the slice start. Same GEMMs as token chunks.
+        The row kernels take a slice as a row: log p_v = (x_v - max) / T - log_s uses the forward's
+        whole-row statistics, and labels are shifted by the slice start. Same GEMMs as token chunks.
         """
         inv_temp, _, backend, chunk, _ = ctx.meta
         dtype = h2.dtype
@@ -230,10 +278,9 @@ class LinearVocab(torch.autograd.Function):
         labM = lab if every else lab.index_select(0, idx)
         g_logp, g_ent, g_kl = (None if g is None else g.index_select(0, idx).contiguous() for g in grads)
         with_kl = rhM is not None
-        saved = (lse_v, lse_ref_v if with_kl else None, ent_v if g_ent is not None else None,
+        saved = (stats_v, stats_ref_v if with_kl else None, ent_v if g_ent is not None else None,
                  kl_v if with_kl else None)  # fmt: skip
-        # [M, Vs] slices hold as many elements as a forward [C, V] chunk
-        vs = max(1, (chunk * V) // max(M, 1))
+        vs = vocab_slice(chunk, V, M)  # [M, Vs] slices: as many elements as a [C, V] chunk, Vs % 128 == 0
         no_label = -V - 1  # as "ignore_index": no shifted label in [-V, V) equals it, every row is valid
         alloc = torch.empty if M else torch.zeros
         grad_w = alloc((V, H), device=weight.device, dtype=weight.dtype) if need_w else None

@@ -1,9 +1,9 @@
-"""Row kernels shared by the vocabulary ops: token_stats, full_kl and the fused-linear ops.
+"""Row kernels shared by the vocabulary ops: logprobs, token_stats, full_kl and the fused-linear ops.
 
-Letters: N tokens (rows), V vocabulary. Per row, with x = logits / T, z = ref_logits / T,
-p = softmax(x), q = softmax(z), lse = logsumexp(x), lse_ref = logsumexp(z):
+Letters: N tokens (rows), V vocabulary. Per row, with x = logits, z = ref_logits, T the temperature,
+p = softmax(x / T), q = softmax(z / T):
 
-    logp    = x[label] - lse                      (LABELS)
+    logp    = log p[label]                        (LABELS)
     entropy = -sum_v p_v log p_v                  (ENTROPY)
     kl      = sum_v p_v (log p_v - log q_v)       (KL)
 
@@ -15,11 +15,24 @@ divided by T. One forward pass reads each row of logits and ref_logits once (onl
 base 2, running maxima from -inf, rescaled sums); the backward reads them once more and writes the
 gradient in the logits' dtype.
 
-Numerics: the entropy numerator t = sum e^(y-m) (y-m) and the KL numerator
-u = sum e^(y-m) ((y-m) - (w-m_ref)) are kept relative to the running maxima (y = x log2 e, w = z log2 e),
-so neither forms lse - E[x] at |logits| ~ 1e4, where fp32 would cancel to ~1e-3 absolute. KL of a row
-with itself is exactly 0 (u = 0 and log s = log s_ref bit for bit); a negative rounding residue is
-clamped to 0 so that KL >= 0 always holds.
+Saved row statistics: stats[n] = (m, log_s), m = max_v x_v (the RAW logits' max) and
+log_s = log sum_v exp((x_v - m) / T); likewise stats_ref for z. Both passes form
+
+    log p_v = (x_v - m) / T - log_s
+
+never x_v / T - lse: with a common offset of 1e4 in the logits, fp32 x / T and lse carry the ulp of
+1e4 (~1e-3), which would leak into log p and p; x_v - m is exact there (Sterbenz) and small.
+Subtracting the raw max before scaling also keeps T != 1 as accurate as T = 1.
+
+Numerics: the entropy numerator t = sum e_v d_v and the KL numerator u = sum e_v (d_v - w_v), with
+d_v = (x_v - m) log2(e) / T, w_v = (z_v - m_ref) log2(e) / T and e_v = 2^d_v, stay relative to the running
+maxima, so neither forms lse - E[x] (which cancels at |logits| ~ 1e4). KL of a row with itself is
+exactly 0 (u = 0 and s = s_ref bit for bit); a negative rounding residue is clamped to 0 so that
+KL >= 0 holds (a NaN is kept).
+
+NaN: a NaN logit makes that row's logp, entropy and kl NaN (and its gradient), a NaN reference logit
+its kl, as in the torch reference: the masks test `e == 0` / `p == 0` (false for NaN), never `y > -inf`,
+and the running maxima are not trusted to carry NaN (tl.max ignores it under the interpreter).
 
 Rows whose label == ignore_index (with LABELS) yield zeros, read nothing and get a zero gradient.
 Masked vocabulary (-inf at the same positions in logits and ref_logits) contributes 0.
@@ -30,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_kernels._dispatch import ext_op
-from rlhf_kernels._triton import row_launch, tl, triton
+from rlhf_kernels._triton import on_device, row_launch, tl, triton
 
 
 @triton.jit
@@ -38,12 +51,12 @@ def _vocab_fwd_kernel(
     # data pointers
     x_ptr,  # [A, R, V] strided view of logits, any float dtype
     z_ptr,  # [A2, R2, V] strided view of ref_logits (read only if KL)
-    labels_ptr,  # [N] int (read only if LABELS)
+    labels_ptr,  # [N] int32/int64 contiguous (read only if LABELS)
     logp_ptr,  # [N] fp32 out (written only if LABELS)
     entropy_ptr,  # [N] fp32 out (written only if ENTROPY)
     kl_ptr,  # [N] fp32 out (written only if KL)
-    lse_ptr,  # [N] fp32 out: logsumexp(logits / T)
-    lse_ref_ptr,  # [N] fp32 out: logsumexp(ref_logits / T) (written only if KL)
+    stats_ptr,  # [N, 2] fp32 out: (max of the raw logits, log sum exp((x - max) / T))
+    stats_ref_ptr,  # [N, 2] fp32 out: the same for ref_logits (written only if KL)
     # strides (elements)
     sx_outer,
     sx_inner,
@@ -75,55 +88,65 @@ def _vocab_fwd_kernel(
         n_cols = V
     xb = x_ptr + (row // x_rows_inner) * sx_outer + (row % x_rows_inner) * sx_inner
     zb = z_ptr + (row // z_rows_inner) * sz_outer + (row % z_rows_inner) * sz_inner
-    scale = inv_temp * LOG2E  # base 2: y = x log2(e) / T
-    m = NEG_INF  # running max of y
-    s = 0.0  # sum exp2(y - m)
-    t = 0.0  # sum exp2(y - m) (y - m)
-    mr = NEG_INF  # running max of w
-    sr = 0.0  # sum exp2(w - mr)
-    u = 0.0  # sum exp2(y - m) ((y - m) - (w - mr))
+    scale = inv_temp * LOG2E  # base 2: d = (x - m) log2(e) / T
+    m = NEG_INF  # running max of the raw x
+    s = 0.0  # sum 2^d
+    t = 0.0  # sum 2^d d
+    mr = NEG_INF  # running max of the raw z
+    sr = 0.0  # sum 2^w, w = (z - mr) log2(e) / T
+    u = 0.0  # sum 2^d (d - w)
     for start in range(0, n_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         inb = offs < V
         offs64 = offs.to(tl.int64)
-        y = tl.load(xb + offs64 * sx_v, mask=inb, other=NEG_INF).to(tl.float32) * scale
-        m_new = tl.maximum(m, tl.max(y, axis=0))
-        # m_new == -inf only while every y so far is -inf: then nothing is added and s stays 0.
-        alpha = tl.where(m_new > NEG_INF, tl.exp2(m - m_new), 1.0)
-        d = y - m_new
-        e = tl.where(y > NEG_INF, tl.exp2(d), 0.0)
+        x = tl.load(xb + offs64 * sx_v, mask=inb, other=NEG_INF).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # m_new == -inf only while every x so far is -inf (or NaN): subtract 0 instead (no -inf - -inf
+        # = NaN), so -inf entries give e = 0 and a NaN entry gives e = NaN, which then poisons s.
+        x_seen = m_new > NEG_INF
+        m_sub = tl.where(x_seen, m_new, 0.0)
+        shift = tl.where(x_seen, (m - m_new) * scale, 0.0)  # <= 0; -inf while s == 0
+        alpha = tl.exp2(shift)
+        d = (x - m_sub) * scale
+        e = tl.exp2(d)
         if ENTROPY:
-            shift = tl.where(s > 0, (m - m_new) * s, 0.0)
-            t = alpha * (t + shift) + tl.sum(tl.where(e > 0, e * d, 0.0), axis=0)
+            # sum e d moves by shift * s when the max moves; e == 0 (a -inf entry) adds 0, not 0 * -inf
+            t = alpha * (t + tl.where(s > 0, shift * s, 0.0)) + tl.sum(tl.where(e == 0, 0.0, e * d), axis=0)
         if KL:
-            w = tl.load(zb + offs64 * sz_v, mask=inb, other=NEG_INF).to(tl.float32) * scale
-            mr_new = tl.maximum(mr, tl.max(w, axis=0))
-            # While every w so far is -inf, subtract 0 instead of -inf (no -inf - -inf = NaN): then
-            # sr stays 0, and x mass there makes u = +inf, i.e. KL = +inf where q_v = 0 < p_v.
+            z = tl.load(zb + offs64 * sz_v, mask=inb, other=NEG_INF).to(tl.float32)
+            mr_new = tl.maximum(mr, tl.max(z, axis=0))
+            # While every z so far is -inf, subtract 0 (sr stays 0); x mass there makes u = +inf, i.e.
+            # KL = +inf where q_v = 0 < p_v.
             z_seen = mr_new > NEG_INF
             mr_sub = tl.where(z_seen, mr_new, 0.0)
-            shift_r = tl.where(z_seen, mr - mr_new, 0.0)
-            sr = sr * tl.exp2(shift_r) + tl.sum(tl.where(w > NEG_INF, tl.exp2(w - mr_sub), 0.0), axis=0)
-            # (y - m) - (w - mr) moves by (m - m_new) - (mr - mr_new) when the maxima move.
-            shift_u = tl.where(s > 0, ((m - m_new) - shift_r) * s, 0.0)
-            u = alpha * (u + shift_u) + tl.sum(tl.where(e > 0, e * (d - (w - mr_sub)), 0.0), axis=0)
+            shift_r = tl.where(z_seen, (mr - mr_new) * scale, 0.0)
+            w = (z - mr_sub) * scale
+            sr = sr * tl.exp2(shift_r) + tl.sum(tl.exp2(w), axis=0)
+            # d - w moves by shift - shift_r when the maxima move.
+            u = alpha * (u + tl.where(s > 0, (shift - shift_r) * s, 0.0)) + tl.sum(
+                tl.where(e == 0, 0.0, e * (d - w)), axis=0
+            )
             mr = mr_new
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
     valid = n_cols > 0
     log2_s = tl.log2(s)
-    tl.store(lse_ptr + row, tl.where(valid, (m + log2_s) * LN2, 0.0))
+    log_s = log2_s * LN2
+    tl.store(stats_ptr + 2 * row, tl.where(valid, m, 0.0))
+    tl.store(stats_ptr + 2 * row + 1, tl.where(valid, log_s, 0.0))
     if LABELS:
         safe_label = tl.where(valid & (label >= 0) & (label < V), label, 0)
-        y_label = tl.load(xb + safe_label * sx_v, mask=valid).to(tl.float32) * scale
-        tl.store(logp_ptr + row, tl.where(valid, (y_label - m - log2_s) * LN2, 0.0))
+        x_label = tl.load(xb + safe_label * sx_v, mask=valid).to(tl.float32)
+        tl.store(logp_ptr + row, tl.where(valid, (x_label - m) * inv_temp - log_s, 0.0))
     if ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, (log2_s - t / s) * LN2, 0.0))
     if KL:
         log2_sr = tl.log2(sr)
-        kl = tl.maximum((u / s - log2_s + log2_sr) * LN2, 0.0)
+        kl = (u / s - log2_s + log2_sr) * LN2
+        kl = tl.where(kl < 0, 0.0, kl)  # a rounding residue below 0 (not tl.maximum: it would drop NaN)
         tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
-        tl.store(lse_ref_ptr + row, tl.where(valid, (mr + log2_sr) * LN2, 0.0))
+        tl.store(stats_ref_ptr + 2 * row, tl.where(valid, mr, 0.0))
+        tl.store(stats_ref_ptr + 2 * row + 1, tl.where(valid, log2_sr * LN2, 0.0))
 
 
 @triton.jit
@@ -131,9 +154,9 @@ def _vocab_bwd_kernel(
     # data pointers
     x_ptr,  # [A, R, V] strided view of logits
     z_ptr,  # [A2, R2, V] strided view of ref_logits (read only if KL)
-    labels_ptr,  # [N] int (read only if LABELS)
-    lse_ptr,  # [N] fp32 from the forward
-    lse_ref_ptr,  # [N] fp32 from the forward (read only if KL)
+    labels_ptr,  # [N] int32/int64 contiguous (read only if LABELS)
+    stats_ptr,  # [N, 2] fp32 from the forward: (max, log_s)
+    stats_ref_ptr,  # [N, 2] fp32 from the forward (read only if KL)
     entropy_ptr,  # [N] fp32 from the forward (read only if ENTROPY)
     kl_ptr,  # [N] fp32 from the forward (read only if KL)
     grad_logp_ptr,  # [N] fp32 upstream (read only if LABELS)
@@ -171,18 +194,22 @@ def _vocab_bwd_kernel(
     xb = x_ptr + (row // x_rows_inner) * sx_outer + (row % x_rows_inner) * sx_inner
     zb = z_ptr + (row // z_rows_inner) * sz_outer + (row % z_rows_inner) * sz_inner
     out = grad_x_ptr + row * V
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(stats_ptr + 2 * row)
+    log_s = tl.load(stats_ptr + 2 * row + 1)
     # c_v = g_logp + g_ent (log p_v + H) - g_kl (log p_v - log q_v - KL) = c0 + c1 log p_v + g_kl log q_v
     c0 = g_logp
     c1 = 0.0
     g_kl = 0.0
+    mr = 0.0
+    log_sr = 0.0
     if ENTROPY:
         g_ent = tl.where(valid, tl.load(grad_entropy_ptr + row), 0.0) * inv_temp
         c0 += g_ent * tl.load(entropy_ptr + row)
         c1 += g_ent
     if KL:
         g_kl = tl.where(valid, tl.load(grad_kl_ptr + row), 0.0) * inv_temp
-        lse_ref = tl.load(lse_ref_ptr + row)
+        mr = tl.load(stats_ref_ptr + 2 * row)
+        log_sr = tl.load(stats_ref_ptr + 2 * row + 1)
         c0 += g_kl * tl.load(kl_ptr + row)
         c1 -= g_kl
     n_read = tl.where(valid, V, 0)  # ignored tokens write zeros without reading
@@ -191,13 +218,14 @@ def _vocab_bwd_kernel(
         offs64 = offs.to(tl.int64)
         rd = offs < n_read
         x = tl.load(xb + offs64 * sx_v, mask=rd, other=-float("inf")).to(tl.float32)
-        logp = x * inv_temp - lse  # -inf where p_v == 0
+        logp = (x - m) * inv_temp - log_s  # -inf where p_v == 0
         p = tl.exp(logp)
         c = c0 + c1 * logp
         if KL:
             zv = tl.load(zb + offs64 * sz_v, mask=rd, other=0.0).to(tl.float32)
-            c += g_kl * (zv * inv_temp - lse_ref)
-        g = tl.where(offs == label, g_logp, 0.0) - tl.where(p > 0, p * c, 0.0)
+            c += g_kl * ((zv - mr) * inv_temp - log_sr)
+        # p == 0 (masked vocabulary, where c may be +-inf or NaN) contributes 0; a NaN p stays NaN.
+        g = tl.where(offs == label, g_logp, 0.0) - tl.where(p == 0, 0.0, p * c)
         tl.store(out + offs64, g.to(grad_x_ptr.dtype.element_ty), mask=offs < V)
 
 
@@ -211,51 +239,53 @@ def _empty(device):
 
 
 def vocab_fwd(backend, x3, z3, labels, inv_temp, ignore_index, entropy):
-    """x3 [A, R, V] (and z3, the ref rows, or None), labels [N] or None
-    -> (logp, entropy, kl, lse, lse_ref), each [N] fp32 or empty when not asked for."""
-    if backend in ("cpp", "cuda"):
+    """x3 [A, R, V] (and z3, the ref rows, or None), labels [N] contiguous int or None
+    -> (logp, entropy, kl, stats, stats_ref): logp/entropy/kl [N] fp32 or empty when not asked for,
+    stats [N, 2] fp32 (max, log_s) and stats_ref [N, 2] (or empty without z3)."""
+    if backend == "cpp":
         return ext_op("token_stats_fwd")(x3, z3, labels, inv_temp, ignore_index, entropy)
     A, R, V = x3.shape
     N = A * R
     dev = x3.device
     f32 = dict(device=dev, dtype=torch.float32)
     has_labels, has_kl = labels is not None, z3 is not None
-    lse = torch.empty(N, **f32)
+    stats = torch.empty((N, 2), **f32)
     logp = torch.empty(N, **f32) if has_labels else _empty(dev)
     ent = torch.empty(N, **f32) if entropy else _empty(dev)
     kl = torch.empty(N, **f32) if has_kl else _empty(dev)
-    lse_ref = torch.empty(N, **f32) if has_kl else _empty(dev)
+    stats_ref = torch.empty((N, 2), **f32) if has_kl else _empty(dev)
     zz = z3 if has_kl else x3
-    # With KL each block iteration keeps y, w, e and d live (about 6 fp32 per element with the
+    # With KL each block iteration keeps x, z, d, w and e live (about 6 fp32 per element with the
     # temporaries): a 2048-wide block on 8 warps is 2048 x 6 / 256 = 48 fp32 registers per thread.
     # Not tuned on a GPU yet (none in the session that wrote it).
     launch = row_launch(V, max_block=4096 if not has_kl else 2048)
     if N:
-        _vocab_fwd_kernel[(N,)](
-            x3, zz, labels if has_labels else lse, logp if has_labels else lse, ent if entropy else lse,
-            kl if has_kl else lse, lse, lse_ref if has_kl else lse,
-            x3.stride(0), x3.stride(1), x3.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
-            x3.shape[1], zz.shape[1], V, inv_temp, ignore_index,
-            LABELS=has_labels, ENTROPY=bool(entropy), KL=has_kl,
-            BLOCK=launch["BLOCK"], num_warps=launch["num_warps"],
-        )  # fmt: skip
-    return logp, ent, kl, lse, lse_ref
+        with on_device(x3):
+            _vocab_fwd_kernel[(N,)](
+                x3, zz, labels if has_labels else stats, logp if has_labels else stats, ent if entropy else stats,
+                kl if has_kl else stats, stats, stats_ref if has_kl else stats,
+                x3.stride(0), x3.stride(1), x3.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
+                x3.shape[1], zz.shape[1], V, inv_temp, ignore_index,
+                LABELS=has_labels, ENTROPY=bool(entropy), KL=has_kl,
+                BLOCK=launch["BLOCK"], num_warps=launch["num_warps"],
+            )  # fmt: skip
+    return logp, ent, kl, stats, stats_ref
 
 
 def vocab_bwd(backend, x3, z3, labels, saved, grads, inv_temp, ignore_index, out=None):
     """Gradient w.r.t. the logits of sum(g_logp logp + g_ent entropy + g_kl kl).
 
-    saved = (lse, lse_ref, entropy, kl) from vocab_fwd; grads = (g_logp, g_ent, g_kl), each [N] fp32
+    saved = (stats, stats_ref, entropy, kl) from vocab_fwd; grads = (g_logp, g_ent, g_kl), each [N] fp32
     contiguous or None (None: that output gets no gradient). `out` ([N, V] contiguous, x3's dtype) is
     written in place when given (Triton only; it may be x3 itself). -> grad [N, V] in x3's dtype.
     """
-    lse, lse_ref, ent, kl = saved
+    stats, stats_ref, ent, kl = saved
     g_logp, g_ent, g_kl = grads
     with_logp = labels is not None and g_logp is not None
     with_ent, with_kl = g_ent is not None, g_kl is not None and z3 is not None
-    if backend in ("cpp", "cuda"):
+    if backend == "cpp":
         return ext_op("token_stats_bwd")(
-            x3, z3 if with_kl else None, labels, lse, lse_ref if with_kl else None, ent if with_ent else None,
+            x3, z3 if with_kl else None, labels, stats, stats_ref if with_kl else None, ent if with_ent else None,
             kl if with_kl else None, g_logp if with_logp else None, g_ent, g_kl if with_kl else None,
             inv_temp, ignore_index,
         )  # fmt: skip
@@ -268,13 +298,15 @@ def vocab_bwd(backend, x3, z3, labels, saved, grads, inv_temp, ignore_index, out
         g_logp = torch.zeros(N, device=x3.device, dtype=torch.float32)
     launch = row_launch(V, max_block=4096 if not with_kl else 2048)
     if N:
-        _vocab_bwd_kernel[(N,)](
-            x3, zz, labels if labels is not None else lse, lse, lse_ref if with_kl else lse,
-            ent if with_ent else lse, kl if with_kl else lse,
-            g_logp if labels is not None else lse, g_ent if with_ent else lse, g_kl if with_kl else lse, grad,
-            x3.stride(0), x3.stride(1), x3.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
-            x3.shape[1], zz.shape[1], V, inv_temp, ignore_index,
-            LABELS=labels is not None, ENTROPY=with_ent, KL=with_kl,
-            BLOCK=launch["BLOCK"], num_warps=launch["num_warps"],
-        )  # fmt: skip
+        with on_device(x3):
+            _vocab_bwd_kernel[(N,)](
+                x3, zz, labels if labels is not None else stats, stats, stats_ref if with_kl else stats,
+                ent if with_ent else stats, kl if with_kl else stats,
+                g_logp if labels is not None else stats, g_ent if with_ent else stats, g_kl if with_kl else stats,
+                grad,
+                x3.stride(0), x3.stride(1), x3.stride(2), zz.stride(0), zz.stride(1), zz.stride(2),
+                x3.shape[1], zz.shape[1], V, inv_temp, ignore_index,
+                LABELS=labels is not None, ENTROPY=with_ent, KL=with_kl,
+                BLOCK=launch["BLOCK"], num_warps=launch["num_warps"],
+            )  # fmt: skip
     return grad

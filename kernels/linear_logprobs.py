@@ -44,7 +44,7 @@ def linear_logprobs(
         weight: [V, H] the lm_head, hidden's dtype. Gets a gradient only if it requires grad.
         labels: [...] int64 (int32 accepted), in [0, V) or == ignore_index.
         bias: optional [V], hidden's dtype.
-        temperature: logits are divided by it before the softmax.
+        temperature: logits are divided by it before the softmax; >= 1e-3 (kernels._checks.MIN_TEMPERATURE).
         ignore_index: label value whose token yields 0, no gradient and no vocabulary work.
         entropy: also return the entropy of softmax(logits / temperature).
         chunk_size: tokens per chunk (None: [C, V] chunks of 128 MiB).

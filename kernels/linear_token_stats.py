@@ -47,7 +47,7 @@ def linear_token_stats(
         weight: [V, H] the shared lm_head, hidden's dtype. Gets a gradient only if it requires grad.
         labels: [...] int64 (int32 accepted), in [0, V) or == ignore_index.
         bias: optional [V], hidden's dtype.
-        temperature: both logits are divided by it before the softmax.
+        temperature: both logits are divided by it before the softmax; >= 1e-3 (kernels._checks.MIN_TEMPERATURE).
         ignore_index: label value whose token yields zeros, no gradient and no vocabulary work.
         chunk_size: tokens per chunk (None: [C, V] chunks of 128 MiB).
         backend: "auto" | "torch" | "triton" | "cpp" (the row kernels; "torch" is the unfused reference).

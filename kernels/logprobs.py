@@ -6,20 +6,23 @@ Letters: N tokens (all leading dims flattened), V vocabulary.
     entropy[n] = -sum_v p[n, v] log p[n, v],   p = softmax(logits[n] / T)
 
 Tokens whose label is `ignore_index` get logp = entropy = 0 and no gradient, and cost no vocabulary
-work. Gradients (x = logits / T, lse = logsumexp(x), log p = x - lse, H = entropy):
+work. Gradients (x = logits / T, log p = log_softmax(x), H = entropy):
 
     d logp / d x_v = 1[v == label] - p_v
     d H    / d x_v = -p_v (log p_v + H)
 
 The forward streams each row once with an online softmax (running max from -inf, rescaled sums);
-the backward streams it once more and writes the gradient in the logits' dtype. Math is fp32.
+the backward streams it once more and writes the gradient in the logits' dtype. Math is fp32, with
+log p_v = (logits_v - max) / T - log sum exp((logits - max) / T) in both passes (kernels/_vocab.py):
+exact to fp32 relative precision of log p even with a common offset of 1e4 in the logits.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhf_kernels._checks import check_float, check_labels, check_same_device, check_temperature
+from rlhf_kernels._autograd import first_order_only
+from rlhf_kernels._checks import check_float, check_labels, check_same_device, check_temperature, check_vocab
 from rlhf_kernels._dispatch import resolve
 from rlhf_kernels._rows import as_rows3
 from rlhf_kernels._vocab import as_grad, vocab_bwd, vocab_fwd
@@ -33,10 +36,12 @@ IMPLEMENTED = ("torch", "triton", "cpp")
 def logprobs_ref(logits, labels, temperature=1.0, ignore_index=-100, entropy=False):
     """PyTorch reference: materialises [N, V] temporaries; math in max(logits.dtype, fp32).
 
-    Differentiable through autograd; float64 logits give a float64 result (the test oracle).
+    Differentiable through autograd (to any order); float64 logits give a float64 result (the test
+    oracle). An empty vocabulary (V = 0) is a ValueError, as in kernels.logprobs.
     """
+    check_vocab(logits.shape[-1])
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    ignored = labels == ignore_index
+    ignored = labels.long() == ignore_index  # int64: an ignore_index outside int32 must not wrap
     safe = labels.masked_fill(ignored, 0).long()
     logp_all = torch.log_softmax(x, dim=-1)
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
@@ -59,22 +64,26 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, inv_temp, ignore_index, entropy, backend):
         rows3 = as_rows3(logits)
-        flat_labels = labels.reshape(-1)
-        logp, ent, _, lse, _ = vocab_fwd(backend, rows3, None, flat_labels, inv_temp, ignore_index, entropy)
-        ctx.save_for_backward(rows3, flat_labels, lse, ent)
+        # The kernels read labels as [N] contiguous; one copy here for strided or expanded (stride 0)
+        # labels, saved so that the backward reads the same buffer.
+        flat_labels = labels.reshape(-1).contiguous()
+        logp, ent, _, stats, _ = vocab_fwd(backend, rows3, None, flat_labels, inv_temp, ignore_index, entropy)
+        ctx.save_for_backward(rows3, flat_labels, stats, ent)
         ctx.meta = (inv_temp, ignore_index, backend, logits.shape)
+        ctx.backend = backend
         ctx.set_materialize_grads(False)
         shape = labels.shape
         return logp.view(shape), (ent.view(shape) if entropy else None)
 
     @staticmethod
+    @first_order_only("logprobs")
     def backward(ctx, grad_logp, grad_ent):
-        rows3, labels, lse, ent = ctx.saved_tensors
+        rows3, labels, stats, ent = ctx.saved_tensors
         inv_temp, ignore_index, backend, shape = ctx.meta
         if grad_logp is None and grad_ent is None:
             return (None,) * 6
         grads = (as_grad(grad_logp), as_grad(grad_ent), None)
-        grad = vocab_bwd(backend, rows3, None, labels, (lse, None, ent, None), grads, inv_temp, ignore_index)
+        grad = vocab_bwd(backend, rows3, None, labels, (stats, None, ent, None), grads, inv_temp, ignore_index)
         return grad.view(shape), None, None, None, None, None
 
 
@@ -86,16 +95,18 @@ def logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, entropy=Fals
 
     Args:
         logits: [..., V] float32/bfloat16/float16, any strides.
-        labels: [...] int64 (int32 accepted), in [0, V) or == ignore_index.
-        temperature: logits are divided by it before the softmax.
+        labels: [...] int64 (int32 accepted), any strides, in [0, V) or == ignore_index.
+        temperature: logits are divided by it before the softmax; >= 1e-3 (kernels._checks.MIN_TEMPERATURE).
         ignore_index: label value whose token yields 0 and no gradient.
         entropy: also return the entropy of softmax(logits / temperature).
-        backend: "auto" | "torch" | "triton" | "cpp" | "cuda" (see kernels.backends()).
+        backend: "auto" | "torch" | "triton" | "cpp" (see kernels.backends()).
 
     Returns:
-        logp [...] fp32, or (logp, entropy) with entropy=True; both differentiable w.r.t. logits.
+        logp [...] fp32, or (logp, entropy) with entropy=True; both differentiable w.r.t. logits (first
+        order on "triton"/"cpp"; "torch" supports higher orders). A NaN logit makes its row NaN.
     """
     check_float("logits", logits, min_dim=1)
+    check_vocab(logits.shape[-1])
     check_same_device(logits=logits, labels=labels)
     check_temperature(temperature)
     check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)

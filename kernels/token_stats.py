@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_kernels._checks import check_float, check_labels, check_same_device, check_temperature
+from rlhf_kernels._autograd import first_order_only
+from rlhf_kernels._checks import check_float, check_labels, check_same_device, check_temperature, check_vocab
 from rlhf_kernels._dispatch import resolve
 from rlhf_kernels._rows import as_rows3
 from rlhf_kernels._vocab import as_grad, vocab_bwd, vocab_fwd
@@ -37,11 +38,11 @@ IMPLEMENTED = ("torch", "triton", "cpp")
 def token_stats_ref(logits, ref_logits, labels, temperature=1.0, ignore_index=-100):
     """PyTorch reference (the composition logprobs_ref + full_kl_ref): [N, V] temporaries.
 
-    Differentiable w.r.t. `logits`; float64 in, float64 out.
+    Differentiable w.r.t. `logits` (to any order; ref_logits is detached); float64 in, float64 out.
     """
     logp, ent = logprobs_ref(logits, labels, temperature, ignore_index, entropy=True)
     kl = full_kl_ref(logits, ref_logits, temperature)
-    kl = torch.where(labels == ignore_index, torch.zeros_like(kl), kl)
+    kl = torch.where(labels.long() == ignore_index, torch.zeros_like(kl), kl)
     return logp, ent, kl
 
 
@@ -52,22 +53,24 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, ref_logits, labels, inv_temp, ignore_index, backend):
         x3, z3 = as_rows3(logits), as_rows3(ref_logits.detach())
-        flat_labels = labels.reshape(-1)
-        logp, ent, kl, lse, lse_ref = vocab_fwd(backend, x3, z3, flat_labels, inv_temp, ignore_index, True)
-        ctx.save_for_backward(x3, z3, flat_labels, lse, lse_ref, ent, kl)
+        flat_labels = labels.reshape(-1).contiguous()  # [N] contiguous for the kernels, the same buffer fwd and bwd
+        logp, ent, kl, stats, stats_ref = vocab_fwd(backend, x3, z3, flat_labels, inv_temp, ignore_index, True)
+        ctx.save_for_backward(x3, z3, flat_labels, stats, stats_ref, ent, kl)
         ctx.meta = (inv_temp, ignore_index, backend, logits.shape)
+        ctx.backend = backend
         ctx.set_materialize_grads(False)
         shape = labels.shape
         return logp.view(shape), ent.view(shape), kl.view(shape)
 
     @staticmethod
+    @first_order_only("token_stats")
     def backward(ctx, grad_logp, grad_ent, grad_kl):
-        x3, z3, labels, lse, lse_ref, ent, kl = ctx.saved_tensors
+        x3, z3, labels, stats, stats_ref, ent, kl = ctx.saved_tensors
         inv_temp, ignore_index, backend, shape = ctx.meta
         if grad_logp is None and grad_ent is None and grad_kl is None:
             return (None,) * 6
         grads = (as_grad(grad_logp), as_grad(grad_ent), as_grad(grad_kl))
-        grad = vocab_bwd(backend, x3, z3, labels, (lse, lse_ref, ent, kl), grads, inv_temp, ignore_index)
+        grad = vocab_bwd(backend, x3, z3, labels, (stats, stats_ref, ent, kl), grads, inv_temp, ignore_index)
         return grad.view(shape), None, None, None, None, None
 
 
@@ -80,15 +83,18 @@ def token_stats(logits, ref_logits, labels, *, temperature=1.0, ignore_index=-10
     Args:
         logits: [..., V] float32/bfloat16/float16, any strides: the policy.
         ref_logits: same shape and dtype, any strides: the reference (no gradient).
-        labels: [...] int64 (int32 accepted), in [0, V) or == ignore_index.
-        temperature: both logits are divided by it before the softmax.
+        labels: [...] int64 (int32 accepted), any strides, in [0, V) or == ignore_index.
+        temperature: both logits are divided by it before the softmax; >= 1e-3 (kernels._checks.MIN_TEMPERATURE).
         ignore_index: label value whose token yields zeros and no gradient.
-        backend: "auto" | "torch" | "triton" | "cpp" | "cuda" (see kernels.backends()).
+        backend: "auto" | "torch" | "triton" | "cpp" (see kernels.backends()).
 
     Returns:
-        (logp, entropy, kl), each [...] fp32 and differentiable w.r.t. logits.
+        (logp, entropy, kl), each [...] fp32 and differentiable w.r.t. logits (first order on
+        "triton"/"cpp"; "torch" supports higher orders). A NaN logit makes its row's three NaN, a NaN
+        reference logit its kl.
     """
     check_float("logits", logits, min_dim=1)
+    check_vocab(logits.shape[-1])
     check_ref_logits(logits, ref_logits)
     check_same_device(logits=logits, ref_logits=ref_logits, labels=labels)
     check_temperature(temperature)

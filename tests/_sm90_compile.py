@@ -137,6 +137,23 @@ def scenario_vocab():
             _vocab_step(kernels, (3,), V, torch.bfloat16, kl=kl)
     # strided rows, int32 labels
     _vocab_step(kernels, (2, 3), 1000, torch.bfloat16, sliced=True, label_dtype=torch.int32)
+    # int32 / expanded labels with an ignore_index beyond int32 (an int64 scalar specialization)
+    x = torch.zeros(2, 3, 500, dtype=torch.bfloat16, requires_grad=True)
+    y32 = torch.zeros(2, 3, dtype=torch.int32)
+    torch.autograd.backward([o.sum() for o in kernels.logprobs(x, y32, ignore_index=2**32 + 5, entropy=True,
+                                                                backend="triton")])  # fmt: skip
+    outs = kernels.token_stats(x, x.detach(), torch.tensor([1]).expand(2, 3), ignore_index=2**40, backend="triton")
+    torch.autograd.backward([o.sum() for o in outs])
+    # the block widths the tests force (forced_blocks(row=...): 4 warps on a GPU), so that the GPU run
+    # of the multi-block tests compiles
+    from rlhf_kernels._triton import forced_blocks
+
+    for block, dtypes in ((16, (torch.float32, torch.bfloat16)), (1024, (torch.float32,)), (2048, (torch.float32,))):
+        with forced_blocks(row=block):
+            for dtype in dtypes:
+                for labels, entropy, kl in ((True, True, True), (True, True, False), (True, False, False),
+                                            (False, False, True)):
+                    _vocab_step(kernels, (2,), 3000, dtype, labels=labels, entropy=entropy, kl=kl)
     # the fused-linear ops (chunks written in place over the logits, vocabulary slices)
     for dtype in (torch.float32, torch.bfloat16):
         h = torch.zeros(4, 64, dtype=dtype, requires_grad=True)
