@@ -25,6 +25,10 @@ namespace rlhf::vocab {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
+// Rows per thread task: at least ATen's 32768-element grain of work, so a few short rows (a small
+// vocabulary) stay on one thread instead of paying an OpenMP region each.
+inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
 struct RowOut {
   float m, log_s, entropy, kl, mr, log_sr;
 };
@@ -241,7 +245,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> st
   const int64_t sx = x3.stride(2), sz = has_z ? z3_opt->stride(2) : 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "vocab_stats_fwd", [&] {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       alignas(64) float bx[kChunk];
       alignas(64) float bz[kChunk];
       for (int64_t n = begin; n < end; ++n) {
@@ -312,7 +316,7 @@ inline at::Tensor stats_bwd(const at::Tensor& x3, const std::optional<at::Tensor
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x3.scalar_type(), "vocab_stats_bwd", [&] {
     scalar_t* grad_p = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       alignas(64) float bx[kChunk];
       alignas(64) float bz[kChunk];
       for (int64_t n = begin; n < end; ++n) {

@@ -70,7 +70,7 @@ class _FullKL(torch.autograd.Function):
     def forward(ctx, logits, ref_logits, inv_temp, backend):
         x3, z3 = as_rows3(logits), as_rows3(ref_logits.detach())
         kl, stats, stats_ref = _fwd(backend, x3, z3, inv_temp)
-        ctx.save_for_backward(x3, z3, kl, stats, stats_ref)
+        ctx.save_for_backward(x3, z3, kl, stats, stats_ref, logits)  # logits: first_order_only's anchor
         ctx.meta = (inv_temp, backend, logits.shape)
         ctx.backend = backend
         return kl.view(logits.shape[:-1])
@@ -78,7 +78,7 @@ class _FullKL(torch.autograd.Function):
     @staticmethod
     @first_order_only("full_kl")
     def backward(ctx, grad_kl):
-        x3, z3, kl, stats, stats_ref = ctx.saved_tensors
+        x3, z3, kl, stats, stats_ref, _ = ctx.saved_tensors
         inv_temp, backend, shape = ctx.meta
         grad_kl = grad_kl.reshape(-1).float().contiguous()
         grad = _bwd(backend, x3, z3, kl, stats, stats_ref, grad_kl, inv_temp)

@@ -141,7 +141,7 @@ class _KLPenalty(torch.autograd.Function):
     def forward(ctx, logprobs, ref_logprobs, kind, clamp, backend):
         lp, ref = logprobs.reshape(-1).contiguous(), ref_logprobs.reshape(-1).contiguous()
         kl = _fwd(backend, lp, ref, kind, clamp)
-        ctx.save_for_backward(lp, ref)
+        ctx.save_for_backward(lp, ref, logprobs)  # logprobs: first_order_only's anchor
         ctx.meta = (kind, clamp, logprobs.shape)
         ctx.backend = backend
         return kl.view(logprobs.shape)
@@ -149,7 +149,7 @@ class _KLPenalty(torch.autograd.Function):
     @staticmethod
     @first_order_only("kl_penalty")
     def backward(ctx, grad_kl):
-        lp, ref = ctx.saved_tensors
+        lp, ref, _ = ctx.saved_tensors
         kind, clamp, shape = ctx.meta
         grad = _bwd(ctx.backend, lp, ref, grad_kl.reshape(-1).float().contiguous(), kind, clamp)
         return grad.view(shape), None, None, None, None

@@ -68,7 +68,7 @@ class _LogProbs(torch.autograd.Function):
         # labels, saved so that the backward reads the same buffer.
         flat_labels = labels.reshape(-1).contiguous()
         logp, ent, _, stats, _ = vocab_fwd(backend, rows3, None, flat_labels, inv_temp, ignore_index, entropy)
-        ctx.save_for_backward(rows3, flat_labels, stats, ent)
+        ctx.save_for_backward(rows3, flat_labels, stats, ent, logits)  # logits: first_order_only's anchor
         ctx.meta = (inv_temp, ignore_index, backend, logits.shape)
         ctx.backend = backend
         ctx.set_materialize_grads(False)
@@ -78,7 +78,7 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     @first_order_only("logprobs")
     def backward(ctx, grad_logp, grad_ent):
-        rows3, labels, stats, ent = ctx.saved_tensors
+        rows3, labels, stats, ent, _ = ctx.saved_tensors
         inv_temp, ignore_index, backend, shape = ctx.meta
         if grad_logp is None and grad_ent is None:
             return (None,) * 6

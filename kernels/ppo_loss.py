@@ -302,7 +302,7 @@ class _PPOLoss(torch.autograd.Function):
         shape = logprobs.shape
         flat = [t.reshape(-1).contiguous() for t in (logprobs, old_logprobs, advantages, m)]
         out = _fwd(backend, *flat, lo, hi, dual_clip)
-        ctx.save_for_backward(*flat, out)
+        ctx.save_for_backward(*flat, out, logprobs)  # logprobs: first_order_only's anchor
         ctx.meta = (lo, hi, dual_clip, shape)
         ctx.backend = backend
         ctx.mark_non_differentiable(out)
@@ -311,7 +311,7 @@ class _PPOLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only("ppo_loss")
     def backward(ctx, grad_loss, _grad_out):
-        lp, olp, adv, m, out = ctx.saved_tensors
+        lp, olp, adv, m, out, _ = ctx.saved_tensors
         lo, hi, dual_clip, shape = ctx.meta
         backend = ctx.backend
         grad_loss = grad_loss.float().reshape(())

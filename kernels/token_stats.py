@@ -55,7 +55,7 @@ class _TokenStats(torch.autograd.Function):
         x3, z3 = as_rows3(logits), as_rows3(ref_logits.detach())
         flat_labels = labels.reshape(-1).contiguous()  # [N] contiguous for the kernels, the same buffer fwd and bwd
         logp, ent, kl, stats, stats_ref = vocab_fwd(backend, x3, z3, flat_labels, inv_temp, ignore_index, True)
-        ctx.save_for_backward(x3, z3, flat_labels, stats, stats_ref, ent, kl)
+        ctx.save_for_backward(x3, z3, flat_labels, stats, stats_ref, ent, kl, logits)  # logits: the anchor
         ctx.meta = (inv_temp, ignore_index, backend, logits.shape)
         ctx.backend = backend
         ctx.set_materialize_grads(False)
@@ -65,7 +65,7 @@ class _TokenStats(torch.autograd.Function):
     @staticmethod
     @first_order_only("token_stats")
     def backward(ctx, grad_logp, grad_ent, grad_kl):
-        x3, z3, labels, stats, stats_ref, ent, kl = ctx.saved_tensors
+        x3, z3, labels, stats, stats_ref, ent, kl, _ = ctx.saved_tensors
         inv_temp, ignore_index, backend, shape = ctx.meta
         if grad_logp is None and grad_ent is None and grad_kl is None:
             return (None,) * 6

@@ -188,7 +188,7 @@ class _ValueLoss(torch.autograd.Function):
         shape = values.shape
         flat = [t.reshape(-1).contiguous() for t in (values, old_values, returns, m)]
         out = _fwd(backend, *flat, clip)
-        ctx.save_for_backward(*flat, out)
+        ctx.save_for_backward(*flat, out, values)  # values: first_order_only's anchor
         ctx.meta = (clip, shape)
         ctx.backend = backend
         ctx.mark_non_differentiable(out)
@@ -197,7 +197,7 @@ class _ValueLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only("value_loss")
     def backward(ctx, grad_loss, _grad_out):
-        v, old, ret, m, out = ctx.saved_tensors
+        v, old, ret, m, out, _ = ctx.saved_tensors
         clip, shape = ctx.meta
         grad = _bwd(ctx.backend, v, old, ret, m, out, grad_loss.float().reshape(()), clip)
         return grad.view(shape), None, None, None, None, None

@@ -93,9 +93,3 @@ def assert_rel_norm(actual: torch.Tensor, expected: torch.Tensor, *, bound: floa
     denom = e.norm().item()
     err = (a - e).norm().item() / (denom if denom > 0 else 1.0)
     assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (||expected|| = {denom:.4g})"
-
-
-def cpu_backends(op_backends: tuple[str, ...]) -> list[str]:
-    """Deprecated: shrinks with the machine. Use kernel_backends + device_for."""
-    status = kernels.backends()
-    return [b for b in op_backends if b != "cuda" and status.get(b, "").startswith("yes")]
