@@ -27,6 +27,8 @@ def main(argv: list[str]) -> int:
         print(f"python -m bench: unknown op {op!r}; choose one of: {' '.join(ops)}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"bench.bench_{op}")
+    if hasattr(module, "main"):  # a whole-step benchmark with its own flags (bench_ppo_step)
+        return module.main(rest)
     run_bench(module.BENCH, rest)
     return 0
 

@@ -84,6 +84,12 @@ MODEL_PRESETS: dict[str, dict] = {
         vocab_size=259, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
     ),
+    # small-llama with a 32000-row vocabulary (its byte tokenizer uses the first 259): the CPU size at
+    # which the [N, V] vocabulary work is a real share of a step (python -m bench ppo_step on CPU)
+    "small-llama-32k": dict(
+        vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+    ),
     "llama-1b": dict(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,

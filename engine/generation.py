@@ -187,9 +187,12 @@ def sample(
     out = torch.full((B, R), tokenizer.pad_token_id, dtype=torch.long, device=device)
     length = torch.zeros(B, dtype=torch.long, device=device)
     generated: list[list[int]] = [[] for _ in range(B)]
+    n_tokens = len(tokenizer)  # ids past the tokenizer's (a padded embedding matrix) name no token
     for step in range(R):
         # step 1. the next-token distribution from the last position only: (B, H) @ (H, V)
         logits = torch.nn.functional.linear(hidden[:, -1], weight).float()
+        if logits.shape[-1] > n_tokens:
+            logits[:, n_tokens:] = float("-inf")
         # step 2. draw, and record it in rows that are still going
         tok = torch.where(done, tokenizer.pad_token_id, next_tokens(logits, config, streams, step))
         out[:, step] = tok

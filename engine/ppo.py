@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import resource
 import time
 from dataclasses import dataclass
 
@@ -43,7 +42,7 @@ from rlhf_engine.generation import sample
 from rlhf_engine.jsonl import load_prompts
 from rlhf_engine.rewards import ClassifierReward, FunctionReward, StackReward, shape_scores
 from rlhf_engine.rl import KLController, RunningMoments, explained_variance, token_rewards
-from rlhf_engine.run import Run, atomic_write, dumps, seeded_permutation
+from rlhf_engine.run import Run, atomic_write, dumps, peak_memory_mib, reset_peak_memory, seeded_permutation
 from rlhf_engine.text import format_prompt
 
 IGNORE = -100
@@ -386,12 +385,6 @@ class Progress:
         self.stopped_at, self.eval_reward = state["stopped_at"], state["eval_reward"]
 
 
-def _peak_mem_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's high-water mark (KiB)
-
-
 def _sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -439,8 +432,7 @@ def train_ppo(config: PPOConfig) -> PPOResult:
             if progress.stopped_at is not None:
                 break
             t0 = _sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory(device)
             # step 1. this step's prompts (global indices name their randomness), this rank's share
             idx = step_prompts(len(train_prompts), config.rollout_batch_size, config.seed, step)
             share = dist.share(len(idx))
@@ -472,7 +464,7 @@ def train_ppo(config: PPOConfig) -> PPOResult:
             row.update(train_stats)
             row.update(beta=beta, lr=config.lr, tokens_per_s=tokens / max(t4 - t0, 1e-9),
                        time_generate_s=t1 - t0, time_score_s=t2 - t1, time_logprobs_s=t3 - t2,
-                       time_train_s=t4 - t3, peak_mem_mib=_peak_mem_mib(device))  # fmt: skip
+                       time_train_s=t4 - t3, peak_mem_mib=peak_memory_mib(device))  # fmt: skip
             done = step + 1
             if run.due(done, config.eval_every):
                 row.update(evaluate_rollout(stack, eval_prompts, source, config, dist))

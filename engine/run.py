@@ -291,6 +291,35 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(s, device)
 
 
+# ---- memory -------------------------------------------------------------------------------------
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the CUDA allocator's, or on CPU the process's resident high-water mark
+    (Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current resident size)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """MiB at the peak since reset_peak_memory: CUDA tensors allocated, or the CPU process's resident
+    high-water mark (None where /proc is not readable)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 # ---- tracked state ----------------------------------------------------------------------------
 
 

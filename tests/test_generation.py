@@ -149,3 +149,18 @@ def test_long_prompt_keeps_its_last_tokens(stack):
 def test_bad_config(kw, match):
     with pytest.raises(ConfigError, match=match):
         SamplingConfig(**kw).validate()
+
+
+def test_ids_past_the_tokenizer_are_never_sampled():
+    # A model whose embedding matrix is larger than its tokenizer (padded vocabularies; the llama-1b
+    # preset pairs 128256 rows with the 259-id byte tokenizer): the extra ids name no token and must
+    # never be drawn (decoding one fails). Make them the most likely ones and sample.
+    s = ModelStack.build(StackConfig(model="tiny-llama", adapters=("policy",)))
+    extra = 5
+    head = s._lm_head
+    with torch.no_grad():
+        grown = torch.cat([head.weight, head.weight[:extra] * 0 + 10.0 * head.weight[0]], dim=0)
+    head.weight = torch.nn.Parameter(grown, requires_grad=False)
+    out = sample(s, PROMPTS, SamplingConfig(max_new_tokens=6, temperature=1.0), seed=1)
+    assert int(out.input_ids.max()) < len(s.tokenizer)
+    assert all(isinstance(r, str) for r in out.responses)

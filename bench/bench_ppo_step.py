@@ -1,0 +1,133 @@
+"""One PPO iteration, phase by phase: python -m bench ppo_step [--quick] [--device cpu|cuda] [--json PATH]
+[--providers auto,torch] [--steps N]
+
+The real trainer (rlhf_engine.ppo.train_ppo) on a preset base with random weights, NF4 + LoRA, a
+rule-based reward (the share of lowercase letters: no reward model, so the "score" phase is the
+reward function alone): 1 warm-up step, then timed steps, each row being one step's own metrics
+(seconds per phase, tokens/s, peak memory). Providers: "auto" = the fused kernels on every hot path,
+"torch" = every op's PyTorch reference (the [N, V] logits materialised). Shapes: on GPU the issue's
+llama-1b (Llama-3.2-1B shapes), LoRA r = 16, 64 prompts x 128 prompt tokens x 128 new tokens; on CPU
+small-llama-32k (H = 256, V = 32000: the vocabulary work is a real share of the step), 16 prompts x
+64 x 32 (--quick: tiny-llama, 8 x 32 x 16).
+
+Memory yardstick: four separate bf16 models (policy, reference, value, reward) hold at least
+4 x 2 bytes x parameters of weights before any activation; the row reports our peak against that
+lower bound (`x_four_bf16_weights`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import statistics
+import tempfile
+
+import torch
+
+from bench.harness import device_name, versions
+
+PROVIDERS = ("auto", "torch")
+PHASES = ("time_generate_s", "time_score_s", "time_logprobs_s", "time_train_s")
+
+
+def reward(prompts, responses):
+    """The benchmark's rule-based reward: the share of ASCII lowercase letters in the response."""
+    return [sum("a" <= c <= "z" for c in r) / max(1, len(r)) for r in responses]
+
+
+def shapes(quick: bool, device: torch.device) -> dict:
+    if device.type == "cuda":
+        return dict(model="llama-1b", prompts=64, prompt_tokens=128, new_tokens=128, lora_r=16, micro=16)
+    if quick:
+        return dict(model="tiny-llama", prompts=8, prompt_tokens=32, new_tokens=16, lora_r=8, micro=8)
+    return dict(model="small-llama-32k", prompts=16, prompt_tokens=64, new_tokens=32, lora_r=16, micro=8)
+
+
+def make_prompts(n: int, length: int) -> list[str]:
+    """n distinct prompts of `length` bytes (one token each for the byte tokenizer)."""
+    base = "Describe the weather in a city you like, and say why you like it. "
+    return [(f"{i}: " + base * (length // len(base) + 1))[:length] for i in range(n)]
+
+
+def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir: str) -> list[dict]:
+    from rlhf_engine.config import ppo_preset
+    from rlhf_engine.ppo import train_ppo
+
+    prompts_file = f"{out_dir}/prompts.jsonl"
+    with open(prompts_file, "w") as f:
+        for p in make_prompts(shape["prompts"] * (args.steps + 1), shape["prompt_tokens"] - 1):
+            f.write(json.dumps({"prompt": p}) + "\n")
+    config = ppo_preset(
+        "default", out=f"{out_dir}/{provider}", prompts=prompts_file, reward_fn="bench.bench_ppo_step:reward",
+        eval_fraction=0.0, eval_every=0, max_steps=args.steps + 1, checkpoint_every=10**9, progress=False,
+        backend=provider, rollout_batch_size=shape["prompts"], forward_batch_size=shape["micro"],
+        minibatch_size=shape["prompts"], micro_batch_size=shape["micro"], ppo_epochs=1,
+        stack=dict(model=shape["model"], lora_r=shape["lora_r"], lora_alpha=2 * shape["lora_r"], device=device.type),
+        sampling=dict(max_new_tokens=shape["new_tokens"], temperature=1.0, max_prompt_length=shape["prompt_tokens"]),
+    )  # fmt: skip
+    train_ppo(config)
+    with open(f"{config.out}/metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if r["step"] >= 2]  # step 1 warms up (allocator, compiles, caches)
+
+
+def four_bf16_weight_bytes(model: str) -> int:
+    """4 x 2 bytes x the preset's parameter count (policy, reference, value, reward as bf16 copies)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_engine.config import MODEL_PRESETS
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**MODEL_PRESETS[model])).parameters())
+    return 4 * 2 * n
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench ppo_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of: auto,torch")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step (default 2)")
+    parser.add_argument("--json", metavar="PATH", help="write one JSON row per provider to PATH")
+    args = parser.parse_args(argv)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    bad = [p for p in providers if p not in PROVIDERS]
+    if bad or not providers:
+        parser.error(f"--providers: unknown {', '.join(bad) or repr(args.providers)}; choose from {','.join(PROVIDERS)}")
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: expected cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.steps < 1:
+        parser.error("--steps: at least 1")
+    device = torch.device(args.device)
+    shape = shapes(args.quick, device)
+    meta = {"device": device_name(device), "versions": versions(), "date": _dt.date.today().isoformat()}
+    yardstick = four_bf16_weight_bytes(shape["model"]) / 2**20
+    print(f"# ppo_step on {meta['device']} | {meta['versions']} | {meta['date']}")
+    print(f"# {shape}; four bf16 models' weights alone: {yardstick:.0f} MiB")
+    print(f"{'provider':9} {'generate s':>11} {'score s':>9} {'logprobs s':>11} {'train s':>9} {'step s':>8} "
+          f"{'tokens/s':>9} {'peak MiB':>9} {'x 4xbf16':>9}")  # fmt: skip
+    out_rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
+        for provider in providers:
+            rows = run_provider(provider, shape, args, device, tmp)
+            med = {k: statistics.median(r[k] for r in rows) for k in PHASES + ("tokens_per_s", "peak_mem_mib")}
+            step_s = sum(med[k] for k in PHASES)
+            row = {"op": "ppo_step", "provider": provider, "shape": shape, **med,
+                   "step_s": step_s, "non_generation_s": step_s - med["time_generate_s"],
+                   "four_bf16_weights_mib": yardstick, "x_four_bf16_weights": med["peak_mem_mib"] / yardstick,
+                   "steps_timed": len(rows), **meta}  # fmt: skip
+            out_rows.append(row)
+            print(f"{provider:9} {med['time_generate_s']:11.3f} {med['time_score_s']:9.3f} "
+                  f"{med['time_logprobs_s']:11.3f} {med['time_train_s']:9.3f} {step_s:8.3f} "
+                  f"{med['tokens_per_s']:9.1f} {med['peak_mem_mib']:9.0f} {row['x_four_bf16_weights']:9.2f}")  # fmt: skip
+    if len(out_rows) == 2:
+        a, t = out_rows
+        print(f"# non-generation phases: torch / auto = {t['non_generation_s'] / a['non_generation_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            for row in out_rows:
+                f.write(json.dumps(row, default=str) + "\n")
+    return 0
