@@ -51,7 +51,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(args):
 
 
 def test_every_op_bench_runs_and_writes_complete_rows(tmp_path):
-    ops = bench("bench", "--list").stdout.split("ops:")[1].split()
+    ops = [o for o in bench("bench", "--list").stdout.split("ops:")[1].split() if o != "ppo_step"]  # own test
     assert {"logprobs", "full_kl", "token_stats", "linear_logprobs", "linear_token_stats", "gae", "ppo_loss",
             "value_loss", "whiten", "kl_penalty"} <= set(ops)  # fmt: skip
     # one process for all ops (imports once); our C++ backend only, forward only, smallest shapes
@@ -104,3 +104,15 @@ def test_gpu_check_evaluates_targets(gpu_check, tmp_path):
     text = gpu_check.write_summary(str(tmp_path), rows, list(results.values()), meta)
     assert "| log-prob fwd+bwd <= 1.20x HBM roofline | missed | triton | 1.250 x roof |" in text
     assert json.loads((tmp_path / "summary.json").read_text())["targets"][0]["status"] == "met"
+
+
+def test_ppo_step_bench_times_every_phase(tmp_path):
+    out = bench("bench", "ppo_step", "--quick", "--device", "cpu", "--steps", "1", "--json", str(tmp_path / "r.jsonl"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "r.jsonl")]
+    assert [r["provider"] for r in rows] == ["auto", "torch"]
+    for r in rows:
+        assert r["steps_timed"] == 1 and r["step_s"] > 0 and r["time_generate_s"] > 0 and r["time_train_s"] > 0
+        assert r["non_generation_s"] == pytest.approx(r["step_s"] - r["time_generate_s"])
+        assert r["peak_mem_mib"] > 0 and r["four_bf16_weights_mib"] > 0 and r["device"] and r["date"]
+    assert "non-generation phases: torch / auto" in out.stdout
