@@ -1,5 +1,5 @@
 """One PPO iteration, phase by phase: python -m bench ppo_step [--quick] [--device cpu|cuda] [--json PATH]
-[--providers auto,torch] [--steps N]
+[--providers auto,torch] [--steps N] [--cache dynamic|static]
 
 The real trainer (rlhf_engine.ppo.train_ppo) on a preset base with random weights, NF4 + LoRA, a
 rule-based reward (the share of lowercase letters: no reward model, so the "score" phase is the
@@ -64,7 +64,8 @@ def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir
         backend=provider, rollout_batch_size=shape["prompts"], forward_batch_size=shape["micro"],
         minibatch_size=shape["prompts"], micro_batch_size=shape["micro"], ppo_epochs=1,
         stack=dict(model=shape["model"], lora_r=shape["lora_r"], lora_alpha=2 * shape["lora_r"], device=device.type),
-        sampling=dict(max_new_tokens=shape["new_tokens"], temperature=1.0, max_prompt_length=shape["prompt_tokens"]),
+        sampling=dict(max_new_tokens=shape["new_tokens"], temperature=1.0, max_prompt_length=shape["prompt_tokens"],
+                      cache=args.cache),
     )  # fmt: skip
     train_ppo(config)
     with open(f"{config.out}/metrics.jsonl") as f:
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of: auto,torch")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step (default 2)")
+    parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static"),
+                        help="generation's KV cache: dynamic, or transformers' StaticCache (+ torch.compile on CUDA)")
     parser.add_argument("--json", metavar="PATH", help="write one JSON row per provider to PATH")
     args = parser.parse_args(argv)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_provider(provider, shape, args, device, tmp)
             med = {k: statistics.median(r[k] for r in rows) for k in PHASES + ("tokens_per_s", "peak_mem_mib")}
             step_s = sum(med[k] for k in PHASES)
-            row = {"op": "ppo_step", "provider": provider, "shape": shape, **med,
+            row = {"op": "ppo_step", "provider": provider, "shape": shape, "cache": args.cache, **med,
                    "step_s": step_s, "non_generation_s": step_s - med["time_generate_s"],
                    "four_bf16_weights_mib": yardstick, "x_four_bf16_weights": med["peak_mem_mib"] / yardstick,
                    "steps_timed": len(rows), **meta}  # fmt: skip

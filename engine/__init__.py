@@ -10,6 +10,8 @@ folder name this package only forwards names to `rlhf_engine`, and every module 
     rlhf_engine.stack     ModelStack: one (4-bit) base, roles policy / reference / values / reward
     rlhf_engine.feedback  feedback JSONL formats, consensus ranking, pairs, labeler agreement
     rlhf_engine.reward    reward_loss, train_reward_model (python -m rlhf_engine rm)
+    rlhf_engine.ppo       train_ppo (python -m rlhf_engine ppo); rlhf_engine.evaluate: evaluate (... eval)
+    rlhf_engine.generation  sample: KV-cached sampling from a stack role
 
 Names resolve lazily, so `import rlhf_engine` (and `--help`) does not import torch.
 """
@@ -40,6 +42,14 @@ _EXPORTS = {
     "labeler_agreement": "rlhf_engine.feedback",
     "reward_loss": "rlhf_engine.reward",
     "train_reward_model": "rlhf_engine.reward",
+    "PPOConfig": "rlhf_engine.config",
+    "PPO_PRESETS": "rlhf_engine.config",
+    "ppo_preset": "rlhf_engine.config",
+    "SamplingConfig": "rlhf_engine.config",
+    "EvalConfig": "rlhf_engine.config",
+    "train_ppo": "rlhf_engine.ppo",
+    "evaluate": "rlhf_engine.evaluate",
+    "sample": "rlhf_engine.generation",
 }
 
 __all__ = sorted(_EXPORTS)

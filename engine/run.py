@@ -15,6 +15,7 @@ Files, locking, resume, metrics, progress and the data order live here, once:
                         per row; a resumed run drops the rows past its checkpoint and a partial last line
     OUT/result.json     strict JSON, written atomically when the run finishes (so: the run completed)
     OUT/config.json     the stage and its whole config, written when the run opens
+    OUT/tensorboard/    the metrics rows as TensorBoard scalars, when tensorboard is installed
 
 A stage opens a Run, builds its data and model, tracks what must survive a restart, and loops
 (`rlhf_engine.reward.train_reward_model` is the stage in use; tests/test_run.py has a toy one):
@@ -97,7 +98,8 @@ CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes; an older one i
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "result.json"
-CONFIG_FILE = "config.json"  # the run's stage and full config, for people and later stages (engine eval)
+CONFIG_FILE = "config.json"
+TENSORBOARD_DIR = "tensorboard"  # event files, when the tensorboard package is installed  # the run's stage and full config, for people and later stages (engine eval)
 LOCK_FILE = "run.lock"
 _CHECKPOINT_KEYS = ("format", "stage", "step", "config", "inputs", "data", "state", "rng")
 # atomic_write's temp files: .<target>.<pid>.<random>.tmp, so two writers never share one
@@ -500,6 +502,7 @@ class Run:
         self._pending: dict | None = None  # a vetted checkpoint's metadata, restored by resume()
         self._lock = OutputLock(self.out)
         self._metrics = None
+        self._tb = None  # SummaryWriter once made; False when tensorboard is not installed
         self._bar = None
         self._stack = contextlib.ExitStack()
         self._t0 = time.perf_counter()
@@ -756,13 +759,31 @@ class Run:
         return self.optimizer_step(optimizer, params, max_grad_norm, scheduler, loss=loss)
 
     def log(self, step: int, row: Mapping) -> None:
-        """One metrics row ({"step": step, **row, "elapsed_s": ...}) as strict JSON, flushed."""
+        """One metrics row ({"step": step, **row, "elapsed_s": ...}) as strict JSON, flushed; the same
+        numbers to TensorBoard (OUT/tensorboard) when the tensorboard package is installed."""
         if not self.main:
             return
         values = {k: v for k, v in row.items() if k != "step"}
         line = dumps({"step": step, **values, "elapsed_s": round(time.perf_counter() - self._t0, 3)})
         self._metrics.write(line + "\n")
         self._metrics.flush()
+        writer = self._tensorboard()
+        if writer is not None:
+            for k, v in json.loads(line).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    writer.add_scalar(f"{self.stage}/{k}", v, step)
+            writer.flush()
+
+    def _tensorboard(self):
+        """A SummaryWriter on OUT/tensorboard, made at the first row, when tensorboard is installed."""
+        if self._tb is None:
+            self._tb = False
+            if importlib.util.find_spec("tensorboard") is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(self.path(TENSORBOARD_DIR))
+                self._stack.callback(self._tb.close)
+        return self._tb or None
 
     def end_step(self, step: int, row: Mapping | None = None, *, log: bool = False) -> None:
         """After the update that makes `step` steps done: the metrics row when `step` is a multiple

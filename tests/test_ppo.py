@@ -43,7 +43,8 @@ def config(tmp_path, name="out", **kw):
     kw.setdefault("progress", False)
     kw.setdefault("max_steps", 2)
     kw.setdefault("eval_every", 0)
-    return ppo_preset("tiny", out=str(tmp_path / name), reward_fn=REWARD, **kw)
+    kw.setdefault("reward_fn", REWARD)
+    return ppo_preset("tiny", out=str(tmp_path / name), **kw)
 
 
 def rows(out) -> list[dict]:
@@ -384,3 +385,37 @@ def test_eval_before_and_after(tmp_path):
     assert len(report["samples"]) == 3 and all(s["prompt"] and "after" in s for s in report["samples"])
     missing = cli("eval", "--policy", result.out)
     assert missing.returncode == 2 and "eval needs a reward source" in missing.stderr
+
+
+def test_reward_from_an_rm_directory_and_from_a_classifier(tmp_path):
+    # (a) the reward adapter + head of an `engine rm` output joins the PPO stack (one base) and stays
+    # frozen; (b) a separate two-label classifier directory scores through its positive class.
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_engine.config import reward_preset
+    from rlhf_engine.reward import train_reward_model
+    from rlhf_engine.stack import byte_tokenizer
+
+    rm = train_reward_model(reward_preset("tiny", data=os.path.join(ROOT, "examples", "feedback_ranked.jsonl"),
+                                          out=str(tmp_path / "rm"), max_steps=2, progress=False))  # fmt: skip
+    ppo = train_ppo(config(tmp_path, "with_rm", max_steps=1, reward_fn="", reward_model=rm.out))
+    for name in ("adapter_reward.safetensors",):
+        before, after = load_file(os.path.join(rm.out, name)), load_file(os.path.join(ppo.out, name))
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    heads_rm, heads_ppo = load_file(os.path.join(rm.out, "heads.safetensors")), weights(ppo.out)
+    assert all(torch.equal(v, heads_ppo[k]) for k, v in heads_rm.items())
+    assert rows(ppo.out)[-1]["reward_std"] > 0  # the RM tells the responses apart
+
+    tok = byte_tokenizer()
+    clf = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, num_labels=2, id2label={0: "hate", 1: "not hate"},
+                      pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(clf).save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    ppo = train_ppo(config(tmp_path, "with_clf", max_steps=1, reward_fn="", reward_classifier=str(tmp_path / "clf"),
+                           reward_positive_label="not hate"))  # fmt: skip
+    assert rows(ppo.out)[-1]["reward_std"] > 0
+    # an RM trained on another base is refused before anything loads
+    with pytest.raises(ConfigError, match="trained on base 'tiny-llama'; this run's base is 'small-llama'"):
+        config(tmp_path, "other", reward_fn="", reward_model=rm.out, stack={"model": "small-llama"}).validate()

@@ -505,3 +505,34 @@ def test_progress_bar_only_when_enabled(tmp_path, capsys):
 
 if __name__ == "__main__":  # the SIGKILL test's child
     train_toy(ToyConfig(**json.loads(sys.argv[1])))
+
+
+def test_metrics_also_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    # tensorboard is not part of the pinned stack: a stand-in SummaryWriter records what the run writes
+    import importlib.util
+    import types
+
+    written = []
+
+    class Writer:
+        def __init__(self, logdir):
+            written.append(("dir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            written.append(("closed",))
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tensorboard" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train_toy(toy(tmp_path, steps=2))
+    assert written[0] == ("dir", str(tmp_path / "out" / "tensorboard")) and written[-1] == ("closed",)
+    losses = [(v, s) for tag, *rest in written[1:-1] if tag == "toy/loss" for v, s in [rest]]
+    rows = read_metrics(tmp_path / "out" / METRICS_FILE)
+    assert losses == [(r["loss"], r["step"]) for r in rows]
