@@ -1,5 +1,5 @@
 """One PPO iteration, phase by phase: python -m bench ppo_step [--quick] [--device cpu|cuda] [--json PATH]
-[--providers auto,torch] [--steps N] [--cache dynamic|static]
+[--providers auto,torch] [--steps N] [--cache dynamic|static] [--advantage gae|grpo|drgrpo|rloo]
 
 The real trainer (rlhf_engine.ppo.train_ppo) on a preset base with random weights, NF4 + LoRA, a
 rule-based reward (the share of lowercase letters: no reward model, so the "score" phase is the
@@ -58,11 +58,12 @@ def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir
     with open(prompts_file, "w") as f:
         for p in make_prompts(shape["prompts"] * (args.steps + 1), shape["prompt_tokens"] - 1):
             f.write(json.dumps({"prompt": p}) + "\n")
+    k = 1 if args.advantage == "gae" else args.group_size  # the same number of sequences either way
     config = ppo_preset(
         "default", out=f"{out_dir}/{provider}", prompts=prompts_file, reward_fn="bench.bench_ppo_step:reward",
         eval_fraction=0.0, eval_every=0, max_steps=args.steps + 1, checkpoint_every=10**9, progress=False,
-        backend=provider, rollout_batch_size=shape["prompts"], forward_batch_size=shape["micro"],
-        minibatch_size=shape["prompts"], micro_batch_size=shape["micro"], ppo_epochs=1,
+        backend=provider, rollout_batch_size=shape["prompts"] // k, samples_per_prompt=k, advantage=args.advantage,
+        forward_batch_size=shape["micro"], minibatch_size=shape["prompts"], micro_batch_size=shape["micro"], ppo_epochs=1,
         stack=dict(model=shape["model"], lora_r=shape["lora_r"], lora_alpha=2 * shape["lora_r"], device=device.type),
         sampling=dict(max_new_tokens=shape["new_tokens"], temperature=1.0, max_prompt_length=shape["prompt_tokens"],
                       cache=args.cache),
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of: auto,torch")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step (default 2)")
+    parser.add_argument("--advantage", default="gae", choices=("gae", "grpo", "drgrpo", "rloo"),
+                        help="gae: PPO with a value adapter; grpo / drgrpo / rloo: critic-free (no value adapter)")
+    parser.add_argument("--group-size", type=int, default=4,
+                        help="responses per prompt for the critic-free modes (prompts / group-size prompts)")
     parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static"),
                         help="generation's KV cache: dynamic, or transformers' StaticCache (+ torch.compile on CUDA)")
     parser.add_argument("--json", metavar="PATH", help="write one JSON row per provider to PATH")
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = shapes(args.quick, device)
     meta = {"device": device_name(device), "versions": versions(), "date": _dt.date.today().isoformat()}
     yardstick = four_bf16_weight_bytes(shape["model"]) / 2**20
-    print(f"# ppo_step on {meta['device']} | {meta['versions']} | {meta['date']}")
+    print(f"# ppo_step ({args.advantage}) on {meta['device']} | {meta['versions']} | {meta['date']}")
     print(f"# {shape}; four bf16 models' weights alone: {yardstick:.0f} MiB")
     print(f"{'provider':9} {'generate s':>11} {'score s':>9} {'logprobs s':>11} {'train s':>9} {'step s':>8} "
           f"{'tokens/s':>9} {'peak MiB':>9} {'x 4xbf16':>9}")  # fmt: skip
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_provider(provider, shape, args, device, tmp)
             med = {k: statistics.median(r[k] for r in rows) for k in PHASES + ("tokens_per_s", "peak_mem_mib")}
             step_s = sum(med[k] for k in PHASES)
-            row = {"op": "ppo_step", "provider": provider, "shape": shape, "cache": args.cache, **med,
+            row = {"op": "ppo_step", "provider": provider, "shape": shape, "cache": args.cache,
+                   "advantage": args.advantage, **med,
                    "step_s": step_s, "non_generation_s": step_s - med["time_generate_s"],
                    "four_bf16_weights_mib": yardstick, "x_four_bf16_weights": med["peak_mem_mib"] / yardstick,
                    "steps_timed": len(rows), **meta}  # fmt: skip

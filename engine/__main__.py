@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from rlhf_engine.config import MODEL_PRESETS, REWARD_PRESETS, EngineError, RewardConfig, reward_preset
+from rlhf_engine.config import MODEL_PRESETS, REWARD_PRESETS, ConfigError, EngineError, RewardConfig, reward_preset
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # the shell's status for SIGINT
@@ -178,6 +178,8 @@ def _add_ppo(sub) -> None:
     stack = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack,
                              skip=("adapters", "seed", "target_modules"))  # fmt: skip
     sampling = add_config_flags(p.add_argument_group("sampling"), SamplingConfig, d.sampling)
+    p.add_argument("--group-size", type=int, metavar="K",
+                   help="responses per prompt: the group of grpo / drgrpo / rloo (= --samples-per-prompt)")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
                    help="start over: delete OUT/checkpoint.pt instead of resuming from it")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -196,6 +198,11 @@ def _ppo_config(args):
         data = _merge(data, read_config_file(args.config))
     data = _merge(data, given(args, args.flags["top"]))
     data = _merge(data, {"stack": given(args, args.flags["stack"]), "sampling": given(args, args.flags["sampling"])})
+    if args.group_size is not None:
+        if args.samples_per_prompt not in (None, args.group_size):
+            raise ConfigError(f"--group-size {args.group_size} and --samples-per-prompt {args.samples_per_prompt} "
+                              "name the same thing; give one")  # fmt: skip
+        data["samples_per_prompt"] = args.group_size
     data["stack"]["seed"] = data["seed"]  # one --seed: the run's and the preset base's init
     return PPOConfig.from_dict(data).validate()
 

@@ -321,21 +321,23 @@ class PPOConfig(RunConfig):
 
     prompts: str = ""  # JSONL of {"prompt": ...}; "" = the embedded prompts of engine.corpus
     eval_fraction: float = 0.1  # share of prompts held out: evaluation and the reward threshold
+    advantage: str = "gae"  # "gae": PPO with a value adapter; "grpo", "drgrpo", "rloo": group-relative, no critic
     stack: StackConfig = field(default_factory=lambda: StackConfig(adapters=("policy", "value")))
     init_adapter: str = ""  # start the policy from a saved adapter (an `engine sft` or `engine ppo` output)
     reference: str = "auto"  # "base": adapters off; "init": frozen copy of the starting adapter; auto: init iff init_adapter
-    # ---- reward (exactly one source) ----
+    # ---- reward (one source or several, weighted) ----
     reward_model: str = ""  # an `engine rm` output directory: its reward adapter + head join this stack
-    reward_fn: str = ""  # MODULE:FUNCTION or PATH.py:FUNCTION: score(prompts, responses) -> list[float]
+    reward_fn: tuple[str, ...] = ()  # MODULE:FUNCTION or PATH.py:FUNCTION each: score(prompts, responses) -> list[float]
     reward_classifier: str = ""  # a ...ForSequenceClassification directory (a separate model)
     reward_positive_label: str = ""  # the classifier's positive class (name or index) when it has 2+ labels
+    reward_weights: tuple[float, ...] = ()  # one per source (model or classifier first, then each reward_fn); () = all 1
     reward_max_length: int = 512  # tokens of prompt + response the reward model reads (the last ones)
     missing_eos_penalty: float | None = None  # added to the score of a response that never stopped (e.g. -1.0)
     reward_clip: float | None = None  # scores clipped to [-c, c] after normalisation
     reward_normalization: str = "none"  # "none", "batch" (this batch's mean/std) or "running" (all batches so far)
     # ---- rollout ----
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64))
-    samples_per_prompt: int = 1  # responses per prompt (a group, for GRPO / RLOO)
+    samples_per_prompt: int = 1  # responses per prompt (the group size of grpo / drgrpo / rloo: --group-size)
     rollout_batch_size: int = 16  # prompts per step; the step's sequences are this x samples_per_prompt
     forward_batch_size: int = 16  # sequences per no-grad forward (old / reference log-probs, values)
     # ---- optimisation ----
@@ -354,9 +356,11 @@ class PPOConfig(RunConfig):
     ent_coef: float = 0.0  # weight of the entropy bonus (subtracted from the loss)
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
-    whiten_advantages: bool = True  # normalise the advantages over the batch (mean 0, std 1)
+    whiten_advantages: bool = True  # normalise GAE's advantages over the batch (mean 0, std 1); groups normalise themselves
+    loss_agg: str = "token_mean"  # "token_mean", "seq_mean_token_mean" (GRPO's) or "token_sum_norm" (Dr. GRPO's)
+    drop_zero_std_groups: bool = False  # leave groups whose rewards are all equal (no signal) out of the loss
     # ---- KL to the reference ----
-    kl_coef: float = 0.05  # beta, the KL penalty's weight (its start when target_kl is set)
+    kl_coef: float | None = None  # beta, the KL weight (its start with target_kl); None: 0.05 for gae, 0 for the group modes
     kl_estimator: str = "exact"  # "exact": full-vocabulary KL; "k1", "k2", "k3": sampled estimates from log-probs
     kl_in: str = "reward"  # "reward": -beta KL_t in every token's reward; "loss": + beta mean KL in the loss
     target_kl: float | None = None  # adaptive beta (Ziegler et al. 2019) towards this KL per sequence; None: fixed
@@ -375,9 +379,22 @@ class PPOConfig(RunConfig):
         return ("prompts",) if self.prompts else ()
 
     @property
-    def reward_sources(self) -> dict[str, str]:
-        """The configured reward sources, by field name."""
-        return {k: getattr(self, k) for k in ("reward_model", "reward_fn", "reward_classifier") if getattr(self, k)}
+    def reward_sources(self) -> list[tuple[str, str]]:
+        """The configured reward sources in weight order: (field, value), model or classifier first."""
+        out = [(k, getattr(self, k)) for k in ("reward_model", "reward_classifier") if getattr(self, k)]
+        return out + [("reward_fn", spec) for spec in self.reward_fn]
+
+    @property
+    def beta(self) -> float:
+        """The KL coefficient to start from."""
+        if self.kl_coef is not None:
+            return self.kl_coef
+        return 0.05 if self.advantage == "gae" else 0.0
+
+    @property
+    def critic(self) -> bool:
+        """Whether a value adapter (or head) is trained: GAE needs one, the group advantages do not."""
+        return self.advantage == "gae"
 
     @property
     def reference_mode(self) -> str:
@@ -390,10 +407,23 @@ class PPOConfig(RunConfig):
         super().validate()
         self.stack.validate()
         self.sampling.validate()
+        if isinstance(self.reward_fn, str):  # one spec given as a string (Python callers)
+            self.reward_fn = (self.reward_fn,) if self.reward_fn else ()
         sources = self.reward_sources
-        if len(sources) != 1:
-            raise ConfigError(f"reward: give exactly one of --reward-model, --reward-fn, --reward-classifier "
-                              f"(got {', '.join(sources) or 'none'})")  # fmt: skip
+        if not sources:
+            raise ConfigError("reward: give --reward-model, --reward-classifier and/or --reward-fn")
+        if self.reward_model and self.reward_classifier:
+            raise ConfigError("reward: --reward-model and --reward-classifier are two reward models; give one")
+        if self.reward_weights and len(self.reward_weights) != len(sources):
+            raise ConfigError(f"reward_weights: {len(self.reward_weights)} weights for {len(sources)} sources "
+                              f"({', '.join(v for _, v in sources)})")  # fmt: skip
+        if self.advantage not in ("gae", "grpo", "drgrpo", "rloo"):
+            raise ConfigError(f"advantage={self.advantage!r}: expected one of gae, grpo, drgrpo, rloo")
+        if not self.critic and self.samples_per_prompt < 2:
+            raise ConfigError(f"advantage={self.advantage!r} compares the responses of a group: --group-size >= 2 "
+                              f"(got samples_per_prompt={self.samples_per_prompt})")  # fmt: skip
+        if self.loss_agg not in ("token_mean", "seq_mean_token_mean", "token_sum_norm"):
+            raise ConfigError(f"loss_agg={self.loss_agg!r}: expected token_mean, seq_mean_token_mean or token_sum_norm")
         if self.reward_classifier and not os.path.isfile(os.path.join(self.reward_classifier, "config.json")):
             raise ConfigError(f"reward_classifier {self.reward_classifier!r}: no config.json (a save_pretrained directory)")
         for name in ("reward_model", "init_adapter"):  # adapters only fit the base they were trained on
@@ -436,7 +466,7 @@ class PPOConfig(RunConfig):
             raise ConfigError(f"dual_clip={self.dual_clip}: must be > 1")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"gamma={self.gamma}, lam={self.lam}: both in [0, 1]")
-        if self.kl_coef < 0 or (self.target_kl is not None and not self.target_kl > 0):
+        if self.beta < 0 or (self.target_kl is not None and not self.target_kl > 0):
             raise ConfigError(f"kl_coef={self.kl_coef} must be >= 0 and target_kl={self.target_kl} > 0")
         if self.vf_coef < 0 or self.ent_coef < 0:
             raise ConfigError(f"vf_coef={self.vf_coef}, ent_coef={self.ent_coef}: must be >= 0")
@@ -446,8 +476,7 @@ class PPOConfig(RunConfig):
             raise ConfigError(f"eval_every={self.eval_every}: must be >= 0")
         if self.reward_normalization != "none" and self.reward_clip is not None and not self.reward_clip > 0:
             raise ConfigError(f"reward_clip={self.reward_clip}: must be > 0")
-        if self.stack.value_mode == "adapter" and "value" not in self.stack.adapters:
-            raise ConfigError("stack.adapters: PPO trains a value adapter (or set value_mode='policy_head')")
+
         return self
 
     @classmethod
@@ -469,6 +498,11 @@ class PPOConfig(RunConfig):
                 if isinstance(s.get(key), list):
                     s[key] = tuple(s[key])
             d["sampling"] = SamplingConfig(**s)
+        for key in ("reward_fn", "reward_weights"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+            elif key == "reward_fn" and isinstance(d.get(key), str):
+                d[key] = (d[key],) if d[key] else ()
         return cls(**d)
 
 
@@ -508,6 +542,8 @@ def ppo_preset(name: str, **overrides) -> PPOConfig:
     if name not in PPO_PRESETS:
         raise ConfigError(f"preset {name!r}: expected one of {', '.join(PPO_PRESETS)}")
     base = PPO_PRESETS[name]
+    if isinstance(overrides.get("reward_fn"), str):  # one spec
+        overrides["reward_fn"] = (overrides["reward_fn"],) if overrides["reward_fn"] else ()
     stack_over = overrides.pop("stack", {}) or {}
     sampling_over = overrides.pop("sampling", {}) or {}
     unknown = set(overrides) - {f.name for f in dataclasses.fields(PPOConfig)}

@@ -14,9 +14,10 @@ Each step of `train_ppo`:
     4. forward      old log-probs, entropy, exact KL and reference log-probs straight from hidden
                     states (rlhf_kernels.linear_token_stats / linear_logprobs: no [N, V] logits), values
     5. rewards      the score at the last token - beta * KL_t (or the KL goes into the loss instead)
-    6. advantages   rlhf_kernels.gae, then rlhf_kernels.masked_whiten
+    6. advantages   rlhf_kernels.gae, then rlhf_kernels.masked_whiten; or, critic-free (advantage=
+                    grpo / drgrpo / rloo), each response's reward against its group's (no value adapter)
     7. optimise     PPO epochs x minibatches (x micro-batches): ppo_loss + vf_coef * value_loss
-                    - ent_coef * entropy (+ beta * KL with kl_in="loss")
+                    - ent_coef * entropy (+ beta * KL with kl_in="loss"), aggregated per loss_agg
     8. KL control   fixed beta, or adapted towards target_kl
     9. log          metrics row, held-out evaluation, stop at the reward threshold, checkpoint
 
@@ -41,7 +42,14 @@ from rlhf_engine.distributed import Dist, init_distributed
 from rlhf_engine.generation import sample
 from rlhf_engine.jsonl import load_prompts
 from rlhf_engine.rewards import ClassifierReward, FunctionReward, StackReward, shape_scores
-from rlhf_engine.rl import KLController, RunningMoments, explained_variance, token_rewards
+from rlhf_engine.rl import (
+    KLController,
+    RunningMoments,
+    aggregation_weights,
+    explained_variance,
+    group_advantages,
+    token_rewards,
+)
 from rlhf_engine.run import Run, atomic_write, dumps, peak_memory_mib, reset_peak_memory, seeded_permutation
 from rlhf_engine.text import format_prompt
 
@@ -67,7 +75,8 @@ class Trajectory:
     stopped: torch.Tensor  # (B,) bool: the response ended at EOS / a stop (not at the length limit)
     prompts: list[str]  # (B,) each row's prompt
     responses: list[str]  # (B,) decoded responses
-    raw_scores: torch.Tensor | None = None  # (B,) what the reward source said
+    raw_scores: torch.Tensor | None = None  # (B,) the sources' scores, weighted and summed
+    source_scores: dict | None = None  # name -> (B,) each source's own scores (logged as reward/<name>)
     scores: torch.Tensor | None = None  # (B,) after shaping: what PPO maximises
     old_logprobs: torch.Tensor | None = None  # (B, R) log-probs under the policy that sampled (no grad)
     ref_logprobs: torch.Tensor | None = None  # (B, R) under the reference
@@ -78,12 +87,13 @@ class Trajectory:
     ref_hidden: torch.Tensor | None = None  # (B, R, H) reference hidden states (exact KL in the loss)
     rewards: torch.Tensor | None = None  # (B, R)
     advantages: torch.Tensor | None = None  # (B, R), whitened when configured
-    returns: torch.Tensor | None = None  # (B, R)
+    returns: torch.Tensor | None = None  # (B, R) (GAE only)
+    zero_std: torch.Tensor | None = None  # (B,) bool: the row's group has no reward variation (group modes)
 
     def rows(self, idx: torch.Tensor) -> dict:
         """The per-row tensors a training micro-batch needs, for rows `idx`."""
         names = ("input_ids", "attention_mask", "labels", "mask", "old_logprobs", "ref_logprobs", "old_values",
-                 "advantages", "returns", "ref_hidden")  # fmt: skip
+                 "advantages", "returns", "ref_hidden", "zero_std")  # fmt: skip
         return {n: (None if getattr(self, n) is None else getattr(self, n)[idx]) for n in names}
 
 
@@ -91,33 +101,42 @@ class Trajectory:
 
 
 def build_stack(config: PPOConfig):
-    """The one stack for every role, and the reward source; the policy starts from init_adapter when
-    given, and the reference is a frozen copy of it when reference_mode == "init"."""
+    """The one stack for every role, and the reward sources [(name, source, weight)]. The policy
+    starts from init_adapter when given, and the reference is a frozen copy of it when
+    reference_mode == "init"; a value adapter (or head) exists only for GAE."""
     from rlhf_engine.stack import ModelStack, resolve_device
 
     adapters = ["policy"]
-    if config.stack.value_mode == "adapter":
+    value_mode = config.stack.value_mode
+    if config.critic and value_mode == "adapter":
         adapters.append("value")
+    if not config.critic:
+        value_mode = "adapter"  # and no value adapter: no value head either
     if config.reward_model:
         adapters.append("reward")
     if config.reference_mode == "init":
         adapters.append("reference")
-    stack = ModelStack.build(dataclasses.replace(config.stack, adapters=tuple(adapters)))  # the bases match (validate)
-    if config.reward_model:
+    stack = ModelStack.build(dataclasses.replace(config.stack, adapters=tuple(adapters), value_mode=value_mode))
+    sources = []
+    if config.reward_model:  # the bases match (validate)
         stack.load_roles(config.reward_model, roles=("reward",))
-        source = StackReward(stack, max_length=config.reward_max_length, batch_size=config.forward_batch_size)
-    elif config.reward_classifier:
-        source = ClassifierReward(config.reward_classifier, resolve_device(config.stack.device),
-                                  positive_label=config.reward_positive_label or None,
-                                  max_length=config.reward_max_length, batch_size=config.forward_batch_size)
-    else:
-        source = FunctionReward(config.reward_fn)
+        sources.append(StackReward(stack, max_length=config.reward_max_length, batch_size=config.forward_batch_size))
+    if config.reward_classifier:
+        sources.append(ClassifierReward(config.reward_classifier, resolve_device(config.stack.device),
+                                        positive_label=config.reward_positive_label or None,
+                                        max_length=config.reward_max_length, batch_size=config.forward_batch_size))
+    sources += [FunctionReward(spec) for spec in config.reward_fn]
+    weights = config.reward_weights or (1.0,) * len(sources)
     if config.init_adapter:
         stack.load_roles(config.init_adapter, roles=("policy",))
         if config.reference_mode == "init":
             stack.copy_adapter("policy", "reference")
-    stack.set_trainable(*("policy", "value"))
-    return stack, source
+    stack.set_trainable(*trained_roles(config))
+    return stack, [(s.name, s, w) for s, w in zip(sources, weights)]
+
+
+def trained_roles(config: PPOConfig) -> tuple[str, ...]:
+    return ("policy", "value") if config.critic else ("policy",)
 
 
 def prompt_split(config: PPOConfig) -> tuple[list[str], list[str]]:
@@ -163,17 +182,18 @@ def rollout(stack, prompts: list[str], keys: list[int], sampling: SamplingConfig
     )  # fmt: skip
 
 
-def score(traj: Trajectory, source, config: PPOConfig, moments: RunningMoments, dist: Dist) -> None:
-    """Step 3: raw scores from the source, then shaped over the GLOBAL batch (normalisation sees every
-    rank's scores)."""
-    traj.raw_scores = source.score(traj.prompts, traj.responses).to(traj.mask.device)
+def score(traj: Trajectory, sources: list, config: PPOConfig, moments: RunningMoments, dist: Dist) -> None:
+    """Step 3: each source's scores, their weighted sum, then shaped over the GLOBAL batch
+    (normalisation sees every rank's scores)."""
+    device = traj.mask.device
+    traj.source_scores = {name: src.score(traj.prompts, traj.responses).to(device) for name, src, _ in sources}
+    traj.raw_scores = sum(w * traj.source_scores[name] for name, _, w in sources)
     every = dist.gather_rows(traj.raw_scores)
     stopped = dist.gather_rows(traj.stopped)
     shaped = shape_scores(every, stopped, missing_eos_penalty=config.missing_eos_penalty, clip=config.reward_clip,
                           normalize=config.reward_normalization, moments=moments)  # fmt: skip
-    mine = dist.share(len(every) // config.samples_per_prompt)
-    k = config.samples_per_prompt
-    traj.scores = shaped[mine.start * k : mine.stop * k]
+    start = _row_offset(len(traj.raw_scores), dist)
+    traj.scores = shaped[start : start + len(traj.raw_scores)]
 
 
 def logprob_temperature(config: PPOConfig) -> float:
@@ -209,7 +229,8 @@ def forward_stats(stack, traj: Trajectory, config: PPOConfig) -> None:
         st = policy_reference_stats(stack, ids, am, traj.labels[rows], P, T, config.backend)
         for name in ("logp", "ent", "kl", "ref_logp"):
             parts[name].append(st[name])
-        parts["values"].append(stack.values(ids, am, policy_hidden=st["hidden"])[:, P - 1 : -1].float())
+        if config.critic:
+            parts["values"].append(stack.values(ids, am, policy_hidden=st["hidden"])[:, P - 1 : -1].float())
         if keep_ref:
             parts["ref_hidden"].append(st["ref_hidden"])
     m = traj.mask
@@ -217,7 +238,7 @@ def forward_stats(stack, traj: Trajectory, config: PPOConfig) -> None:
     traj.entropy = torch.cat(parts["ent"]) * m
     traj.kl_exact = torch.cat(parts["kl"]) * m
     traj.ref_logprobs = torch.cat(parts["ref_logp"]) * m
-    traj.old_values = torch.cat(parts["values"]) * m
+    traj.old_values = torch.cat(parts["values"]) * m if config.critic else None
     traj.ref_hidden = torch.cat(parts["ref_hidden"]) if keep_ref else None
 
 
@@ -256,22 +277,32 @@ def _row_offset(n_rows: int, dist: Dist) -> int:
 
 
 def estimate_advantages(traj: Trajectory, config: PPOConfig, dist: Dist) -> None:
-    """Step 6: GAE over the response tokens (rlhf_kernels.gae), then whitening."""
-    adv, ret = kernels.gae(traj.rewards, traj.old_values, traj.mask, gamma=config.gamma, lam=config.lam,
-                           backend=config.backend)  # fmt: skip
-    traj.returns = ret
-    traj.advantages = whiten_advantages(adv, traj.mask, config, dist) if config.whiten_advantages else adv
+    """Step 6. GAE: rlhf_kernels.gae over the response tokens, then whitening. Group modes: each
+    response's total reward (its score, minus beta * its summed KL with kl_in="reward") against its
+    group's (engine.rl.group_advantages), the same advantage at every token of the response."""
+    if config.critic:
+        adv, ret = kernels.gae(traj.rewards, traj.old_values, traj.mask, gamma=config.gamma, lam=config.lam,
+                               backend=config.backend)  # fmt: skip
+        traj.returns = ret
+        traj.advantages = whiten_advantages(adv, traj.mask, config, dist) if config.whiten_advantages else adv
+        return
+    seq_rewards = traj.rewards.sum(dim=1)  # the score plus the (negative) KL rewards of every token
+    adv, traj.zero_std = group_advantages(seq_rewards, config.samples_per_prompt, config.advantage)
+    traj.advantages = adv[:, None] * traj.mask
 
 
 # ---- step 7: optimisation -------------------------------------------------------------------------
 
 
-def micro_loss(stack, mb: dict, P: int, config: PPOConfig, beta: float, n_total: float) -> tuple[torch.Tensor, dict]:
+def micro_loss(stack, mb: dict, P: int, config: PPOConfig, beta: float, weights: torch.Tensor,
+               n_total: float) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """One micro-batch's share of the minibatch loss and its token-weighted stats.
 
-    loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy (+ beta * KL with kl_in="loss"), each a
-    token mean over the micro-batch, weighted by its tokens / the minibatch's (all ranks): the sum of
-    the micro-batches' (and ranks') gradients is the gradient of the minibatch's token mean."""
+    loss = sum_t w_t (pg_t - ent_coef * entropy_t + beta * KL_t) + vf_coef * vf_loss, with w the
+    aggregation weights over the minibatch of every rank (engine.rl.aggregation_weights); the value
+    loss (GAE only) is a token mean. The clipped PPO term is positively homogeneous in the advantage,
+    pg(w A) = w pg(A) for w >= 0 (both branches and the dual clip scale with A), so rlhf_kernels.ppo_loss
+    on advantages w_t A_t, times its token count, gives sum_t w_t pg_t exactly."""
     T, weight, b = logprob_temperature(config), stack.lm_head_weight, config.backend
     mask = mb["mask"]
     hidden = stack.policy(mb["input_ids"], mb["attention_mask"])
@@ -285,19 +316,38 @@ def micro_loss(stack, mb: dict, P: int, config: PPOConfig, beta: float, n_total:
                                             entropy=True, backend=b)  # fmt: skip
         if config.kl_in == "loss":
             kl = kernels.kl_penalty(logp, mb["ref_logprobs"], kind=config.kl_estimator, backend=b)
-    values = stack.values(mb["input_ids"], mb["attention_mask"], policy_hidden=hidden)[:, P - 1 : -1].float()
-    pg_loss, pst = kernels.ppo_loss(logp, mb["old_logprobs"], mb["advantages"], mask, clip_low=config.clip_low,
-                                    clip_high=config.clip_high, dual_clip=config.dual_clip, backend=b)  # fmt: skip
-    vf_loss, vst = kernels.value_loss(values, mb["old_values"], mb["returns"], mask, clip=config.value_clip, backend=b)
     n = mask.sum().float()
-    entropy = (ent * mask).sum() / n.clamp(min=1)
-    loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
+    pg_mean, pst = kernels.ppo_loss(logp, mb["old_logprobs"], mb["advantages"] * weights, mask,
+                                    clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=config.dual_clip,
+                                    backend=b)  # fmt: skip
+    loss = pg_mean * n - config.ent_coef * (weights * ent).sum()
     if kl is not None:
-        loss = loss + beta * (kl * mask).sum() / n.clamp(min=1)
+        loss = loss + beta * (weights * kl).sum()
     share = float(n) / max(n_total, 1.0)
-    stats = {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), "clipfrac": pst.clipfrac,
-             "approx_kl": pst.approx_kl, "vf_clipfrac": vst.vf_clipfrac, "train_entropy": entropy.detach()}  # fmt: skip
-    return loss * share, {k: float(v) * share for k, v in stats.items()}
+    stats = {"pg_loss": float(pg_mean.detach()) * float(n), "clipfrac": float(pst.clipfrac) * share,
+             "approx_kl": float(pst.approx_kl) * share,
+             "train_entropy": float((ent.detach() * mask).sum()) / max(n_total, 1.0)}  # fmt: skip
+    if config.critic:
+        values = stack.values(mb["input_ids"], mb["attention_mask"], policy_hidden=hidden)[:, P - 1 : -1].float()
+        vf_loss, vst = kernels.value_loss(values, mb["old_values"], mb["returns"], mask, clip=config.value_clip,
+                                          backend=b)  # fmt: skip
+        loss = loss + config.vf_coef * vf_loss * share
+        stats.update(vf_loss=float(vf_loss.detach()) * share, vf_clipfrac=float(vst.vf_clipfrac) * share)
+    return loss, stats
+
+
+def minibatch_weights(traj: Trajectory, idx: torch.Tensor, config: PPOConfig, dist: Dist) -> tuple[torch.Tensor, float]:
+    """Aggregation weights (len(idx), R) of this rank's rows `idx` of a minibatch, normalised over the
+    minibatch of every rank; groups without reward variation get 0 with drop_zero_std_groups. Also the
+    minibatch's real tokens (all ranks)."""
+    mask = traj.mask[idx]
+    keep = mask
+    if config.drop_zero_std_groups and traj.zero_std is not None:
+        keep = mask & ~traj.zero_std[idx][:, None]
+    n_tokens, n_seqs, n_kept_tokens, n_kept_seqs = dist.sum_floats(
+        float(mask.sum()), float(len(idx)), float(keep.sum()), float(keep.any(dim=1).sum()))  # fmt: skip
+    w = aggregation_weights(keep, config.loss_agg, n_kept_tokens, n_kept_seqs, config.sampling.max_new_tokens)
+    return w, n_tokens
 
 
 def optimise(stack, traj: Trajectory, config: PPOConfig, beta: float, run: Run, optimizer, params, dist: Dist,
@@ -314,10 +364,11 @@ def optimise(stack, traj: Trajectory, config: PPOConfig, beta: float, run: Run, 
         for mb0 in range(0, G, config.minibatch_size):
             mine = [g - start for g in perm[mb0 : mb0 + config.minibatch_size] if start <= g < start + B]
             idx = torch.tensor(mine, dtype=torch.long, device=traj.mask.device)
-            n_total = dist.sum_floats(float(traj.mask[idx].sum()) if mine else 0.0)[0]
+            weights, n_total = minibatch_weights(traj, idx, config, dist)
             optimizer.zero_grad(set_to_none=True)
-            for micro in idx.split(config.micro_batch_size):
-                loss, stats = micro_loss(stack, traj.rows(micro), traj.prompt_length, config, beta, n_total)
+            for part in torch.arange(len(idx), device=idx.device).split(config.micro_batch_size):
+                loss, stats = micro_loss(stack, traj.rows(idx[part]), traj.prompt_length, config, beta, weights[part],
+                                         n_total)  # fmt: skip
                 run.check_finite(loss=loss.detach())
                 loss.backward()
                 for k, v in stats.items():
@@ -344,19 +395,27 @@ def rollout_metrics(traj: Trajectory, config: PPOConfig, dist: Dist) -> dict:
         float(k3.sum()), float(traj.entropy.sum()), float(traj.stopped.float().sum()),
     )  # fmt: skip
     var = max(s2 / n - (s / n) ** 2, 0.0) * n / max(n - 1, 1)
-    values, returns = dist.gather_rows(traj.old_values), dist.gather_rows(traj.returns)
-    return {
+    row = {
         "reward_mean": s / n, "reward_std": math.sqrt(var),
         "kl": kl / n,  # exact KL(policy || reference) summed over a response, mean over responses
         "kl_k3": kl3 / n,  # the same with Schulman's k3 estimate per token
         "entropy": ent / max(tokens, 1), "response_length": tokens / n, "eos_fraction": eos / n,
-        "explained_variance": explained_variance(values, returns, dist.gather_rows(traj.mask, fill=False)),
     }  # fmt: skip
+    for name, scores in traj.source_scores.items():
+        row[f"reward/{name}"] = dist.sum_floats(float(scores.double().sum()))[0] / n
+    if config.critic:
+        values, returns = dist.gather_rows(traj.old_values), dist.gather_rows(traj.returns)
+        row["explained_variance"] = explained_variance(values, returns, dist.gather_rows(traj.mask, fill=False))
+    else:  # share of groups whose responses all scored the same (no learning signal)
+        row["frac_reward_zero_std"] = dist.sum_floats(float(traj.zero_std.float().sum()))[0] / n
+    return row
 
 
-def evaluate_rollout(stack, prompts: list[str], source, config: PPOConfig, dist: Dist, *, adapter="policy") -> dict:
-    """Mean score and response length of `adapter`'s responses to the held-out prompts (sampled as in
-    training, from a fixed seed: every evaluation sees the same draws); this rank's share of the prompts."""
+def evaluate_rollout(stack, prompts: list[str], sources: list, config: PPOConfig, dist: Dist, *,
+                     adapter="policy") -> dict:  # fmt: skip
+    """Mean (weighted) score and response length of `adapter`'s responses to the held-out prompts
+    (sampled as in training, from a fixed seed: every evaluation sees the same draws); this rank's
+    share of the prompts."""
     if not prompts:
         return {}
     share = dist.share(len(prompts))
@@ -365,8 +424,8 @@ def evaluate_rollout(stack, prompts: list[str], source, config: PPOConfig, dist:
     if mine:
         traj = rollout(stack, mine, list(range(share.start, share.stop)), config.sampling,
                        seed=config.seed + EVAL_SEED_OFFSET, adapter=adapter)  # fmt: skip
-        scores = source.score(traj.prompts, traj.responses)
-        n, s, length = float(len(scores)), float(scores.double().sum()), float(traj.mask.sum())
+        scores = sum(w * src.score(traj.prompts, traj.responses).double() for _, src, w in sources)
+        n, s, length = float(len(scores)), float(scores.sum()), float(traj.mask.sum())
     n, s, length = dist.sum_floats(n, s, length)
     return {"eval_reward_mean": s / n, "eval_response_length": length / n}
 
@@ -414,19 +473,20 @@ def train_ppo(config: PPOConfig) -> PPOResult:
         if dist.main:
             atomic_write(run.path(EVAL_PROMPTS_FILE),
                          lambda f: f.write("".join(dumps({"prompt": p}) + "\n" for p in eval_prompts).encode()))
-        stack, source = build_stack(config)
+        stack, sources = build_stack(config)
         stack.train(True)
         device = stack.device
-        params = [p for role in ("policy", "value") for p in stack.role_parameters(role)]
+        roles = trained_roles(config)
+        params = [p for role in roles for p in stack.role_parameters(role)]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        kl_ctl = KLController(config.kl_coef, config.target_kl, config.kl_horizon)
+        kl_ctl = KLController(config.beta, config.target_kl, config.kl_horizon)
         moments, progress = RunningMoments(), Progress()
         run.data_order(len(train_prompts), config.rollout_batch_size, name="prompts")  # recorded and vetted
-        run.track(weights=[(n, p) for role in ("policy", "value") for n, p in stack.named_role_parameters(role)],
+        run.track(weights=[(n, p) for role in roles for n, p in stack.named_role_parameters(role)],
                   optimizer=optimizer, kl_ctl=kl_ctl, moments=moments, progress=progress)  # fmt: skip
         start = run.resume()
         if start == 0:
-            run.log(0, evaluate_rollout(stack, eval_prompts, source, config, dist))
+            run.log(0, evaluate_rollout(stack, eval_prompts, sources, config, dist))
 
         for step in run.steps(config.max_steps):
             if progress.stopped_at is not None:
@@ -442,7 +502,7 @@ def train_ppo(config: PPOConfig) -> PPOResult:
                            samples_per_prompt=config.samples_per_prompt, seed=config.seed)  # fmt: skip
             t1 = _sync(device)
             # step 3. score
-            score(traj, source, config, moments, dist)
+            score(traj, sources, config, moments, dist)
             t2 = _sync(device)
             # step 4. log-probs, entropy, KL and values, no grad
             forward_stats(stack, traj, config)
@@ -467,7 +527,7 @@ def train_ppo(config: PPOConfig) -> PPOResult:
                        time_train_s=t4 - t3, peak_mem_mib=peak_memory_mib(device))  # fmt: skip
             done = step + 1
             if run.due(done, config.eval_every):
-                row.update(evaluate_rollout(stack, eval_prompts, source, config, dist))
+                row.update(evaluate_rollout(stack, eval_prompts, sources, config, dist))
                 progress.eval_reward = row.get("eval_reward_mean")
                 threshold = config.reward_threshold
                 if threshold is not None and progress.eval_reward is not None and progress.eval_reward >= threshold:

@@ -112,3 +112,60 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict) -> None:
         self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+# ---- critic-free advantages (GRPO, Dr. GRPO, RLOO) -----------------------------------------------
+
+GROUP_ADVANTAGES = ("grpo", "drgrpo", "rloo")
+GROUP_STD_EPS = 1e-4  # GRPO's std floor (TRL's): a group of near-equal rewards gives ~0, not huge advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence advantages from groups of k = group_size consecutive sequences (k responses to one
+    prompt), and a (B,) bool mask of the sequences whose group has no reward variation.
+
+        grpo    (r_i - mean_g) / (std_g + eps)   (Shao et al. 2024, DeepSeekMath; std unbiased, as TRL)
+        drgrpo  r_i - mean_g                     (Liu et al. 2025, Dr. GRPO: no std division)
+        rloo    r_i - mean of the other k - 1 = k / (k - 1) (r_i - mean_g)   (Ahmadian et al. 2024)
+
+    rewards (B,) with B a multiple of k -> (advantages (B,), zero_std (B,))."""
+    if mode not in GROUP_ADVANTAGES:
+        raise ValueError(f"group advantage {mode!r}: expected one of {', '.join(GROUP_ADVANTAGES)}")
+    k = group_size
+    if k < 2 or rewards.numel() % k:
+        raise ValueError(f"{rewards.numel()} rewards in groups of {k}: need k >= 2 and whole groups")
+    r = rewards.double().view(-1, k)
+    centred = r - r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True)  # unbiased
+    if mode == "grpo":
+        adv = centred / (std + GROUP_STD_EPS)
+    elif mode == "drgrpo":
+        adv = centred
+    else:
+        adv = centred * k / (k - 1)
+    zero_std = (r.max(dim=1).values == r.min(dim=1).values)[:, None].expand(-1, k)
+    return adv.reshape(-1).to(rewards.dtype), zero_std.reshape(-1)
+
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")
+
+
+def aggregation_weights(mask: torch.Tensor, mode: str, n_tokens: float, n_seqs: float, max_len: int) -> torch.Tensor:
+    """(B, R) per-token weights w_t with sum_t w_t loss_t the configured aggregate over the GLOBAL batch
+    (n_tokens real tokens, n_seqs sequences, all ranks):
+
+        token_mean            1 / n_tokens                   every token counts the same (PPO's)
+        seq_mean_token_mean   1 / (len_i * n_seqs)           every sequence counts the same (GRPO's)
+        token_sum_norm        1 / (n_seqs * max_len)         token sum over a fixed normaliser (Dr. GRPO):
+                                                             no length bias
+    0 outside the mask."""
+    m = mask.to(torch.float64)
+    if mode == "token_mean":
+        w = m / max(n_tokens, 1.0)
+    elif mode == "seq_mean_token_mean":
+        w = m / (m.sum(dim=1, keepdim=True).clamp(min=1) * max(n_seqs, 1.0))
+    elif mode == "token_sum_norm":
+        w = m / (max(n_seqs, 1.0) * max_len)
+    else:
+        raise ValueError(f"loss aggregation {mode!r}: expected one of {', '.join(LOSS_AGGREGATIONS)}")
+    return w.float()

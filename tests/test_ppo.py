@@ -225,7 +225,7 @@ def test_kl_in_the_loss_adds_beta_times_the_mean_kl(policy_stack, estimator):
     # loss of the same micro-batch, where the KL is not in the loss.
     import dataclasses
 
-    from rlhf_engine.ppo import assign_rewards, estimate_advantages, micro_loss
+    from rlhf_engine.ppo import assign_rewards, estimate_advantages, micro_loss, minibatch_weights
 
     cfg, stack, _ = policy_stack
     in_loss = dataclasses.replace(cfg, kl_in="loss", kl_estimator=estimator)
@@ -235,9 +235,11 @@ def test_kl_in_the_loss_adds_beta_times_the_mean_kl(policy_stack, estimator):
     assign_rewards(traj, in_loss, beta=0.7)
     assert torch.equal(traj.rewards.sum(1), traj.scores)  # no KL in the rewards
     estimate_advantages(traj, in_loss, Dist())
-    mb, n = traj.rows(torch.arange(4)), float(traj.mask.sum())
-    with_kl, _ = micro_loss(stack, mb, traj.prompt_length, in_loss, 0.7, n)
-    without, _ = micro_loss(stack, mb, traj.prompt_length, dataclasses.replace(in_loss, kl_in="reward"), 0.7, n)
+    idx = torch.arange(4)
+    w, n = minibatch_weights(traj, idx, in_loss, Dist())  # token_mean: 1 / n at every real token
+    mb = traj.rows(idx)
+    with_kl, _ = micro_loss(stack, mb, traj.prompt_length, in_loss, 0.7, w, n)
+    without, _ = micro_loss(stack, mb, traj.prompt_length, dataclasses.replace(in_loss, kl_in="reward"), 0.7, w, n)
     kl = traj.kl_exact if estimator == "exact" else kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind="k3")
     want = 0.7 * float((kl * traj.mask).sum()) / n
     assert float((with_kl - without).detach()) == pytest.approx(want, rel=1e-4, abs=1e-6) and want > 0
@@ -334,7 +336,10 @@ def test_two_ranks_make_the_update_one_rank_makes(tmp_path):
         (["--minibatch-size", "64"], "minibatch_size=64 is larger than the batch of 8 sequences"),
         (["--reward-fn", "no_such_module_xyz:score"], "cannot import 'no_such_module_xyz'"),
         (["--reward-fn", "", "--reward-model", "/no/such/rm"], "reward_model '/no/such/rm': not a saved stack"),
-        (["--reward-model", "/no/such/rm"], "give exactly one of"),
+        (["--reward-fn", ""], "reward: give --reward-model, --reward-classifier and/or --reward-fn"),
+        (["--reward-weights", "1,2"], "reward_weights: 2 weights for 1 sources"),
+        (["--advantage", "grpo"], "--group-size >= 2"),
+        (["--advantage", "ppo"], "advantage='ppo': expected one of gae, grpo, drgrpo, rloo"),
         (["--kl-estimator", "k4"], "kl_estimator='k4': expected one of exact, k1, k2, k3"),
         (["--temperature", "-1"], "temperature=-1.0"),
         (["--config", "/no/such/config.yaml"], "config '/no/such/config.yaml': cannot read"),

@@ -67,3 +67,45 @@ def test_explained_variance():
     # values off by (1, -1, 0): Var[residual] = 2/3, Var[returns] = 2/3 -> 0
     assert explained_variance(torch.tensor([[0.0, 3.0, 3.0, 0.0]]), returns, mask) == pytest.approx(0.0)
     assert math.isnan(explained_variance(returns, torch.ones(1, 4), mask))
+
+
+# ---- critic-free advantages and loss aggregation ---------------------------------------------------
+
+from rlhf_engine.rl import GROUP_STD_EPS, aggregation_weights, group_advantages  # noqa: E402
+
+
+def test_group_advantages_hand_cases():
+    # k = 2, one group (1, 3): mean 2, unbiased std sqrt(2)
+    #   grpo: (-1, 1) / (sqrt 2 + eps); drgrpo: (-1, 1); rloo: r_i - the other = (-2, 2) = 2/1 * (-1, 1)
+    r = torch.tensor([1.0, 3.0])
+    adv, zero = group_advantages(r, 2, "grpo")
+    s = 2**0.5 + GROUP_STD_EPS
+    assert adv.tolist() == pytest.approx([-1 / s, 1 / s]) and not zero.any()
+    assert group_advantages(r, 2, "drgrpo")[0].tolist() == [-1.0, 1.0]
+    assert group_advantages(r, 2, "rloo")[0].tolist() == [-2.0, 2.0]
+    # k = 3, groups (0, 1, 5) and a tie (2, 2, 2):
+    #   group 1: mean 2, deviations (-2, -1, 3), unbiased var (4 + 1 + 9) / 2 = 7
+    #   rloo: r_i - mean of the other two: 0 - 3 = -3, 1 - 2.5 = -1.5, 5 - 0.5 = 4.5 = 3/2 * (-2, -1, 3)
+    #   group 2: equal rewards -> advantages 0 in every mode, flagged as zero-std
+    r = torch.tensor([0.0, 1.0, 5.0, 2.0, 2.0, 2.0])
+    adv, zero = group_advantages(r, 3, "grpo")
+    s = 7**0.5 + GROUP_STD_EPS
+    assert adv.tolist() == pytest.approx([-2 / s, -1 / s, 3 / s, 0, 0, 0])
+    assert zero.tolist() == [False] * 3 + [True] * 3
+    assert group_advantages(r, 3, "rloo")[0].tolist() == pytest.approx([-3.0, -1.5, 4.5, 0, 0, 0])
+    assert group_advantages(r, 3, "drgrpo")[0].tolist() == pytest.approx([-2.0, -1.0, 3.0, 0, 0, 0])
+    with pytest.raises(ValueError, match="whole groups"):
+        group_advantages(torch.zeros(5), 2, "grpo")
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "token_sum_norm"])
+def test_aggregation_weights_against_float64_definitions(mode):
+    # two sequences of 3 and 1 tokens on an R = 4 grid, per-token losses l; max_len 4:
+    #   token_mean:          (l00 + l01 + l02 + l10) / 4
+    #   seq_mean_token_mean: ((l00 + l01 + l02) / 3 + l10 / 1) / 2
+    #   token_sum_norm:      (l00 + l01 + l02 + l10) / (2 * 4)
+    loss = torch.tensor([[1.0, 2.0, 4.0, 99.0], [8.0, 99.0, 99.0, 99.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    want = {"token_mean": 15 / 4, "seq_mean_token_mean": (7 / 3 + 8) / 2, "token_sum_norm": 15 / 8}[mode]
+    w = aggregation_weights(mask, mode, n_tokens=4, n_seqs=2, max_len=4)
+    assert float((w.double() * loss).sum()) == pytest.approx(want, rel=1e-7)
