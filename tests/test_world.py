@@ -1,0 +1,44 @@
+"""engine.world: the pipeline's embedded world (prompts, replies, the hidden score, the labelers)."""
+
+import pytest
+
+from rlhf_engine import world
+from rlhf_engine.feedback import build_pairs, parse_record
+
+
+def test_prompts_and_replies():
+    prompts = world.prompts()
+    assert len(prompts) == 64 == len(set(prompts))
+    for p in prompts:
+        kinds = world.replies(p)
+        assert set(kinds) == {"helpful", "dismissive", "rude"} and all(kinds.values())
+    assert len(world.sft_examples(prompts[:5])) == 15
+
+
+def test_hidden_score_hand_cases():
+    p = "My house is too hot."
+    # helpful 1.0 + polite 0.5 + every tip word 1.5 = 3.0
+    assert world.hidden_score(p, world.replies(p)["helpful"][0]) == 3.0
+    # help cue 1.0, half the tip's content words (curtains, during, run, fan, night, close: 3 of 6) 0.75
+    assert world.hidden_score(p, "You could close the curtains and run.") == pytest.approx(1.0 + 1.5 * 3 / 6)
+    assert world.hidden_score(p, "There is nothing you can do about it.") == -1.0
+    assert world.hidden_score(p, "That is a stupid question. Stop whining.") == -2.0
+    # garbled: 4 of 8 characters are not letters / spaces / punctuation -> -0.5
+    assert world.hidden_score(p, "ab\x01\x02cd\x03\x04") == -0.5
+    assert world.hidden_score(p, "") == -1.0
+    assert world.toxicity([p, p], ["Deal with it, idiot.", "Good luck!"]) == [1.0, 0.0]
+
+
+def test_labelers_follow_the_score_except_the_one_who_misunderstood():
+    p = world.prompts()[1]
+    kinds = world.replies(p)
+    completions = [kinds["rude"][0], kinds["helpful"][0], kinds["dismissive"][0]]
+    record = world.label(p, completions, seed=3)
+    ranks = dict(zip(record["labelers"], record["rankings"]))
+    for name in ("ana", "ben", "dee"):
+        assert ranks[name] == [3, 1, 2]  # scores -2, 3, -1 (noise 0.3 cannot reorder gaps of 1)
+    assert ranks["cy"] == [1, 3, 2]
+    # the engine's feedback code reads the record, builds the consensus and flags cy
+    pairs, reports = build_pairs([parse_record(record, 1)] * 3)
+    assert reports["cy"].flagged and not reports["ana"].flagged
+    assert (pairs[0].chosen, pairs[0].rejected) == (kinds["helpful"][0], kinds["dismissive"][0])
