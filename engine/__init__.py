@@ -12,6 +12,8 @@ folder name this package only forwards names to `rlhf_engine`, and every module 
     rlhf_engine.reward    reward_loss, train_reward_model (python -m rlhf_engine rm)
     rlhf_engine.ppo       train_ppo (python -m rlhf_engine ppo); rlhf_engine.evaluate: evaluate (... eval)
     rlhf_engine.generation  sample: KV-cached sampling from a stack role
+    rlhf_engine.cai       cai_revise, cai_label: Constitutional AI data (python -m rlhf_engine cai revise | label);
+                          rlhf_engine.constitution: the constitution, templates, judge_preference
 
 Names resolve lazily, so `import rlhf_engine` (and `--help`) does not import torch.
 """
@@ -50,6 +52,15 @@ _EXPORTS = {
     "train_ppo": "rlhf_engine.ppo",
     "evaluate": "rlhf_engine.evaluate",
     "sample": "rlhf_engine.generation",
+    "CAIReviseConfig": "rlhf_engine.config",
+    "CAILabelConfig": "rlhf_engine.config",
+    "CAI_PRESETS": "rlhf_engine.config",
+    "cai_revise": "rlhf_engine.cai",
+    "cai_label": "rlhf_engine.cai",
+    "Principle": "rlhf_engine.constitution",
+    "load_constitution": "rlhf_engine.constitution",
+    "load_template": "rlhf_engine.constitution",
+    "judge_preference": "rlhf_engine.constitution",
 }
 
 __all__ = sorted(_EXPORTS)

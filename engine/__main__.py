@@ -267,6 +267,122 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _add_cai(sub) -> None:
+    p = sub.add_parser(
+        "cai",
+        help="Constitutional AI: critique -> revision -> SFT data; AI preference labels -> RM / DPO data",
+        description=(
+            "Constitutional AI (Bai et al. 2022) on one (4-bit) base. `cai revise`: the model answers each prompt, "
+            "critiques its answer against a principle of the constitution and revises it -> OUT/sft.jsonl "
+            "({prompt, completion}, for `engine sft`) and OUT/transcript.jsonl. `cai label`: the model samples "
+            "several completions per prompt and a judge model says which better follows a principle, read from "
+            "its choice-token log-probs in both orders -> OUT/preferences.jsonl (pairwise feedback for `engine rm` "
+            "and `engine dpo`) and OUT/judgements.jsonl."
+        ),
+        epilog="example: python -m engine cai revise --preset tiny --out runs/cai-sft (see `cai revise --help`)",
+    )
+    stages = p.add_subparsers(dest="cai_stage", required=True, metavar="STAGE")
+    _add_cai_stage(
+        stages, "revise", _run_cai_revise,
+        help="answer, critique against a principle, revise -> OUT/sft.jsonl, OUT/transcript.jsonl",
+        description=(
+            "For each prompt (--prompts JSONL of {prompt}; default: the embedded red-team prompts) the model (the "
+            "base, or --init-adapter's policy on it) answers; then, for --rounds rounds, it critiques the current "
+            "response against a principle drawn per prompt and round (seeded) from --constitution (JSONL of "
+            "{critique_request, revision_request, choice_question}; default: the shipped one) and revises it, "
+            "through the critique and revision templates (text files with {field} placeholders; defaults ship). "
+            "Writes OUT/sft.jsonl ({prompt, completion}: the prompt and its final revision), OUT/transcript.jsonl "
+            "(answer, then principle, critique and revision per round), OUT/metrics.jsonl, OUT/result.json, "
+            "OUT/config.json and OUT/checkpoint.pt; rerunning with the same OUT resumes after the last "
+            "checkpointed batch. The datasets are written once, atomically, when every prompt is done. Settings "
+            "come from the preset, then --config FILE (JSON/YAML, stack and sampling nested), then the flags."
+        ),
+        epilog=("example: python -m engine cai revise --preset tiny --model tiny-llama --out runs/cai-sft "
+                "--max-prompts 8"),
+    )  # fmt: skip
+    _add_cai_stage(
+        stages, "label", _run_cai_label,
+        help="AI preference labels from a judge's choice-token log-probs -> OUT/preferences.jsonl",
+        description=(
+            "For each prompt the model samples --samples-per-prompt completions; for every pair of distinct ones a "
+            "judge (--judge: a preset or a save_pretrained directory; default: the answering policy itself) answers "
+            "the prompt's drawn choice question of the constitution as a multiple-choice question (the judge "
+            "template), once with each completion as option A. Its log-probs of the two choice tokens (--choices) "
+            "at the question's last position give the preference; the two orders' log-odds are averaged, which "
+            "cancels a position bias. Writes OUT/preferences.jsonl ({prompt, chosen, rejected, margin}, margin = "
+            "--margin-scale x |log-odds|: what `engine rm --data` and `engine dpo` read), OUT/judgements.jsonl "
+            "(log-probs and probabilities per pair), metrics, result and checkpoint as `cai revise` does."
+        ),
+        epilog=(
+            "example: python -m engine cai label --preset tiny --model tiny-llama --out runs/cai-prefs; then "
+            "python -m engine rm --data runs/cai-prefs/preferences.jsonl --model tiny-llama --out runs/rm"
+        ),
+    )  # fmt: skip
+
+
+def _add_cai_stage(stages, name, func, *, help, description, epilog) -> None:
+    from rlhf_engine.cli import add_config_flags
+    from rlhf_engine.config import CAI_PRESETS, SamplingConfig, StackConfig
+
+    d = CAI_PRESETS[name]["default"]
+    p = stages.add_parser(name, help=help, description=description, epilog=epilog)
+    p.add_argument("--preset", default="default", choices=sorted(CAI_PRESETS[name]),
+                   help="settings the config file and flags override (tiny: a CPU smoke run; default: a GPU run)")
+    p.add_argument("--config", help="JSON or YAML file of config fields (stack and sampling as nested objects)")
+    top = add_config_flags(p, type(d), d, skip=("resume", "progress"))
+    stack = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack,
+                             skip=("adapters", "seed", "target_modules", "value_mode"))  # fmt: skip
+    sampling = add_config_flags(p.add_argument_group("sampling"), SamplingConfig, d.sampling)
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                   help="start over: delete OUT/checkpoint.pt instead of resuming from it")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (transformers' and huggingface_hub's loading bars included)")
+    p.set_defaults(func=func, flags={"top": top + ["resume", "progress"], "stack": stack, "sampling": sampling})
+
+
+def _cai_config(args):
+    import dataclasses
+
+    from rlhf_engine.cli import given, read_config_file
+    from rlhf_engine.config import CAI_PRESETS
+
+    preset = CAI_PRESETS[args.cai_stage][args.preset]
+    data = dataclasses.asdict(preset)
+    if args.config:
+        data = _merge(data, read_config_file(args.config))
+    data = _merge(data, given(args, args.flags["top"]))
+    data = _merge(data, {"stack": given(args, args.flags["stack"]), "sampling": given(args, args.flags["sampling"])})
+    data["stack"]["seed"] = data["seed"]  # one --seed: the run's and the preset base's init, as in rm and ppo
+    return type(preset).from_dict(data).validate()
+
+
+def _run_cai_revise(args) -> int:
+    config = _cai_config(args)
+    from rlhf_engine.constitution import revise_inputs
+
+    revise_inputs(config)  # prompts, constitution and templates are checked before the heavy imports
+    from rlhf_engine.cai import cai_revise
+
+    r = cai_revise(config)
+    print(f"cai revise: {r.prompts} prompts -> {r.sft_records} SFT records ({r.empty_revisions} empty revisions "
+          f"left out); wrote {', '.join(r.files)}")  # fmt: skip
+    return 0
+
+
+def _run_cai_label(args) -> int:
+    config = _cai_config(args)
+    from rlhf_engine.constitution import label_inputs
+
+    label_inputs(config)  # prompts, constitution and the judge template are checked before the heavy imports
+    from rlhf_engine.cai import cai_label
+
+    r = cai_label(config)
+    agree = "n/a" if r.consistent_fraction is None else f"{r.consistent_fraction:.3f}"
+    print(f"cai label: {r.prompts} prompts, {r.comparisons} comparisons (both orders agree on {agree}) -> "
+          f"{r.preference_records} preference records; wrote {', '.join(r.files)}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m engine",
@@ -276,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rm(sub)
     _add_ppo(sub)
     _add_eval(sub)
+    _add_cai(sub)
     return parser
 
 

@@ -600,3 +600,143 @@ class EvalConfig:
         if self.out:
             check_out_dir(os.path.dirname(os.path.abspath(self.out)) or ".")
         return self
+
+
+# ---- Constitutional AI (python -m engine cai revise | label; engine/cai.py) --------------------------
+
+# The section headers of the shipped templates (engine/data/cai): a model that starts the next section
+# has finished this one. The text from the stop string on is cut (engine.constitution.clean).
+CAI_STOP_STRINGS = ("\n\nHuman:", "\n\nCritique request:", "\n\nRevision request:")
+
+
+@dataclass
+class CAIConfig(RunConfig):
+    """What both Constitutional AI stages share (`python -m engine cai revise | label`): the prompts, the
+    constitution, the model that answers and how it samples. One run step is one batch of prompts; the
+    checkpoint holds every record done so far, so a rerun resumes after the last checkpointed batch.
+
+    Inherits out, seed, log_every, checkpoint_every, resume and progress from RunConfig."""
+
+    prompts: str = ""  # JSONL of {"prompt": ...} (red-team prompts); "" = the embedded ones (engine.corpus)
+    max_prompts: int = 0  # use the first N prompts only (0: all)
+    constitution: str = ""  # JSONL of principles {critique_request, revision_request, choice_question}; "" = shipped
+    stack: StackConfig = field(default_factory=lambda: StackConfig(adapters=("policy",)))
+    init_adapter: str = ""  # the answering policy's saved adapter (`engine sft` / `engine ppo` output); "" = the base
+    sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(
+            max_new_tokens=128, max_prompt_length=1024, stop_strings=CAI_STOP_STRINGS
+        )
+    )
+    batch_size: int = 16  # prompts per step (one batched generation per phase)
+    checkpoint_every: int = 10  # write checkpoint.pt every this many steps (and at the last one)
+
+    TEMPLATE_FIELDS = ()  # the stage's template-path fields (input files, like prompts and constitution)
+
+    @property
+    def INPUT_FILES(self) -> tuple[str, ...]:  # noqa: N802 (the RunConfig attribute)
+        return tuple(name for name in ("prompts", "constitution", *self.TEMPLATE_FIELDS) if getattr(self, name))
+
+    def validate(self) -> CAIConfig:
+        super().validate()
+        self.stack.validate()
+        self.sampling.validate()
+        if self.max_prompts < 0 or self.batch_size < 1:
+            raise ConfigError(f"max_prompts={self.max_prompts} must be >= 0 and batch_size={self.batch_size} >= 1")
+        if self.init_adapter:
+            base = saved_base(self.init_adapter, "init_adapter")
+            if base != self.stack.model:
+                raise ConfigError(f"init_adapter {self.init_adapter!r} was trained on base {base!r}; this run's "
+                                  f"base is {self.stack.model!r} (--model)")  # fmt: skip
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A config from plain data (a JSON/YAML config file, or a preset's fields); unknown fields are
+        an error, lists become tuples."""
+        d = dict(d)
+        _reject_unknown(cls, d, "config")
+        if "stack" in d:
+            d["stack"] = stack_config_from_dict(d["stack"])
+        if "sampling" in d:
+            s = dict(d["sampling"])
+            _reject_unknown(SamplingConfig, s, "sampling")
+            d["sampling"] = SamplingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def _reject_unknown(cls, d: dict, what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} fields: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+@dataclass
+class CAIReviseConfig(CAIConfig):
+    """Critique -> revision -> SFT data (`python -m engine cai revise`): for each prompt the model
+    answers, critiques its answer against a principle drawn for the prompt and round, and revises it;
+    OUT/sft.jsonl pairs each prompt with its final revision."""
+
+    rounds: int = 1  # critique-revision rounds; each round critiques the previous revision under a new draw
+    critique_template: str = ""  # text file with {prompt} {response} {critique_request}; "" = shipped
+    revision_template: str = ""  # text file with {prompt} {response} {critique} {revision_request}; "" = shipped
+
+    TEMPLATE_FIELDS = ("critique_template", "revision_template")
+
+    def validate(self) -> CAIReviseConfig:
+        super().validate()
+        if self.rounds < 1:
+            raise ConfigError(f"rounds={self.rounds}: must be >= 1")
+        return self
+
+
+@dataclass
+class CAILabelConfig(CAIConfig):
+    """AI preference labels (RLAIF) (`python -m engine cai label`): the model samples several completions
+    per prompt; a judge answers, for every pair and in both orders, a multiple-choice question drawn from
+    the constitution; its choice-token log-probs give the preference. OUT/preferences.jsonl holds pairwise
+    feedback records that `engine rm` and `engine dpo` read as they are."""
+
+    judge: str = ""  # judge model, a preset or a save_pretrained directory; "" = the answering policy itself
+    judge_template: str = ""  # text file with {prompt} {question} {response_a} {response_b}; "" = shipped
+    samples_per_prompt: int = 2  # completions per prompt; every pair of distinct ones is judged
+    choices: tuple[str, ...] = ("A", "B")  # the two option labels; each must be one token of the judge's tokenizer
+    margin_scale: float = 1.0  # margin of a record = margin_scale * |the judge's log-odds| (0: plain pairs)
+    judge_batch_size: int = 16  # questions per judge forward
+    judge_max_length: int = 1024  # tokens of a question the judge reads (the last ones)
+
+    TEMPLATE_FIELDS = ("judge_template",)
+
+    def validate(self) -> CAILabelConfig:
+        super().validate()
+        judge_dir = os.path.isfile(os.path.join(self.judge, "config.json"))
+        if self.judge and self.judge not in MODEL_PRESETS and not judge_dir:
+            raise ConfigError(f"judge {self.judge!r}: not a preset ({', '.join(MODEL_PRESETS)}) and no "
+                              "save_pretrained directory (no config.json)")  # fmt: skip
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"samples_per_prompt={self.samples_per_prompt}: the judge compares at least 2")
+        if len(self.choices) != 2 or len(set(self.choices)) != 2 or not all(self.choices):
+            raise ConfigError(f"choices={self.choices!r}: expected two distinct non-empty labels, e.g. A,B")
+        if self.margin_scale < 0:
+            raise ConfigError(f"margin_scale={self.margin_scale}: must be >= 0")
+        if self.judge_batch_size < 1 or self.judge_max_length < 1:
+            raise ConfigError(f"judge_batch_size={self.judge_batch_size}, judge_max_length={self.judge_max_length}: "
+                              "both must be >= 1")  # fmt: skip
+        return self
+
+
+_CAI_TINY_SAMPLING = SamplingConfig(max_new_tokens=16, max_prompt_length=384, stop_strings=CAI_STOP_STRINGS)
+CAI_PRESETS: dict[str, dict[str, CAIConfig]] = {
+    "revise": {
+        # A real run on a GPU: 128-token answers, critiques and revisions, 16 prompts per batch.
+        "default": CAIReviseConfig(),
+        # CPU smoke run on the tiny preset base (512 positions): short texts, small batches.
+        "tiny": CAIReviseConfig(stack=StackConfig(model="tiny-llama", adapters=("policy",)),
+                                sampling=_CAI_TINY_SAMPLING, batch_size=4, checkpoint_every=2),
+    },
+    "label": {
+        "default": CAILabelConfig(),
+        "tiny": CAILabelConfig(stack=StackConfig(model="tiny-llama", adapters=("policy",)),
+                               sampling=_CAI_TINY_SAMPLING, batch_size=4, checkpoint_every=2, judge_max_length=384),
+    },
+}  # fmt: skip
