@@ -3,6 +3,8 @@
     python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/rm
     python -m engine ppo --preset tiny --reward-fn MODULE:FUNCTION --out runs/ppo
     python -m engine eval --policy runs/ppo --reward-fn MODULE:FUNCTION
+    python -m engine cai revise --model tiny-llama --out runs/cai-sft
+    python -m engine cai label --model tiny-llama --out runs/cai-prefs
 
 Every error a user can act on prints one `error: ...` line, never a traceback. Exit status: 0 done;
 2 a bad option, path, config, data line or checkpoint, or OUT in use by another run; 3 the run

@@ -77,8 +77,9 @@ def add_config_flags(parser, cls, defaults, *, skip=(), names: dict[str, str] | 
 
 
 def _show(value) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
+    if isinstance(value, tuple):  # strings with whitespace or commas shown quoted (they need --config)
+        return ",".join(json.dumps(v) if isinstance(v, str) and (not v.isprintable() or "," in v) else str(v)
+                        for v in value) or "none"  # fmt: skip
     if value == "":
         return "none"
     return str(value)

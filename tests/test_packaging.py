@@ -80,7 +80,11 @@ def test_installs_beside_the_hub_kernels_package(tmp_path):
     assert built.returncode == 0, built.stderr[-3000:]
     ours = glob.glob(str(wheels / "rlhf_engine-*.whl"))
     assert len(ours) == 1, os.listdir(wheels)
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(ours[0]).namelist()}
+    names = zipfile.ZipFile(ours[0]).namelist()
+    tops = {name.split("/")[0] for name in names}
+    # the data files the engine reads at run time ship with it (the default constitution, templates)
+    for data in ("constitution.jsonl", "critique.txt", "judge.txt"):
+        assert f"rlhf_engine/data/cai/{data}" in names, data
     hub_tops = {name.split("/")[0] for name in zipfile.ZipFile(HUB_WHEELS[0]).namelist()}
     assert {"rlhf_kernels", "rlhf_engine"} <= tops and not (tops & hub_tops), (tops, hub_tops)
     site = tmp_path / "site"
