@@ -12,6 +12,8 @@ folder name this package only forwards names to `rlhf_engine`, and every module 
     rlhf_engine.reward    reward_loss, train_reward_model (python -m rlhf_engine rm)
     rlhf_engine.ppo       train_ppo (python -m rlhf_engine ppo); rlhf_engine.evaluate: evaluate (... eval)
     rlhf_engine.generation  sample: KV-cached sampling from a stack role
+    rlhf_engine.sft       train_sft (python -m rlhf_engine sft): the policy adapter on prompt -> completion
+    rlhf_engine.dpo       dpo_losses, train_dpo (python -m rlhf_engine dpo): DPO / IPO / conservative DPO
 
 Names resolve lazily, so `import rlhf_engine` (and `--help`) does not import torch.
 """
@@ -50,6 +52,16 @@ _EXPORTS = {
     "train_ppo": "rlhf_engine.ppo",
     "evaluate": "rlhf_engine.evaluate",
     "sample": "rlhf_engine.generation",
+    "SFTConfig": "rlhf_engine.config",
+    "SFT_PRESETS": "rlhf_engine.config",
+    "sft_preset": "rlhf_engine.config",
+    "DPOConfig": "rlhf_engine.config",
+    "DPO_PRESETS": "rlhf_engine.config",
+    "dpo_preset": "rlhf_engine.config",
+    "train_sft": "rlhf_engine.sft",
+    "sft_loss": "rlhf_engine.sft",
+    "train_dpo": "rlhf_engine.dpo",
+    "dpo_losses": "rlhf_engine.dpo",
 }
 
 __all__ = sorted(_EXPORTS)

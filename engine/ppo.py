@@ -112,10 +112,7 @@ def build_stack(config: PPOConfig):
                                   max_length=config.reward_max_length, batch_size=config.forward_batch_size)
     else:
         source = FunctionReward(config.reward_fn)
-    if config.init_adapter:
-        stack.load_roles(config.init_adapter, roles=("policy",))
-        if config.reference_mode == "init":
-            stack.copy_adapter("policy", "reference")
+    stack.init_policy(config.init_adapter, frozen_reference=config.reference_mode == "init")
     stack.set_trainable(*("policy", "value"))
     return stack, source
 
