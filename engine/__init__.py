@@ -14,6 +14,8 @@ folder name this package only forwards names to `rlhf_engine`, and every module 
     rlhf_engine.generation  sample: KV-cached sampling from a stack role
     rlhf_engine.cai       cai_revise, cai_label: Constitutional AI data (python -m rlhf_engine cai revise | label);
                           rlhf_engine.constitution: the constitution, templates, judge_preference
+    rlhf_engine.sft       train_sft (python -m rlhf_engine sft): the policy adapter on prompt -> completion
+    rlhf_engine.dpo       dpo_losses, train_dpo (python -m rlhf_engine dpo): DPO / IPO / conservative DPO
 
 Names resolve lazily, so `import rlhf_engine` (and `--help`) does not import torch.
 """
@@ -61,6 +63,16 @@ _EXPORTS = {
     "load_constitution": "rlhf_engine.constitution",
     "load_template": "rlhf_engine.constitution",
     "judge_preference": "rlhf_engine.constitution",
+    "SFTConfig": "rlhf_engine.config",
+    "SFT_PRESETS": "rlhf_engine.config",
+    "sft_preset": "rlhf_engine.config",
+    "DPOConfig": "rlhf_engine.config",
+    "DPO_PRESETS": "rlhf_engine.config",
+    "dpo_preset": "rlhf_engine.config",
+    "train_sft": "rlhf_engine.sft",
+    "sft_loss": "rlhf_engine.sft",
+    "train_dpo": "rlhf_engine.dpo",
+    "dpo_losses": "rlhf_engine.dpo",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -385,6 +385,113 @@ def _run_cai_label(args) -> int:
     return 0
 
 
+def _add_supervised(sub, stage: str, cls, presets: dict, run, help_text: str, description: str, epilog: str) -> None:
+    """The sft / dpo subcommand: flags generated from the config dataclass (help = field comments)."""
+    from rlhf_engine.cli import add_config_flags
+    from rlhf_engine.config import StackConfig
+
+    d = presets["default"]
+    p = sub.add_parser(stage, help=help_text, description=description, epilog=epilog)
+    p.add_argument("--preset", default="default", choices=sorted(presets),
+                   help="settings the config file and flags override (tiny: a CPU smoke run; default: a GPU run)")
+    p.add_argument("--config", help="JSON or YAML file of config fields (stack nested)")
+    top = add_config_flags(p, cls, d, skip=("resume", "progress"))
+    stack = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack,
+                             skip=("adapters", "seed", "target_modules", "value_mode"))  # fmt: skip
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                   help="start over: delete OUT/checkpoint.pt instead of resuming from it")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (transformers' and huggingface_hub's loading bars included)")
+    p.set_defaults(func=run, flags={"top": top + ["resume", "progress"], "stack": stack}, presets=presets, cls=cls)
+
+
+def _supervised_config(args):
+    """Preset, then --config FILE, then the flags given; one --seed for the run and the preset base."""
+    import dataclasses
+
+    from rlhf_engine.cli import given, read_config_file
+
+    data = dataclasses.asdict(args.presets[args.preset])
+    if args.config:
+        data = _merge(data, read_config_file(args.config))
+    data = _merge(data, given(args, args.flags["top"]))
+    data = _merge(data, {"stack": given(args, args.flags["stack"])})
+    if isinstance(data.get("stack"), dict):
+        data["stack"]["seed"] = data.get("seed", 0)
+    return args.cls.from_dict(data).validate()
+
+
+def _add_sft(sub) -> None:
+    from rlhf_engine.config import SFT_PRESETS, SFTConfig
+
+    _add_supervised(
+        sub, "sft", SFTConfig, SFT_PRESETS, _run_sft,
+        help_text="supervised fine-tuning of the policy adapter on prompt -> completion data",
+        description=(
+            "SFT of the LoRA policy adapter on one (4-bit) base: the token mean of -log p over completion tokens "
+            "only, from hidden states through rlhf_kernels.linear_logprobs (no [N, V] logits), length-bucketed "
+            "batches. Data: JSONL {\"prompt\", \"completion\"} or {\"messages\": [{\"role\", \"content\"}, ...]} "
+            "(the tokenizer's chat template; the last message, the assistant's, trains); without --data the "
+            "embedded corpus. Whole prompts are held out for the held-out loss. Writes OUT/adapter_policy.safetensors "
+            "+ OUT/stack.json (the --init-adapter of ppo and dpo), OUT/metrics.jsonl, OUT/result.json and "
+            "OUT/checkpoint.pt; rerunning with the same OUT resumes. Settings: the preset, then --config FILE, "
+            "then the flags."
+        ),
+        epilog="example: python -m engine sft --model tiny-llama --out runs/sft --preset tiny",
+    )  # fmt: skip
+
+
+def _run_sft(args) -> int:
+    config = _supervised_config(args)  # config and data are checked before a model loads
+    from rlhf_engine.sft import load_sft_data, train_sft
+
+    load_sft_data(config.data)
+    r = train_sft(config)
+    show = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    print(f"sft: {r.steps} steps ({r.train_examples} train examples), held-out loss {show(r.eval_loss_start)} -> "
+          f"{show(r.eval_loss)} on {r.eval_examples} examples; saved to {r.out}")  # fmt: skip
+    return 0
+
+
+def _add_dpo(sub) -> None:
+    from rlhf_engine.config import DPO_PRESETS, DPOConfig
+
+    _add_supervised(
+        sub, "dpo", DPOConfig, DPO_PRESETS, _run_dpo,
+        help_text="DPO / IPO / conservative DPO of the policy adapter from preference data",
+        description=(
+            "Direct preference optimisation of the LoRA policy adapter on one (4-bit) base: --loss-type dpo "
+            "(-log sigmoid(beta m)), ipo ((m - 1/(2 beta))^2) or cdpo (label smoothing), m = (log pi_c - log ref_c) "
+            "- (log pi_r - log ref_r). The reference is the bare base, or a frozen copy of --init-adapter "
+            "(--reference). Data: the feedback JSONL of `engine rm` (pairwise, ranked or thumbs; see README). "
+            "Sequence log-probs from hidden states through rlhf_kernels.linear_logprobs, chosen and rejected in "
+            "one forward. Writes OUT/adapter_policy.safetensors (+ adapter_reference) + OUT/stack.json, "
+            "OUT/metrics.jsonl, OUT/labelers.json, OUT/result.json and OUT/checkpoint.pt; rerunning with the "
+            "same OUT resumes. Settings: the preset, then --config FILE, then the flags."
+        ),
+        epilog=(
+            "example: python -m engine dpo --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/dpo "
+            "--preset tiny"
+        ),
+    )  # fmt: skip
+
+
+def _run_dpo(args) -> int:
+    config = _supervised_config(args)  # config and data are checked before a model loads
+    from rlhf_engine.dpo import check_completions
+    from rlhf_engine.feedback import load_feedback
+
+    check_completions(load_feedback(config.data), config.data)
+    from rlhf_engine.dpo import train_dpo
+
+    r = train_dpo(config)
+    acc = "n/a" if r.eval_accuracy is None else f"{r.eval_accuracy:.3f}"
+    print(f"dpo ({config.loss_type}, reference {r.reference}): {r.steps} steps ({r.train_pairs} train pairs), "
+          f"held-out accuracy {acc} on {r.eval_pairs} pairs; flagged labelers: "
+          f"{', '.join(r.flagged_labelers) or 'none'}; saved to {r.out}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m engine",
@@ -395,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ppo(sub)
     _add_eval(sub)
     _add_cai(sub)
+    _add_sft(sub)
+    _add_dpo(sub)
     return parser
 
 

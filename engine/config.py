@@ -740,3 +740,198 @@ CAI_PRESETS: dict[str, dict[str, CAIConfig]] = {
                                sampling=_CAI_TINY_SAMPLING, batch_size=4, checkpoint_every=2, judge_max_length=384),
     },
 }  # fmt: skip
+
+
+# ---- the supervised stages: SFT and the DPO family (`python -m engine sft` / `dpo`) ----------------------
+
+DPO_LOSSES = ("dpo", "ipo", "cdpo")
+
+
+def check_init_adapter(path: str, model: str) -> None:
+    """A starting policy adapter: a saved stack directory with a policy adapter, trained on `model`
+    (an adapter only fits the base it was trained on)."""
+    if not path:
+        return
+    base = saved_base(path, "init_adapter")
+    if not os.path.isfile(os.path.join(path, "adapter_policy.safetensors")):
+        raise ConfigError(f"init_adapter {path!r}: has no policy adapter (adapter_policy.safetensors); "
+                          "expected an `engine sft`, `dpo` or `ppo` output")  # fmt: skip
+    if base != model:
+        raise ConfigError(f"init_adapter {path!r} was trained on base {base!r}; this run's base is {model!r} "
+                          "(--model): one base serves every role")  # fmt: skip
+
+
+@dataclass
+class SupervisedConfig(RunConfig):
+    """What SFT and DPO share: the data, the policy adapter on one (4-bit) base, batching and the
+    optimizer. Inherits out, seed, log_every, checkpoint_every, resume and progress from RunConfig."""
+
+    data: str = ""  # JSONL training data (README: "Engine: SFT and DPO")
+    stack: StackConfig = field(default_factory=lambda: StackConfig(adapters=("policy",)))
+    init_adapter: str = ""  # start the policy from a saved adapter (an `engine sft`, `dpo` or `ppo` output)
+    eval_fraction: float = 0.1  # share of prompts (not examples) held out for the held-out metrics
+    epochs: int = 1  # passes over the training data (ignored when max_steps is set)
+    max_steps: int | None = None  # stop after this many optimizer steps; a later run with more steps resumes
+    batch_size: int = 8  # examples (SFT) or preference pairs (DPO) per optimizer step
+    micro_batch_size: int = 8  # examples / pairs per forward-backward; gradients accumulate up to batch_size
+    bucket_window: int = 8  # length buckets: a batch comes from a seeded window of this many batches, by length (1: off)
+    lr: float = 1e-4  # AdamW learning rate of the policy adapter
+    warmup_steps: int = 0  # the learning rate rises linearly over this many steps, then stays constant
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
+    max_length: int = 512  # tokens per prompt+completion; longer ones keep their last max_length tokens
+    eval_every: int = 0  # held-out evaluation every this many steps (and at 0 and the end); 0: start and end
+    backend: str = "auto"  # rlhf_kernels backend of the log-probs: auto (fused kernels), torch (unfused reference)
+
+    RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES + ("epochs", "max_steps", "eval_every")
+
+    @property
+    def init_adapter_file(self) -> str:
+        """The starting adapter's weights: an input file (hashed; changed content refuses a resume)."""
+        return os.path.join(self.init_adapter, "adapter_policy.safetensors")
+
+    @property
+    def INPUT_FILES(self) -> tuple[str, ...]:  # noqa: N802 (the RunConfig attribute)
+        return (("data",) if self.data else ()) + (("init_adapter_file",) if self.init_adapter else ())
+
+    def validate(self) -> SupervisedConfig:
+        self.stack.validate()
+        check_init_adapter(self.init_adapter, self.stack.model)
+        super().validate()
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "micro_batch_size": self.micro_batch_size,
+                    "bucket_window": self.bucket_window, "max_steps": 1 if self.max_steps is None else self.max_steps}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name}={value}: must be >= 1")
+        if self.micro_batch_size > self.batch_size:
+            raise ConfigError(f"micro_batch_size={self.micro_batch_size} > batch_size={self.batch_size}")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length={self.max_length}: must be >= 2 (a prompt token and a completion token)")
+        if not self.lr > 0 or self.weight_decay < 0 or self.max_grad_norm < 0 or self.warmup_steps < 0:
+            raise ConfigError(f"lr={self.lr} must be > 0; weight_decay={self.weight_decay}, max_grad_norm="
+                              f"{self.max_grad_norm}, warmup_steps={self.warmup_steps} >= 0")  # fmt: skip
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction={self.eval_fraction}: expected 0 <= f < 1")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every={self.eval_every}: must be >= 0")
+        if self.backend not in ("auto", "torch", "triton", "cpp", "cuda"):
+            raise ConfigError(f"backend={self.backend!r}: expected auto, torch, triton, cpp or cuda")
+        if set(self.stack.adapters) != {"policy"}:
+            raise ConfigError(f"stack.adapters={self.stack.adapters}: {type(self).__name__} trains the policy "
+                              "adapter alone (the DPO reference copy is added by `reference`)")  # fmt: skip
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A config from plain data (a JSON/YAML config file, the CLI): unknown fields are an error."""
+        d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+        if "stack" in d:
+            s = d["stack"] if isinstance(d["stack"], dict) else dataclasses.asdict(d["stack"])
+            bad = sorted(set(s) - {f.name for f in dataclasses.fields(StackConfig)})
+            if bad:
+                raise ConfigError(f"unknown stack fields: {', '.join(bad)}")
+            d["stack"] = stack_config_from_dict(s)
+        return cls(**d)
+
+
+@dataclass
+class SFTConfig(SupervisedConfig):
+    """Supervised fine-tuning of the policy adapter on prompt -> completion data (`python -m engine
+    sft`): token-mean negative log-likelihood of the completion tokens.
+
+    Inherits every field of SupervisedConfig; `data` may be omitted."""
+
+    data: str = ""  # JSONL of {"prompt", "completion"} or {"messages": [...]}; "" = the embedded corpus (engine.corpus)
+
+
+@dataclass
+class DPOConfig(SupervisedConfig):
+    """Direct preference optimisation of the policy adapter (`python -m engine dpo`): DPO (Rafailov et
+    al. 2023), IPO (Azar et al. 2023) or conservative DPO (label smoothing, Mitchell 2023) against a
+    reference that is the bare base or a frozen copy of the starting adapter.
+
+    Inherits every field of SupervisedConfig."""
+
+    data: str = ""  # feedback JSONL: pairwise and/or ranked records (README: "Feedback data"); required
+
+    loss_type: str = "dpo"  # "dpo": -log sigmoid(beta m); "ipo": (m - 1/(2 beta))^2; "cdpo": label-smoothed DPO
+    beta: float = 0.1  # scale of the implicit reward beta * (log pi - log ref); IPO's regulariser
+    label_smoothing: float = 0.0  # cdpo: the assumed share of flipped labels, 0 < eps < 0.5
+    reference: str = "auto"  # "base": adapters off; "init": frozen copy of the starting adapter; auto: init iff init
+    precompute_ref_logps: bool = False  # the reference sequence log-probs once, at the start: a forward less per step
+    agreement_threshold: float = 0.3  # ranked data: flag labelers whose Kendall tau with the consensus is below this
+    exclude_flagged: bool = False  # ranked data: drop flagged labelers' rankings before building the consensus
+
+    @property
+    def INPUT_FILES(self) -> tuple[str, ...]:  # noqa: N802 (the RunConfig attribute)
+        return ("data",) + (("init_adapter_file",) if self.init_adapter else ())
+
+    @property
+    def reference_mode(self) -> str:
+        """"base" or "init" ("auto" resolved), as PPOConfig.reference_mode."""
+        if self.reference == "auto":
+            return "init" if self.init_adapter else "base"
+        return self.reference
+
+    def validate(self) -> DPOConfig:
+        if not self.data:
+            raise ConfigError("data: a feedback file is required (--data FILE)")
+        super().validate()
+        if self.loss_type not in DPO_LOSSES:
+            raise ConfigError(f"loss_type={self.loss_type!r}: expected one of {', '.join(DPO_LOSSES)}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta={self.beta}: must be > 0")
+        if self.loss_type == "cdpo" and not 0.0 < self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing={self.label_smoothing}: cdpo needs 0 < label_smoothing < 0.5")
+        if self.loss_type != "cdpo" and self.label_smoothing != 0.0:
+            raise ConfigError(f"label_smoothing={self.label_smoothing}: only loss_type='cdpo' smooths labels")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"reference={self.reference!r}: expected one of {', '.join(REFERENCES)}")
+        if self.reference == "init" and not self.init_adapter:
+            raise ConfigError("reference='init' needs --init-adapter (the adapter the reference copies)")
+        if not -1.0 <= self.agreement_threshold <= 1.0:
+            raise ConfigError(f"agreement_threshold={self.agreement_threshold}: Kendall tau lies in [-1, 1]")
+        return self
+
+
+SFT_PRESETS: dict[str, SFTConfig] = {
+    # A real run on a GPU: NF4 base, LoRA policy, a LoRA-SFT learning rate with a short warm-up.
+    "default": SFTConfig(batch_size=16, micro_batch_size=8, lr=2e-4, warmup_steps=20, epochs=2, max_length=1024,
+                         eval_every=100),
+    # CPU smoke run on the tiny preset base (the embedded corpus when --data is omitted): a high rate.
+    "tiny": SFTConfig(stack=StackConfig(model="tiny-llama", adapters=("policy",)), batch_size=8, micro_batch_size=8,
+                      lr=3e-3, max_length=256, max_steps=40, eval_fraction=0.2, eval_every=10, checkpoint_every=10),
+}  # fmt: skip
+
+DPO_PRESETS: dict[str, DPOConfig] = {
+    # A real run on a GPU: NF4 base, LoRA policy, beta 0.1 (Rafailov et al. 2023), one epoch.
+    "default": DPOConfig(batch_size=16, micro_batch_size=8, lr=5e-5, warmup_steps=10, max_length=1024, eval_every=100),
+    # CPU smoke run on the tiny preset base: a high rate so a few dozen steps learn a preference.
+    "tiny": DPOConfig(stack=StackConfig(model="tiny-llama", adapters=("policy",)), batch_size=8, micro_batch_size=8,
+                      lr=3e-3, max_length=256, epochs=3, eval_every=10, checkpoint_every=10),
+}  # fmt: skip
+
+
+def _supervised_preset(presets: dict, cls, name: str, overrides: dict):
+    if name not in presets:
+        raise ConfigError(f"preset {name!r}: expected one of {', '.join(presets)}")
+    base = presets[name]
+    stack_over = overrides.pop("stack", {}) or {}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+    unknown |= set(stack_over) - {f.name for f in dataclasses.fields(StackConfig)}
+    if unknown:
+        raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
+    return dataclasses.replace(base, stack=dataclasses.replace(base.stack, **stack_over), **overrides)
+
+
+def sft_preset(name: str, **overrides) -> SFTConfig:
+    """A copy of SFT_PRESETS[name] with fields replaced; `stack` overrides go in `stack=dict(...)`."""
+    return _supervised_preset(SFT_PRESETS, SFTConfig, name, overrides)
+
+
+def dpo_preset(name: str, **overrides) -> DPOConfig:
+    """A copy of DPO_PRESETS[name] with fields replaced; `stack` overrides go in `stack=dict(...)`."""
+    return _supervised_preset(DPO_PRESETS, DPOConfig, name, overrides)

@@ -127,10 +127,7 @@ def build_stack(config: PPOConfig):
                                         max_length=config.reward_max_length, batch_size=config.forward_batch_size))
     sources += [FunctionReward(spec) for spec in config.reward_fn]
     weights = config.reward_weights or (1.0,) * len(sources)
-    if config.init_adapter:
-        stack.load_roles(config.init_adapter, roles=("policy",))
-        if config.reference_mode == "init":
-            stack.copy_adapter("policy", "reference")
+    stack.init_policy(config.init_adapter, frozen_reference=config.reference_mode == "init")
     stack.set_trainable(*trained_roles(config))
     return stack, [(s.name, s, w) for s, w in zip(sources, weights)]
 

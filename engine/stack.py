@@ -337,6 +337,16 @@ class ModelStack:
         if any(not n.startswith("heads.") for n in targets):
             raise KeyError(f"adapter {dst!r} has weights that {src!r} lacks: {sorted(targets)[:3]}")
 
+    def init_policy(self, saved_dir: str, *, frozen_reference: bool) -> None:
+        """Start the policy from a saved adapter (`saved_dir`: an `engine sft`, `dpo` or `ppo` output;
+        "" keeps the fresh one) and, with frozen_reference, copy the starting weights into the frozen
+        "reference" adapter: a policy that starts from a trained adapter is compared with it, not with
+        the bare base. One place for PPO and DPO."""
+        if saved_dir:
+            self.load_roles(saved_dir, roles=("policy",))
+        if frozen_reference:
+            self.copy_adapter("policy", "reference")
+
     def values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policy_hidden: torch.Tensor | None = None
     ) -> torch.Tensor:
