@@ -1,6 +1,8 @@
 """The engine's command line; one subcommand per stage.
 
+    python -m engine sft --model tiny-llama --out runs/sft
     python -m engine rm --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/rm
+    python -m engine dpo --data examples/feedback_ranked.jsonl --model tiny-llama --out runs/dpo
     python -m engine ppo --preset tiny --reward-fn MODULE:FUNCTION --out runs/ppo
     python -m engine eval --policy runs/ppo --reward-fn MODULE:FUNCTION
     python -m engine cai revise --model tiny-llama --out runs/cai-sft
@@ -18,6 +20,7 @@ import argparse
 import os
 import sys
 
+from rlhf_engine.cli import stage_config
 from rlhf_engine.config import MODEL_PRESETS, REWARD_PRESETS, ConfigError, EngineError, RewardConfig, reward_preset
 
 EXIT_USAGE = 2
@@ -142,21 +145,12 @@ def _run_rm(args) -> int:
     return 0
 
 
-def _merge(base: dict, override: dict) -> dict:
-    """base with override's keys replaced; nested dicts (stack, sampling) merged key by key."""
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _add_ppo(sub) -> None:
-    from rlhf_engine.cli import add_config_flags
-    from rlhf_engine.config import PPO_PRESETS, PPOConfig, SamplingConfig, StackConfig
+    from rlhf_engine.cli import add_stage
+    from rlhf_engine.config import PPO_PRESETS
 
-    d = PPO_PRESETS["default"]
-    p = sub.add_parser(
-        "ppo",
+    p = add_stage(
+        sub, "ppo", PPO_PRESETS, _run_ppo, adjust=_group_size,
         help="RLHF with PPO: the policy and value adapters against a reward, with a KL penalty",
         description=(
             "PPO on one (4-bit) base: the LoRA policy and value adapters train; the reference is the bare base "
@@ -172,45 +166,22 @@ def _add_ppo(sub) -> None:
             "example: python -m engine ppo --preset tiny --reward-fn tests/_reward_fns.py:lowercase_share "
             "--out runs/ppo --max-steps 20"
         ),
-    )
-    p.add_argument("--preset", default="default", choices=sorted(PPO_PRESETS),
-                   help="settings the config file and flags override (tiny: a CPU smoke run; default: a GPU run)")
-    p.add_argument("--config", help="JSON or YAML file of config fields (stack and sampling as nested objects)")
-    top = add_config_flags(p, PPOConfig, d, skip=("resume", "progress"))
-    stack = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack,
-                             skip=("adapters", "seed", "target_modules"))  # fmt: skip
-    sampling = add_config_flags(p.add_argument_group("sampling"), SamplingConfig, d.sampling)
+    )  # fmt: skip
     p.add_argument("--group-size", type=int, metavar="K",
                    help="responses per prompt: the group of grpo / drgrpo / rloo (= --samples-per-prompt)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
-                   help="start over: delete OUT/checkpoint.pt instead of resuming from it")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bars (transformers' and huggingface_hub's loading bars included)")
-    p.set_defaults(func=_run_ppo, flags={"top": top + ["resume", "progress"], "stack": stack, "sampling": sampling})
 
 
-def _ppo_config(args):
-    import dataclasses
-
-    from rlhf_engine.cli import given, read_config_file
-    from rlhf_engine.config import PPO_PRESETS, PPOConfig
-
-    data = dataclasses.asdict(PPO_PRESETS[args.preset])
-    if args.config:
-        data = _merge(data, read_config_file(args.config))
-    data = _merge(data, given(args, args.flags["top"]))
-    data = _merge(data, {"stack": given(args, args.flags["stack"]), "sampling": given(args, args.flags["sampling"])})
+def _group_size(args, data: dict) -> None:
+    """--group-size is --samples-per-prompt under the name the group estimators use."""
     if args.group_size is not None:
         if args.samples_per_prompt not in (None, args.group_size):
             raise ConfigError(f"--group-size {args.group_size} and --samples-per-prompt {args.samples_per_prompt} "
                               "name the same thing; give one")  # fmt: skip
         data["samples_per_prompt"] = args.group_size
-    data["stack"]["seed"] = data["seed"]  # one --seed: the run's and the preset base's init
-    return PPOConfig.from_dict(data).validate()
 
 
 def _run_ppo(args) -> int:
-    config = _ppo_config(args)  # config, files and reward spec are checked before the heavy imports
+    config = stage_config(args)  # config, files and reward spec are checked before the heavy imports
     if config.prompts:
         from rlhf_engine.jsonl import load_prompts
 
@@ -323,43 +294,14 @@ def _add_cai(sub) -> None:
 
 
 def _add_cai_stage(stages, name, func, *, help, description, epilog) -> None:
-    from rlhf_engine.cli import add_config_flags
-    from rlhf_engine.config import CAI_PRESETS, SamplingConfig, StackConfig
-
-    d = CAI_PRESETS[name]["default"]
-    p = stages.add_parser(name, help=help, description=description, epilog=epilog)
-    p.add_argument("--preset", default="default", choices=sorted(CAI_PRESETS[name]),
-                   help="settings the config file and flags override (tiny: a CPU smoke run; default: a GPU run)")
-    p.add_argument("--config", help="JSON or YAML file of config fields (stack and sampling as nested objects)")
-    top = add_config_flags(p, type(d), d, skip=("resume", "progress"))
-    stack = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack,
-                             skip=("adapters", "seed", "target_modules", "value_mode"))  # fmt: skip
-    sampling = add_config_flags(p.add_argument_group("sampling"), SamplingConfig, d.sampling)
-    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
-                   help="start over: delete OUT/checkpoint.pt instead of resuming from it")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bars (transformers' and huggingface_hub's loading bars included)")
-    p.set_defaults(func=func, flags={"top": top + ["resume", "progress"], "stack": stack, "sampling": sampling})
-
-
-def _cai_config(args):
-    import dataclasses
-
-    from rlhf_engine.cli import given, read_config_file
+    from rlhf_engine.cli import add_stage
     from rlhf_engine.config import CAI_PRESETS
 
-    preset = CAI_PRESETS[args.cai_stage][args.preset]
-    data = dataclasses.asdict(preset)
-    if args.config:
-        data = _merge(data, read_config_file(args.config))
-    data = _merge(data, given(args, args.flags["top"]))
-    data = _merge(data, {"stack": given(args, args.flags["stack"]), "sampling": given(args, args.flags["sampling"])})
-    data["stack"]["seed"] = data["seed"]  # one --seed: the run's and the preset base's init, as in rm and ppo
-    return type(preset).from_dict(data).validate()
+    add_stage(stages, name, CAI_PRESETS[name], func, help=help, description=description, epilog=epilog)
 
 
 def _run_cai_revise(args) -> int:
-    config = _cai_config(args)
+    config = stage_config(args)
     from rlhf_engine.constitution import revise_inputs
 
     revise_inputs(config)  # prompts, constitution and templates are checked before the heavy imports
@@ -372,7 +314,7 @@ def _run_cai_revise(args) -> int:
 
 
 def _run_cai_label(args) -> int:
-    config = _cai_config(args)
+    config = stage_config(args)
     from rlhf_engine.constitution import label_inputs
 
     label_inputs(config)  # prompts, constitution and the judge template are checked before the heavy imports
@@ -385,48 +327,13 @@ def _run_cai_label(args) -> int:
     return 0
 
 
-def _add_supervised(sub, stage: str, cls, presets: dict, run, help_text: str, description: str, epilog: str) -> None:
-    """The sft / dpo subcommand: flags generated from the config dataclass (help = field comments)."""
-    from rlhf_engine.cli import add_config_flags
-    from rlhf_engine.config import StackConfig
-
-    d = presets["default"]
-    p = sub.add_parser(stage, help=help_text, description=description, epilog=epilog)
-    p.add_argument("--preset", default="default", choices=sorted(presets),
-                   help="settings the config file and flags override (tiny: a CPU smoke run; default: a GPU run)")
-    p.add_argument("--config", help="JSON or YAML file of config fields (stack nested)")
-    top = add_config_flags(p, cls, d, skip=("resume", "progress"))
-    stack = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack,
-                             skip=("adapters", "seed", "target_modules", "value_mode"))  # fmt: skip
-    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
-                   help="start over: delete OUT/checkpoint.pt instead of resuming from it")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bars (transformers' and huggingface_hub's loading bars included)")
-    p.set_defaults(func=run, flags={"top": top + ["resume", "progress"], "stack": stack}, presets=presets, cls=cls)
-
-
-def _supervised_config(args):
-    """Preset, then --config FILE, then the flags given; one --seed for the run and the preset base."""
-    import dataclasses
-
-    from rlhf_engine.cli import given, read_config_file
-
-    data = dataclasses.asdict(args.presets[args.preset])
-    if args.config:
-        data = _merge(data, read_config_file(args.config))
-    data = _merge(data, given(args, args.flags["top"]))
-    data = _merge(data, {"stack": given(args, args.flags["stack"])})
-    if isinstance(data.get("stack"), dict):
-        data["stack"]["seed"] = data.get("seed", 0)
-    return args.cls.from_dict(data).validate()
-
-
 def _add_sft(sub) -> None:
-    from rlhf_engine.config import SFT_PRESETS, SFTConfig
+    from rlhf_engine.cli import add_stage
+    from rlhf_engine.config import SFT_PRESETS
 
-    _add_supervised(
-        sub, "sft", SFTConfig, SFT_PRESETS, _run_sft,
-        help_text="supervised fine-tuning of the policy adapter on prompt -> completion data",
+    add_stage(
+        sub, "sft", SFT_PRESETS, _run_sft,
+        help="supervised fine-tuning of the policy adapter on prompt -> completion data",
         description=(
             "SFT of the LoRA policy adapter on one (4-bit) base: the token mean of -log p over completion tokens "
             "only, from hidden states through rlhf_kernels.linear_logprobs (no [N, V] logits), length-bucketed "
@@ -442,7 +349,7 @@ def _add_sft(sub) -> None:
 
 
 def _run_sft(args) -> int:
-    config = _supervised_config(args)  # config and data are checked before a model loads
+    config = stage_config(args)  # config and data are checked before a model loads
     from rlhf_engine.sft import load_sft_data, train_sft
 
     load_sft_data(config.data)
@@ -454,11 +361,12 @@ def _run_sft(args) -> int:
 
 
 def _add_dpo(sub) -> None:
-    from rlhf_engine.config import DPO_PRESETS, DPOConfig
+    from rlhf_engine.cli import add_stage
+    from rlhf_engine.config import DPO_PRESETS
 
-    _add_supervised(
-        sub, "dpo", DPOConfig, DPO_PRESETS, _run_dpo,
-        help_text="DPO / IPO / conservative DPO of the policy adapter from preference data",
+    add_stage(
+        sub, "dpo", DPO_PRESETS, _run_dpo,
+        help="DPO / IPO / conservative DPO of the policy adapter from preference data",
         description=(
             "Direct preference optimisation of the LoRA policy adapter on one (4-bit) base: --loss-type dpo "
             "(-log sigmoid(beta m)), ipo ((m - 1/(2 beta))^2) or cdpo (label smoothing), m = (log pi_c - log ref_c) "
@@ -477,7 +385,7 @@ def _add_dpo(sub) -> None:
 
 
 def _run_dpo(args) -> int:
-    config = _supervised_config(args)  # config and data are checked before a model loads
+    config = stage_config(args)  # config and data are checked before a model loads
     from rlhf_engine.dpo import check_completions
     from rlhf_engine.feedback import load_feedback
 

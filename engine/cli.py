@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -19,6 +20,7 @@ from rlhf_engine.config import ConfigError
 _COMMENT = re.compile(r"^\s*(\w+)\s*:[^#]*#\s*(.*)$")
 
 
+@functools.lru_cache(maxsize=None)
 def field_comments(cls) -> dict[str, str]:
     """Field name -> its trailing comment in the class source (the house style: one per field)."""
     out = {}
@@ -138,3 +140,52 @@ def read_config_file(path: str) -> dict:
 def given(args, dests: list[str]) -> dict:
     """The flags the user gave (argparse leaves the others None)."""
     return {d: getattr(args, d) for d in dests if getattr(args, d, None) is not None}
+
+
+def add_stage(sub, name: str, presets: dict, run, *, help: str, description: str, epilog: str, adjust=None):
+    """A subcommand over a config dataclass: --preset, --config FILE, one flag per config field (stack
+    and sampling fields in their own groups), --no-resume, --no-progress. `adjust(args, data)` may edit
+    the merged data before it becomes a config (a flag that is not a field). Returns the parser."""
+    from rlhf_engine.config import SamplingConfig, StackConfig
+
+    d = presets["default"]
+    nested = ("stack", "sampling") if hasattr(d, "sampling") else ("stack",)
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog)
+    p.add_argument("--preset", default="default", choices=sorted(presets),
+                   help="settings the config file and flags override (tiny: a CPU smoke run; default: a GPU run)")
+    p.add_argument("--config", help=f"JSON or YAML file of config fields ({' and '.join(nested)} as nested objects)")
+    flags = {"top": add_config_flags(p, type(d), d, skip=("resume", "progress")) + ["resume", "progress"]}
+    skip = ("adapters", "seed", "target_modules") + (() if "value" in d.stack.adapters else ("value_mode",))
+    flags["stack"] = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack, skip=skip)
+    if "sampling" in nested:
+        flags["sampling"] = add_config_flags(p.add_argument_group("sampling"), SamplingConfig, d.sampling)
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                   help="start over: delete OUT/checkpoint.pt instead of resuming from it")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bars (transformers' and huggingface_hub's loading bars included)")
+    p.set_defaults(func=run, flags=flags, presets=presets, adjust=adjust)
+    return p
+
+
+def stage_config(args):
+    """The validated config of an add_stage subcommand: the preset, then --config FILE, then the flags
+    given; one --seed for the run and the preset base's init."""
+    preset = args.presets[args.preset]
+    data = dataclasses.asdict(preset)
+    if args.config:
+        data = merge(data, read_config_file(args.config))
+    data = merge(data, given(args, args.flags["top"]))
+    data = merge(data, {group: given(args, dests) for group, dests in args.flags.items() if group != "top"})
+    if args.adjust is not None:
+        args.adjust(args, data)
+    if isinstance(data.get("stack"), dict):
+        data["stack"]["seed"] = data["seed"]
+    return type(preset).from_dict(data).validate()
+
+
+def merge(base: dict, override: dict) -> dict:
+    """base with override's keys replaced; nested dicts (stack, sampling) merged key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

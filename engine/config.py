@@ -189,6 +189,60 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A config from plain data (a JSON/YAML config file, a checkpoint, the CLI): see from_data."""
+        return from_data(cls, d)
+
+
+def from_data(cls, d: dict, what: str = "config"):
+    """A `cls` config dataclass from plain data: unknown fields are an error naming the known ones,
+    nested configs (stack, sampling) come from nested objects, lists become tuples."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what}: expected an object of fields, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown {what} fields: {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    values = {}
+    for name, value in d.items():
+        nested = _nested_type(cls, fields[name])
+        if nested is not None and isinstance(value, dict):
+            value = from_data(nested, value, name)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[name] = value
+    return cls(**values)
+
+
+def _nested_type(cls, f):
+    """The config dataclass a field holds (from its default), or None."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+        return type(default) if dataclasses.is_dataclass(default) else None
+    return type(f.default) if dataclasses.is_dataclass(f.default) else None
+
+
+def preset(presets: dict, name: str, **overrides):
+    """A copy of presets[name] with fields replaced; nested configs (stack, sampling) take dicts whose
+    keys replace theirs. Unknown names are an error."""
+    if name not in presets:
+        raise ConfigError(f"preset {name!r}: expected one of {', '.join(presets)}")
+    data = dataclasses.asdict(presets[name])
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return from_data(type(presets[name]), data)
+
+
+def resolve_reference(reference: str, init_adapter: str) -> str:
+    """"base" or "init" for a config's `reference` ("auto": init iff there is a starting adapter)."""
+    if reference == "auto":
+        return "init" if init_adapter else "base"
+    return reference
+
 
 @dataclass
 class SamplingConfig:
@@ -266,19 +320,9 @@ class RewardConfig(RunConfig):
         self.stack.validate()
         return self
 
-    @classmethod
-    def from_dict(cls, d: dict) -> RewardConfig:
-        d = dict(d)
-        d["stack"] = stack_config_from_dict(d.get("stack", {}))
-        return cls(**d)
-
 
 def stack_config_from_dict(d: dict) -> StackConfig:
-    d = dict(d)
-    for key in ("adapters", "target_modules"):
-        if isinstance(d.get(key), list):
-            d[key] = tuple(d[key])
-    return StackConfig(**d)
+    return from_data(StackConfig, d, "stack")
 
 
 REWARD_PRESETS: dict[str, RewardConfig] = {
@@ -294,15 +338,7 @@ REWARD_PRESETS: dict[str, RewardConfig] = {
 
 def reward_preset(name: str, **overrides) -> RewardConfig:
     """A copy of REWARD_PRESETS[name] with fields replaced; `stack` overrides go in `stack=dict(...)`."""
-    if name not in REWARD_PRESETS:
-        raise ConfigError(f"preset {name!r}: expected one of {', '.join(REWARD_PRESETS)}")
-    base = REWARD_PRESETS[name]
-    stack_over = overrides.pop("stack", {}) or {}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(RewardConfig)}
-    unknown |= set(stack_over) - {f.name for f in dataclasses.fields(StackConfig)}
-    if unknown:
-        raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
-    return dataclasses.replace(base, stack=dataclasses.replace(base.stack, **stack_over), **overrides)
+    return preset(REWARD_PRESETS, name, **overrides)
 
 
 KL_ESTIMATORS = ("exact", "k1", "k2", "k3")
@@ -399,9 +435,7 @@ class PPOConfig(RunConfig):
     @property
     def reference_mode(self) -> str:
         """"base" or "init" ("auto" resolved)."""
-        if self.reference == "auto":
-            return "init" if self.init_adapter else "base"
-        return self.reference
+        return resolve_reference(self.reference, self.init_adapter)
 
     def validate(self) -> PPOConfig:
         super().validate()
@@ -426,13 +460,9 @@ class PPOConfig(RunConfig):
             raise ConfigError(f"loss_agg={self.loss_agg!r}: expected token_mean, seq_mean_token_mean or token_sum_norm")
         if self.reward_classifier and not os.path.isfile(os.path.join(self.reward_classifier, "config.json")):
             raise ConfigError(f"reward_classifier {self.reward_classifier!r}: no config.json (a save_pretrained directory)")
-        for name in ("reward_model", "init_adapter"):  # adapters only fit the base they were trained on
-            path = getattr(self, name)
-            if path:
-                base = saved_base(path, name)
-                if base != self.stack.model:
-                    raise ConfigError(f"{name} {path!r} was trained on base {base!r}; this run's base is "
-                                      f"{self.stack.model!r} (--model): one base serves every role")  # fmt: skip
+        check_init_adapter(self.init_adapter, self.stack.model)
+        if self.reward_model:
+            check_same_base(self.reward_model, "reward_model", self.stack.model)
         if self.reference not in REFERENCES:
             raise ConfigError(f"reference={self.reference!r}: expected one of {', '.join(REFERENCES)}")
         if self.reference == "init" and not self.init_adapter:
@@ -481,29 +511,11 @@ class PPOConfig(RunConfig):
 
     @classmethod
     def from_dict(cls, d: dict) -> PPOConfig:
-        """A PPOConfig from plain data (a JSON/YAML config file): unknown fields are an error."""
+        """As RunConfig.from_dict; one reward_fn may be a string."""
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config fields: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        if "stack" in d:
-            d["stack"] = stack_config_from_dict(d["stack"])
-        if "sampling" in d:
-            s = dict(d["sampling"])
-            unknown = sorted(set(s) - {f.name for f in dataclasses.fields(SamplingConfig)})
-            if unknown:
-                raise ConfigError(f"unknown sampling fields: {', '.join(unknown)}")
-            for key in ("stop_strings", "stop_token_ids"):
-                if isinstance(s.get(key), list):
-                    s[key] = tuple(s[key])
-            d["sampling"] = SamplingConfig(**s)
-        for key in ("reward_fn", "reward_weights"):
-            if isinstance(d.get(key), list):
-                d[key] = tuple(d[key])
-            elif key == "reward_fn" and isinstance(d.get(key), str):
-                d[key] = (d[key],) if d[key] else ()
-        return cls(**d)
+        if isinstance(d.get("reward_fn"), str):
+            d["reward_fn"] = (d["reward_fn"],) if d["reward_fn"] else ()
+        return from_data(cls, d)
 
 
 def saved_base(path: str, name: str) -> str:
@@ -539,22 +551,9 @@ PPO_PRESETS: dict[str, PPOConfig] = {
 
 def ppo_preset(name: str, **overrides) -> PPOConfig:
     """A copy of PPO_PRESETS[name] with fields replaced; `stack` and `sampling` overrides are dicts."""
-    if name not in PPO_PRESETS:
-        raise ConfigError(f"preset {name!r}: expected one of {', '.join(PPO_PRESETS)}")
-    base = PPO_PRESETS[name]
     if isinstance(overrides.get("reward_fn"), str):  # one spec
         overrides["reward_fn"] = (overrides["reward_fn"],) if overrides["reward_fn"] else ()
-    stack_over = overrides.pop("stack", {}) or {}
-    sampling_over = overrides.pop("sampling", {}) or {}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(PPOConfig)}
-    unknown |= set(stack_over) - {f.name for f in dataclasses.fields(StackConfig)}
-    unknown |= {f"sampling.{k}" for k in set(sampling_over) - {f.name for f in dataclasses.fields(SamplingConfig)}}
-    if unknown:
-        raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
-    return dataclasses.replace(
-        base, stack=dataclasses.replace(base.stack, **stack_over),
-        sampling=dataclasses.replace(base.sampling, **sampling_over), **overrides,
-    )  # fmt: skip
+    return preset(PPO_PRESETS, name, **overrides)
 
 
 @dataclass
@@ -642,33 +641,8 @@ class CAIConfig(RunConfig):
         self.sampling.validate()
         if self.max_prompts < 0 or self.batch_size < 1:
             raise ConfigError(f"max_prompts={self.max_prompts} must be >= 0 and batch_size={self.batch_size} >= 1")
-        if self.init_adapter:
-            base = saved_base(self.init_adapter, "init_adapter")
-            if base != self.stack.model:
-                raise ConfigError(f"init_adapter {self.init_adapter!r} was trained on base {base!r}; this run's "
-                                  f"base is {self.stack.model!r} (--model)")  # fmt: skip
+        check_init_adapter(self.init_adapter, self.stack.model)
         return self
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        """A config from plain data (a JSON/YAML config file, or a preset's fields); unknown fields are
-        an error, lists become tuples."""
-        d = dict(d)
-        _reject_unknown(cls, d, "config")
-        if "stack" in d:
-            d["stack"] = stack_config_from_dict(d["stack"])
-        if "sampling" in d:
-            s = dict(d["sampling"])
-            _reject_unknown(SamplingConfig, s, "sampling")
-            d["sampling"] = SamplingConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def _reject_unknown(cls, d: dict, what: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"unknown {what} fields: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
 
 
 @dataclass
@@ -752,12 +726,17 @@ def check_init_adapter(path: str, model: str) -> None:
     (an adapter only fits the base it was trained on)."""
     if not path:
         return
-    base = saved_base(path, "init_adapter")
+    check_same_base(path, "init_adapter", model)
     if not os.path.isfile(os.path.join(path, "adapter_policy.safetensors")):
         raise ConfigError(f"init_adapter {path!r}: has no policy adapter (adapter_policy.safetensors); "
                           "expected an `engine sft`, `dpo` or `ppo` output")  # fmt: skip
+
+
+def check_same_base(path: str, name: str, model: str) -> None:
+    """A saved stack directory `path` (field `name`) was trained on base `model`."""
+    base = saved_base(path, name)
     if base != model:
-        raise ConfigError(f"init_adapter {path!r} was trained on base {base!r}; this run's base is {model!r} "
+        raise ConfigError(f"{name} {path!r} was trained on base {base!r}; this run's base is {model!r} "
                           "(--model): one base serves every role")  # fmt: skip
 
 
@@ -821,21 +800,6 @@ class SupervisedConfig(RunConfig):
                               "adapter alone (the DPO reference copy is added by `reference`)")  # fmt: skip
         return self
 
-    @classmethod
-    def from_dict(cls, d: dict):
-        """A config from plain data (a JSON/YAML config file, the CLI): unknown fields are an error."""
-        d = dict(d)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
-        if "stack" in d:
-            s = d["stack"] if isinstance(d["stack"], dict) else dataclasses.asdict(d["stack"])
-            bad = sorted(set(s) - {f.name for f in dataclasses.fields(StackConfig)})
-            if bad:
-                raise ConfigError(f"unknown stack fields: {', '.join(bad)}")
-            d["stack"] = stack_config_from_dict(s)
-        return cls(**d)
-
 
 @dataclass
 class SFTConfig(SupervisedConfig):
@@ -872,9 +836,7 @@ class DPOConfig(SupervisedConfig):
     @property
     def reference_mode(self) -> str:
         """"base" or "init" ("auto" resolved), as PPOConfig.reference_mode."""
-        if self.reference == "auto":
-            return "init" if self.init_adapter else "base"
-        return self.reference
+        return resolve_reference(self.reference, self.init_adapter)
 
     def validate(self) -> DPOConfig:
         if not self.data:
@@ -915,23 +877,11 @@ DPO_PRESETS: dict[str, DPOConfig] = {
 }  # fmt: skip
 
 
-def _supervised_preset(presets: dict, cls, name: str, overrides: dict):
-    if name not in presets:
-        raise ConfigError(f"preset {name!r}: expected one of {', '.join(presets)}")
-    base = presets[name]
-    stack_over = overrides.pop("stack", {}) or {}
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-    unknown |= set(stack_over) - {f.name for f in dataclasses.fields(StackConfig)}
-    if unknown:
-        raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
-    return dataclasses.replace(base, stack=dataclasses.replace(base.stack, **stack_over), **overrides)
-
-
 def sft_preset(name: str, **overrides) -> SFTConfig:
     """A copy of SFT_PRESETS[name] with fields replaced; `stack` overrides go in `stack=dict(...)`."""
-    return _supervised_preset(SFT_PRESETS, SFTConfig, name, overrides)
+    return preset(SFT_PRESETS, name, **overrides)
 
 
 def dpo_preset(name: str, **overrides) -> DPOConfig:
     """A copy of DPO_PRESETS[name] with fields replaced; `stack` overrides go in `stack=dict(...)`."""
-    return _supervised_preset(DPO_PRESETS, DPOConfig, name, overrides)
+    return preset(DPO_PRESETS, name, **overrides)

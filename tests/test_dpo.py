@@ -320,17 +320,18 @@ def test_dpo_needs_data(tmp_path, capsys):
 
 
 def test_config_file_then_flags(tmp_path, prefs):
-    from rlhf_engine.__main__ import _supervised_config, build_parser
+    from rlhf_engine.__main__ import build_parser
+    from rlhf_engine.cli import stage_config
 
     cfg_file = tmp_path / "dpo.yaml"
     cfg_file.write_text("beta: 0.2\nloss_type: ipo\nstack:\n  lora_r: 4\n")
-    c = _supervised_config(build_parser().parse_args(dpo_args(prefs, tmp_path / "o", "--config", str(cfg_file),
+    c = stage_config(build_parser().parse_args(dpo_args(prefs, tmp_path / "o", "--config", str(cfg_file),
                                                               "--beta", "0.3", "--seed", "5")))  # fmt: skip
     assert (c.beta, c.loss_type, c.stack.lora_r, c.seed, c.stack.seed) == (0.3, "ipo", 4, 5, 5)
     assert c.lr == 3e-3 and c.stack.model == "tiny-llama"  # the tiny preset's, untouched
     (tmp_path / "bad.json").write_text(json.dumps({"temperature": 1}))
     with pytest.raises(ConfigError, match="unknown config fields: temperature"):
-        _supervised_config(build_parser().parse_args(dpo_args(prefs, tmp_path / "o", "--config",
+        stage_config(build_parser().parse_args(dpo_args(prefs, tmp_path / "o", "--config",
                                                               str(tmp_path / "bad.json"))))  # fmt: skip
 
 

@@ -353,17 +353,18 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, extra, message):
 
 
 def test_config_file_then_flags(tmp_path):
-    from rlhf_engine.__main__ import _ppo_config, build_parser
+    from rlhf_engine.__main__ import build_parser
+    from rlhf_engine.cli import stage_config
 
     cfg_file = tmp_path / "ppo.yaml"
     cfg_file.write_text("lr: 0.001\nsampling:\n  max_new_tokens: 7\n  top_p: 0.9\nstack:\n  lora_r: 4\n")
     args = build_parser().parse_args(ppo_args(tmp_path / "o", "--config", str(cfg_file), "--top-p", "0.8"))
-    c = _ppo_config(args)
+    c = stage_config(args)
     assert (c.lr, c.sampling.max_new_tokens, c.sampling.top_p, c.stack.lora_r) == (0.001, 7, 0.8, 4)
     assert c.sampling.temperature == 1.0 and c.max_steps == 20  # the tiny preset's, untouched
     (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1}))
     with pytest.raises(ConfigError, match="unknown config fields: learning_rate"):
-        _ppo_config(build_parser().parse_args(ppo_args(tmp_path / "o", "--config", str(tmp_path / "bad.json"))))
+        stage_config(build_parser().parse_args(ppo_args(tmp_path / "o", "--config", str(tmp_path / "bad.json"))))
 
 
 def test_help_names_every_knob():
