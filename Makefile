@@ -31,8 +31,9 @@ $(VENV)/hub-wheels/.done: | venv
 test: build $(VENV)/hub-wheels/.done
 	$(PY) -P -m pytest -q tests
 
+# The main job: the whole RLHF story end to end (SFT -> labelers -> RM -> PPO -> before/after) in runs/pipeline.
 run: build
-	$(PY) -m bench logprobs --quick
+	$(PY) -m engine pipeline
 
 # ---- GPU machine (no network there; torch with CUDA, triton, transformers, peft, accelerate, pytest and
 # nvcc preinstalled). Here: `make gpu-wheels` fetches what it lacks into .whl/ (about 44 MB; carry it).

@@ -16,6 +16,8 @@ folder name this package only forwards names to `rlhf_engine`, and every module 
                           rlhf_engine.constitution: the constitution, templates, judge_preference
     rlhf_engine.sft       train_sft (python -m rlhf_engine sft): the policy adapter on prompt -> completion
     rlhf_engine.dpo       dpo_losses, train_dpo (python -m rlhf_engine dpo): DPO / IPO / conservative DPO
+    rlhf_engine.pipeline  run_pipeline (python -m rlhf_engine pipeline): every stage end to end on the
+                          embedded world (rlhf_engine.world); rlhf_engine.report: report.json / .md / curves.png
 
 Names resolve lazily, so `import rlhf_engine` (and `--help`) does not import torch.
 """
@@ -73,6 +75,9 @@ _EXPORTS = {
     "sft_loss": "rlhf_engine.sft",
     "train_dpo": "rlhf_engine.dpo",
     "dpo_losses": "rlhf_engine.dpo",
+    "PipelineConfig": "rlhf_engine.config",
+    "PIPELINE_PRESETS": "rlhf_engine.config",
+    "run_pipeline": "rlhf_engine.pipeline",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -142,21 +142,25 @@ def given(args, dests: list[str]) -> dict:
     return {d: getattr(args, d) for d in dests if getattr(args, d, None) is not None}
 
 
-def add_stage(sub, name: str, presets: dict, run, *, help: str, description: str, epilog: str, adjust=None):
+def add_stage(sub, name: str, presets: dict, run, *, help: str, description: str, epilog: str, adjust=None,
+              preset_help: str = "tiny: a CPU smoke run; default: a GPU run"):
     """A subcommand over a config dataclass: --preset, --config FILE, one flag per config field (stack
-    and sampling fields in their own groups), --no-resume, --no-progress. `adjust(args, data)` may edit
-    the merged data before it becomes a config (a flag that is not a field). Returns the parser."""
+    and sampling fields, where the config has them, in their own groups), --no-resume, --no-progress.
+    `adjust(args, data)` may edit the merged data before it becomes a config (a flag that is not a
+    field). Returns the parser."""
     from rlhf_engine.config import SamplingConfig, StackConfig
 
     d = presets["default"]
-    nested = ("stack", "sampling") if hasattr(d, "sampling") else ("stack",)
+    nested = tuple(name for name in ("stack", "sampling") if hasattr(d, name))
     p = sub.add_parser(name, help=help, description=description, epilog=epilog)
     p.add_argument("--preset", default="default", choices=sorted(presets),
-                   help="settings the config file and flags override (tiny: a CPU smoke run; default: a GPU run)")
-    p.add_argument("--config", help=f"JSON or YAML file of config fields ({' and '.join(nested)} as nested objects)")
+                   help=f"settings the config file and flags override ({preset_help})")
+    nested_help = f" ({' and '.join(nested)} as nested objects)" if nested else ""
+    p.add_argument("--config", help=f"JSON or YAML file of config fields{nested_help}")
     flags = {"top": add_config_flags(p, type(d), d, skip=("resume", "progress")) + ["resume", "progress"]}
-    skip = ("adapters", "seed", "target_modules") + (() if "value" in d.stack.adapters else ("value_mode",))
-    flags["stack"] = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack, skip=skip)
+    if "stack" in nested:
+        skip = ("adapters", "seed", "target_modules") + (() if "value" in d.stack.adapters else ("value_mode",))
+        flags["stack"] = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack, skip=skip)
     if "sampling" in nested:
         flags["sampling"] = add_config_flags(p.add_argument_group("sampling"), SamplingConfig, d.sampling)
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None,

@@ -90,12 +90,21 @@ MODEL_PRESETS: dict[str, dict] = {
         vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
     ),
+    # the pipeline's base (`python -m engine pipeline`): a small Llama over a byte-level BPE
+    # tokenizer trained on the embedded world's text (PRESET_TOKENIZERS), so a word is about one token
+    "world-llama": dict(
+        vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    ),
     "llama-1b": dict(
         vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
         rope_theta=500000.0, tie_word_embeddings=True,
     ),
 }
+
+# The tokenizer each preset is built with (stack.build_preset); "byte" for the others.
+PRESET_TOKENIZERS: dict[str, str] = {"world-llama": "world"}
 
 VALUE_MODES = ("adapter", "policy_head")
 ADAPTERS = ("policy", "value", "reward", "reference")
@@ -571,6 +580,7 @@ class EvalConfig:
     reward_positive_label: str = ""  # its positive class when it has 2+ labels
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64, temperature=0.0))
     max_prompts: int = 64  # prompts evaluated (the first ones of the file)
+    samples: int = 1  # completions per prompt and policy (the means are over all of them)
     show: int = 3  # prompts whose two completions are printed side by side
     batch_size: int = 16  # prompts per generation / scoring batch
     seed: int = 0  # sampling seed (both policies draw the same randomness)
@@ -592,8 +602,9 @@ class EvalConfig:
             raise ConfigError(f"reward_model {self.reward_model!r}: not an `engine rm` output directory (no stack.json)")
         if self.reward_classifier and not os.path.isfile(os.path.join(self.reward_classifier, "config.json")):
             raise ConfigError(f"reward_classifier {self.reward_classifier!r}: no config.json")
-        if min(self.max_prompts, self.batch_size) < 1 or self.show < 0:
-            raise ConfigError(f"max_prompts={self.max_prompts}, batch_size={self.batch_size} >= 1; show >= 0")
+        if min(self.max_prompts, self.batch_size, self.samples) < 1 or self.show < 0:
+            raise ConfigError(f"max_prompts={self.max_prompts}, batch_size={self.batch_size}, samples={self.samples}: "
+                              f"each must be >= 1; show={self.show} >= 0")  # fmt: skip
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r}: expected auto, cpu or cuda")
         if self.out:
@@ -885,3 +896,71 @@ def sft_preset(name: str, **overrides) -> SFTConfig:
 def dpo_preset(name: str, **overrides) -> DPOConfig:
     """A copy of DPO_PRESETS[name] with fields replaced; `stack` overrides go in `stack=dict(...)`."""
     return preset(DPO_PRESETS, name, **overrides)
+
+
+# ---- the end-to-end pipeline (`python -m engine pipeline`; engine/pipeline.py) ----------------------------
+
+
+@dataclass
+class PipelineConfig:
+    """The whole RLHF story end to end on one base: SFT -> sample -> simulated labelers -> reward model ->
+    PPO -> before/after evaluation (`python -m engine pipeline`). Every stage is the engine's own stage,
+    writing to OUT/<stage>; the hyperparameters below are the world-llama preset's (a user's --model
+    usually wants smaller learning rates: set them with --config or the flags)."""
+
+    out: str = "runs/pipeline"  # output directory: a subdirectory per stage; report.json, report.md, curves.png
+    model: str = "world-llama"  # the one base of every role: a MODEL_PRESETS name or a local save_pretrained directory
+    data: str = ""  # JSONL of {"prompt", "completion"} replacing the embedded world corpus ("" = engine.world)
+    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
+    seed: int = 0  # seeds the prompt split, the labelers' noise and every stage
+    quantization: str | None = "nf4"  # the base's weights: "nf4" (4-bit) or None (unquantized)
+    heldout_prompts: int = 16  # prompts no stage trains on: the before/after evaluation's
+    lora_r: int = 16  # LoRA rank of every adapter (policy, value, reward)
+    sft_steps: int = 400  # SFT optimizer steps
+    sft_lr: float = 3e-3  # SFT learning rate
+    samples_per_prompt: int = 8  # completions of the SFT policy per training prompt that the labelers rank (n)
+    labeler_noise: float = 0.3  # std of the Gaussian noise each labeler adds to the hidden score
+    rm_epochs: int = 3  # reward-model passes over the labelers' pairs
+    rm_lr: float = 3e-3  # reward-model learning rate
+    ppo_steps: int = 60  # PPO step cap (rollout + optimisation rounds)
+    ppo_lr: float = 1e-4  # PPO learning rate of the policy and value adapters
+    rollout_batch_size: int = 16  # prompts per PPO step
+    kl_coef: float = 0.1  # beta of the KL penalty against the SFT policy (per token, in the reward; RM scores normalised)
+    max_new_tokens: int = 40  # tokens per sampled completion (every stage)
+    temperature: float = 1.0  # sampling temperature (every stage)
+    eval_samples: int = 4  # completions per held-out prompt and policy in the before/after evaluation
+    resume: bool = True  # rerun on OUT: every stage resumes or, when done, is reused; False starts every stage over
+    progress: bool = True  # progress bars; False also silences transformers' loading bars
+
+    def validate(self) -> PipelineConfig:
+        check_seed(self.seed)
+        check_numbers(self)
+        check_out_dir(self.out)
+        StackConfig(model=self.model, device=self.device, quantization=self.quantization, lora_r=self.lora_r,
+                    lora_alpha=2 * self.lora_r).validate()  # fmt: skip
+        if self.data and not os.path.isfile(self.data):
+            raise ConfigError(f"data {self.data!r}: no such file")
+        if self.samples_per_prompt < 3:
+            raise ConfigError(f"samples_per_prompt={self.samples_per_prompt}: the labelers rank n >= 3 completions")
+        counts = ("heldout_prompts", "sft_steps", "rm_epochs", "ppo_steps", "rollout_batch_size", "max_new_tokens",
+                  "eval_samples")  # fmt: skip
+        for name in counts:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        if min(self.sft_lr, self.rm_lr, self.ppo_lr) <= 0 or self.kl_coef < 0 or self.labeler_noise < 0:
+            raise ConfigError("sft_lr, rm_lr, ppo_lr must be > 0; kl_coef and labeler_noise >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature}: must be > 0 (the completions are sampled)")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PipelineConfig:
+        return from_data(cls, d)
+
+
+PIPELINE_PRESETS: dict[str, PipelineConfig] = {
+    # at most 5 minutes on a 2-core CPU (set-up excluded); the same command on a GPU
+    "default": PipelineConfig(),
+    # the test size, under 90 s on a 2-core CPU (`--quick`)
+    "quick": PipelineConfig(sft_steps=250, rm_epochs=2, ppo_steps=20, eval_samples=2),
+}

@@ -91,7 +91,7 @@ def _evaluate(config: EvalConfig) -> dict:
         for start in range(0, len(prompts), config.batch_size):
             batch = prompts[start : start + config.batch_size]
             traj = rollout(stack, batch, list(range(start, start + len(batch))), config.sampling, seed=config.seed,
-                           adapter=adapter)  # fmt: skip
+                           samples_per_prompt=config.samples, adapter=adapter)  # fmt: skip
             st = policy_reference_stats(stack, traj.input_ids, traj.attention_mask, traj.labels, traj.prompt_length,
                                         temperature, config.backend, adapter=adapter)  # fmt: skip
             kl += float((st["kl"] * traj.mask).sum())
@@ -99,18 +99,20 @@ def _evaluate(config: EvalConfig) -> dict:
             for s in sources:
                 totals[s.name] += float(s.score(traj.prompts, traj.responses).double().sum())
             responses[name] += traj.responses
-        n = len(prompts)
+        n = len(prompts) * config.samples
         report[name] = {
             "scores": {k: v / n for k, v in totals.items()},
             "kl": kl / n,  # exact KL(this policy || reference) summed over a response, mean over responses
             "response_length": length / n,
         }
     result = {
-        "policy": config.policy, "prompts": len(prompts), "sampling": dataclasses.asdict(config.sampling),
+        "policy": config.policy, "prompts": len(prompts), "samples_per_prompt": config.samples,
+        "sampling": dataclasses.asdict(config.sampling),
         "reference": "adapter" if stack.reference_adapter else "base",
         "before": report["reference"], "after": report["policy"],
         "samples": [{"prompt": p, "before": b, "after": a}
-                    for p, b, a in list(zip(prompts, responses["reference"], responses["policy"]))[: config.show]],
+                    for p, b, a in list(zip(prompts, responses["reference"][:: config.samples],
+                                            responses["policy"][:: config.samples]))[: config.show]],
     }  # fmt: skip
     write_json(config.out or os.path.join(config.policy, "eval.json"), result)
     return result
@@ -120,7 +122,8 @@ def format_report(result: dict) -> str:
     """The before/after table and the samples, for the terminal."""
     names = list(result["before"]["scores"])
     width = max([len("response_length")] + [len(n) for n in names])
-    lines = [f"eval: {result['prompts']} prompts; reference = {result['reference']}", ""]
+    lines = [f"eval: {result['prompts']} prompts x {result['samples_per_prompt']} samples; reference = {result['reference']}",
+             ""]  # fmt: skip
     lines.append(f"{'':10}" + "".join(f"{n:>{width + 2}}" for n in names + ["kl", "response_length"]))
     for label, row in (("before", result["before"]), ("after", result["after"])):
         cells = [row["scores"][n] for n in names] + [row["kl"], row["response_length"]]

@@ -457,6 +457,7 @@ class PPOResult:
     train_prompts: int
     eval_prompts: int
     files: list[str]  # adapters, heads and stack.json written at the end
+    memory: dict  # stack.memory_report(): the one base vs each adapter and head (parameters, bytes)
 
 
 # ---- the trainer -----------------------------------------------------------------------------------
@@ -540,6 +541,7 @@ def train_ppo(config: PPOConfig) -> PPOResult:
             out=config.out, steps=progress.stopped_at or max(config.max_steps, run.start), resumed_from=run.start,
             stopped_at_threshold=progress.stopped_at is not None, eval_reward_mean=progress.eval_reward,
             train_prompts=len(train_prompts), eval_prompts=len(eval_prompts), files=files,
+            memory=stack.memory_report(),
         )  # fmt: skip
         run.finish(dataclasses.asdict(result))
     dist.barrier()

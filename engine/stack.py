@@ -37,7 +37,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from rlhf_engine.config import MODEL_PRESETS, ConfigError, StackConfig, stack_config_from_dict
+from rlhf_engine.config import MODEL_PRESETS, PRESET_TOKENIZERS, ConfigError, StackConfig, stack_config_from_dict
 
 ROLES_WITH_HEADS = ("value", "reward")
 LM_HEAD_ROW_NORM = 2.0  # preset bases: |logit| <= 2 |h| with |h| ~ sqrt(H) after the final RMSNorm
@@ -71,6 +71,29 @@ def byte_tokenizer():
     return ByT5Tokenizer(extra_ids=0)
 
 
+def world_tokenizer():
+    """The tokenizer of the world-llama preset: a byte-level BPE trained on the embedded world's text
+    (engine.world.texts), deterministic, up to the preset's vocabulary size. A word of that world is
+    about one token; any other text still encodes, byte by byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf_engine.world import texts
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=MODEL_PRESETS["world-llama"]["vocab_size"], special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    bpe.train_from_iterator(texts(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+TOKENIZERS = {"byte": byte_tokenizer, "world": world_tokenizer}
+
+
 def build_preset(name: str, seed: int, out_dir: str) -> None:
     """Write a randomly initialised preset base (and its tokenizer) to out_dir with save_pretrained.
 
@@ -78,7 +101,7 @@ def build_preset(name: str, seed: int, out_dir: str) -> None:
     quantization included. The init is seeded, so (preset, seed) names the same base everywhere."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = byte_tokenizer()
+    tok = TOKENIZERS[PRESET_TOKENIZERS.get(name, "byte")]()
     config = LlamaConfig(
         **MODEL_PRESETS[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 
-from rlhf_engine.corpus import SITUATIONS
+from rlhf_engine.corpus import SITUATIONS, embedded_prompts
 
 # What a helpful reply suggests for each situation of engine.corpus.SITUATIONS (same order).
 TIPS = (
@@ -71,6 +71,17 @@ def replies(prompt: str) -> dict[str, list[str]]:
     i = situation_of(prompt)
     helpful = [h.format(tip=TIPS[i]) for h in HELPFUL] if i is not None else []
     return {"helpful": helpful, "dismissive": list(DISMISSIVE), "rude": list(RUDE)}
+
+
+def texts() -> list[str]:
+    """Every text of this world (prompts, every reply of every kind, the embedded prompts): what the
+    world-llama preset's tokenizer is trained on."""
+    out = list(embedded_prompts())
+    for p in prompts():
+        out.append(p)
+        for kind in replies(p).values():
+            out += kind
+    return out
 
 
 def sft_examples(prompt_list: list[str]) -> list[dict]:

@@ -535,7 +535,7 @@ def one_error_line(out) -> str:
         ("label", {}, ["--choices", "A"], "error: choices=('A',): expected two distinct non-empty labels, e.g. A,B"),
         ("label", {}, ["--samples-per-prompt", "1"], "error: samples_per_prompt=1: the judge compares at least 2"),
         ("label", {}, ["--judge", "/no/such/judge"], "error: judge '/no/such/judge': not a preset (tiny-llama, "
-                                                     "small-llama, small-llama-32k, llama-1b) and no save_pretrained "
+                                                     "small-llama, small-llama-32k, world-llama, llama-1b) and no save_pretrained "
                                                      "directory (no config.json)"),
         ("revise", {}, ["--rounds", "0"], "error: rounds=0: must be >= 1"),
     ],

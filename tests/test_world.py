@@ -42,3 +42,18 @@ def test_labelers_follow_the_score_except_the_one_who_misunderstood():
     pairs, reports = build_pairs([parse_record(record, 1)] * 3)
     assert reports["cy"].flagged and not reports["ana"].flagged
     assert (pairs[0].chosen, pairs[0].rejected) == (kinds["helpful"][0], kinds["dismissive"][0])
+
+
+def test_world_tokenizer_is_deterministic_and_encodes_any_text():
+    from rlhf_engine.config import MODEL_PRESETS
+    from rlhf_engine.stack import world_tokenizer
+
+    a, b = world_tokenizer(), world_tokenizer()
+    assert a.get_vocab() == b.get_vocab() and len(a) <= MODEL_PRESETS["world-llama"]["vocab_size"]
+    assert (a.pad_token_id, a.eos_token_id) == (0, 1)
+    p = world.prompts()[0]
+    reply = world.replies(p)["helpful"][0]
+    ids = a(reply, add_special_tokens=False)["input_ids"]
+    assert len(ids) <= len(reply.split()) + 4 and a.decode(ids) == reply  # about a token per word of the world
+    other = "Ünïcode & unseen words: zyxw 🙂"
+    assert a.decode(a(other, add_special_tokens=False)["input_ids"]) == other  # byte-level: nothing is unknown
