@@ -72,6 +72,8 @@ def evaluate(config: EvalConfig) -> dict:
 
 
 def _evaluate(config: EvalConfig) -> dict:
+    from tqdm.auto import tqdm
+
     from rlhf_engine.stack import ModelStack, read_stack_meta
 
     saved = read_stack_meta(config.policy)
@@ -83,12 +85,14 @@ def _evaluate(config: EvalConfig) -> dict:
     sources = build_sources(config, stack)
     temperature = config.sampling.temperature or 1.0
     roles = {"reference": stack.reference_adapter, "policy": "policy"}
+    starts = range(0, len(prompts), config.batch_size)
+    bar = tqdm(total=len(roles) * len(starts), desc="eval", unit="batch", disable=not config.progress)
     report, responses = {}, {}
     for name, adapter in roles.items():
         totals = {s.name: 0.0 for s in sources}
         kl = length = 0.0
         responses[name] = []
-        for start in range(0, len(prompts), config.batch_size):
+        for start in starts:
             batch = prompts[start : start + config.batch_size]
             traj = rollout(stack, batch, list(range(start, start + len(batch))), config.sampling, seed=config.seed,
                            samples_per_prompt=config.samples, adapter=adapter)  # fmt: skip
@@ -99,12 +103,14 @@ def _evaluate(config: EvalConfig) -> dict:
             for s in sources:
                 totals[s.name] += float(s.score(traj.prompts, traj.responses).double().sum())
             responses[name] += traj.responses
+            bar.update()
         n = len(prompts) * config.samples
         report[name] = {
             "scores": {k: v / n for k, v in totals.items()},
             "kl": kl / n,  # exact KL(this policy || reference) summed over a response, mean over responses
             "response_length": length / n,
         }
+    bar.close()
     result = {
         "policy": config.policy, "prompts": len(prompts), "samples_per_prompt": config.samples,
         "sampling": dataclasses.asdict(config.sampling),

@@ -32,6 +32,7 @@ from rlhf_engine.corpus import red_team_prompts
 from rlhf_engine.feedback import PreferencePair, load_feedback
 from rlhf_engine.jsonl import check_fields, read_jsonl, require_str
 from rlhf_engine.run import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE
+from rlhf_engine.sft import load_sft_data
 
 STOP = ("\n\nHuman:",)
 PRINCIPLES = [
@@ -369,6 +370,27 @@ def test_the_judge_is_the_policy_its_base_or_another_model(tiny_stack):
     assert build_judge(config, tiny_stack, "policy") == (tiny_stack, None)  # its own base: no second copy
 
 
+def test_the_judge_can_be_another_local_model(tmp_path, tiny_stack):
+    import dataclasses
+
+    import torch
+
+    from rlhf_engine.cai import build_judge
+    from rlhf_engine.config import CAI_PRESETS
+    from rlhf_engine.stack import build_preset
+
+    build_preset("tiny-llama", 7, str(tmp_path / "judge"))  # another save_pretrained directory, other weights
+    config = dataclasses.replace(CAI_PRESETS["label"]["tiny"], judge=str(tmp_path / "judge"))
+    judge, adapter = build_judge(config, tiny_stack, "policy")
+    assert judge is not tiny_stack and adapter is None and judge.config.model == str(tmp_path / "judge")
+    ids = torch.tensor([[5, 6, 7]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        mine = tiny_stack.hidden_states(None, ids, mask)
+        theirs = judge.hidden_states(None, ids, mask)
+    assert not torch.allclose(mine, theirs)  # a different model answers
+
+
 # ---- both stages end to end ----------------------------------------------------------------------
 
 
@@ -401,6 +423,7 @@ def test_revise_then_label_end_to_end_and_rm_trains_on_the_labels(tmp_path, caps
 
     sft = read_jsonl(str(out / SFT_FILE), sft_line)
     assert sft == [(t["prompt"], t["revision"]) for t in transcripts if t["revision"]] and sft
+    assert [(e.prompt, e.completion) for e in load_sft_data(str(out / SFT_FILE))] == sft  # `engine sft`'s reader
     result = json.loads((out / RESULT_FILE).read_text())
     assert result["prompts"] == 5 and result["sft_records"] == len(sft) and result["resumed_from"] == 0
     assert json.loads((out / CONFIG_FILE).read_text())["stage"] == "cai-revise"

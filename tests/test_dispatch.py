@@ -1,10 +1,12 @@
 """Backend discovery, "auto" choice, the environment override and the no-extension fallback."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from util import device_for
 
 import rlhf_kernels as kernels
 from rlhf_kernels._dispatch import ENV_BACKEND, resolve
@@ -34,8 +36,8 @@ def test_environment_overrides_auto_but_not_an_explicit_backend(monkeypatch):
     monkeypatch.setenv(ENV_BACKEND, "torch")
     assert resolve("auto", CPU, "logprobs", IMPLEMENTED, ext=EXT) == "torch"
     assert resolve("cpp", CPU, "logprobs", IMPLEMENTED, ext=EXT) == "cpp"
-    monkeypatch.setenv(ENV_BACKEND, "triton")  # conftest turned the interpreter on
-    assert resolve("auto", CPU, "logprobs", IMPLEMENTED, ext=EXT) == "triton"
+    monkeypatch.setenv(ENV_BACKEND, "triton")  # on CPU tensors under the interpreter, CUDA ones on a GPU machine
+    assert resolve("auto", device_for("triton"), "logprobs", IMPLEMENTED, ext=EXT) == "triton"
     monkeypatch.setenv(ENV_BACKEND, "cuda")
     with pytest.raises(ValueError, match="no 'cuda' backend"):
         resolve("auto", CPU, "logprobs", IMPLEMENTED, ext=EXT)
@@ -45,7 +47,7 @@ def test_environment_overrides_auto_but_not_an_explicit_backend(monkeypatch):
 
 
 def test_explicit_backend_that_cannot_run_names_what_is_missing(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # unset already on a GPU machine
     with pytest.raises(ValueError, match="triton needs CUDA tensors.*TRITON_INTERPRET=1"):
         resolve("triton", CPU, "logprobs", IMPLEMENTED)
     with pytest.raises(ValueError, match="cpp runs CPU tensors"):
@@ -100,3 +102,15 @@ def test_cpu_kernels_run_on_torchs_threads():
         assert threads(64) == 1
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine Triton runs compiled")
+def test_a_backend_this_run_expects_but_cannot_run_fails_loudly(tmp_path):
+    # TRITON_INTERPRET=0 on a CPU machine: the triton cases must fail, not vanish from the run (issue 8, 23)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RLHF_TEST_BACKENDS", None)
+    test = os.path.join(os.path.dirname(__file__), "test_kl_penalty.py")
+    out = subprocess.run([sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                          f"{test}::test_triton_launches_on_the_tensors_device"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 1 and "backend 'triton' is expected in this run but cannot run" in out.stdout, out.stdout

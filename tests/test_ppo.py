@@ -275,7 +275,8 @@ def ppo_args(out, *extra):
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
-    steps = ["--max-steps", "6", "--checkpoint-every", "1", "--eval-every", "3"]
+    # the adaptive KL controller (target_kl) carries state across steps: the checkpoint must hold it
+    steps = ["--max-steps", "6", "--checkpoint-every", "1", "--eval-every", "3", "--target-kl", "0.05"]
     straight = cli(*ppo_args(tmp_path / "straight", *steps))
     assert straight.returncode == 0, straight.stderr[-3000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -294,6 +295,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "killed" / "result.json").read_text())["resumed_from"] >= 1  # not a fresh start
     assert untimed(rows(tmp_path / "killed")) == untimed(rows(tmp_path / "straight"))
+    assert len({r["beta"] for r in rows(tmp_path / "straight") if "beta" in r}) > 1  # the controller moved beta
     a, b = weights(tmp_path / "killed"), weights(tmp_path / "straight")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -54,6 +54,17 @@ def _classifier(tmp_path, num_labels, id2label=None):
     return model, tok
 
 
+def test_single_score_classifier_reward_is_its_one_logit(tmp_path):
+    from rlhf_engine.text import format_sample
+
+    model, tok = _classifier(tmp_path, 1)
+    rm = ClassifierReward(str(tmp_path), torch.device("cpu"))  # one label: no positive label to name
+    enc = tok([format_sample(p, r) for p, r in zip(PROMPTS, RESPONSES)], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = model(**enc).logits[:, 0]
+    assert rm.index == 0 and torch.allclose(rm.score(PROMPTS, RESPONSES), want, atol=1e-6)
+
+
 def test_classifier_reward_scores_and_positive_label(tmp_path):
     from rlhf_engine.text import format_sample
 

@@ -94,6 +94,14 @@ def test_group_advantages_hand_cases():
     assert zero.tolist() == [False] * 3 + [True] * 3
     assert group_advantages(r, 3, "rloo")[0].tolist() == pytest.approx([-3.0, -1.5, 4.5, 0, 0, 0])
     assert group_advantages(r, 3, "drgrpo")[0].tolist() == pytest.approx([-2.0, -1.0, 3.0, 0, 0, 0])
+    # a partial tie (1, 1, 3): mean 5/3, deviations (-2/3, -2/3, 4/3), unbiased var (4 + 4 + 16) / 9 / 2 = 4/3;
+    #   rloo: 1 - 2 = -1, 1 - 2 = -1, 3 - 1 = 2; the tied pair shares one advantage, the group is not zero-std
+    r = torch.tensor([1.0, 1.0, 3.0])
+    adv, zero = group_advantages(r, 3, "grpo")
+    s = (4 / 3) ** 0.5 + GROUP_STD_EPS
+    assert adv.tolist() == pytest.approx([-2 / 3 / s, -2 / 3 / s, 4 / 3 / s]) and not zero.any()
+    assert group_advantages(r, 3, "drgrpo")[0].tolist() == pytest.approx([-2 / 3, -2 / 3, 4 / 3])
+    assert group_advantages(r, 3, "rloo")[0].tolist() == pytest.approx([-1.0, -1.0, 2.0])
     with pytest.raises(ValueError, match="whole groups"):
         group_advantages(torch.zeros(5), 2, "grpo")
 
