@@ -244,7 +244,7 @@ def _say(line: str) -> None:
 def _run(config: PipelineConfig, paths: Paths) -> dict:
     from rlhf_engine.evaluate import evaluate
     from rlhf_engine.ppo import train_ppo
-    from rlhf_engine.report import build_report, write_report
+    from rlhf_engine.report import build_report, number, write_report
     from rlhf_engine.reward import train_reward_model
     from rlhf_engine.sft import train_sft
 
@@ -258,7 +258,7 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     sft = train_sft(sft_config(config, paths))
     seconds["sft"] = time.perf_counter() - t
     _say(f"[1/6] sft: {sft.steps} steps on {sft.train_examples} examples, held-out loss "
-         f"{_num(sft.eval_loss_start)} -> {_num(sft.eval_loss)} ({seconds['sft']:.1f} s)")  # fmt: skip
+         f"{number(sft.eval_loss_start)} -> {number(sft.eval_loss)} ({seconds['sft']:.1f} s)")  # fmt: skip
 
     # step 2. the labelers rank n SFT completions per training prompt
     t = time.perf_counter()
@@ -276,7 +276,7 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     rm = train_reward_model(rm_config(config, paths))
     threshold = favourite_reward(config, paths)
     seconds["rm"] = time.perf_counter() - t
-    _say(f"[3/6] rm: {rm.steps} steps on {rm.train_pairs} pairs, held-out accuracy {_num(rm.eval_accuracy)}; "
+    _say(f"[3/6] rm: {rm.steps} steps on {rm.train_pairs} pairs, held-out accuracy {number(rm.eval_accuracy)}; "
          f"flagged labelers: {', '.join(rm.flagged_labelers) or 'none'} ({seconds['rm']:.1f} s)")  # fmt: skip
 
     # step 4. PPO against the RM, KL to the frozen SFT adapter
@@ -285,7 +285,7 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     seconds["ppo"] = time.perf_counter() - t
     stop = "reward threshold reached" if ppo.stopped_at_threshold else "step cap"
     _say(f"[4/6] ppo: {ppo.steps} steps ({stop}; threshold {threshold:.3f}), held-out RM reward "
-         f"{_num(ppo.eval_reward_mean)} ({seconds['ppo']:.1f} s)")  # fmt: skip
+         f"{number(ppo.eval_reward_mean)} ({seconds['ppo']:.1f} s)")  # fmt: skip
 
     # step 5. before / after on the held-out prompts
     t = time.perf_counter()
@@ -300,8 +300,4 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     files = write_report(report, paths)
     _say(f"[6/6] report: {', '.join(files)}")
     return report
-
-
-def _num(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 

@@ -56,10 +56,12 @@ def build_report(config, ev: dict, *, sft, rm, ppo, feedback: dict, threshold: f
     """The report as plain data (what report.json holds)."""
     import torch
 
+    from rlhf_engine.stack import resolve_device
+
     before, after = side(ev["before"]), side(ev["after"])
     with open(os.path.join(paths.rm, "labelers.json"), encoding="utf-8") as f:
         labelers = json.load(f)
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device).type
     return {
         "before": before,
         "after": after,
@@ -113,11 +115,11 @@ def format_markdown(report: dict) -> str:
         "## Stages", "",
         "| stage | seconds | |", "|---|---:|---|",
         f"| sft | {report['stage_seconds']['sft']:.1f} | {report['sft']['steps']} steps, held-out loss "
-        f"{_opt(report['sft']['heldout_loss_start'])} -> {_opt(report['sft']['heldout_loss'])} |",
+        f"{number(report['sft']['heldout_loss_start'])} -> {number(report['sft']['heldout_loss'])} |",
         f"| feedback | {report['stage_seconds']['feedback']:.1f} | {report['feedback']['completions']} completions "
         f"of {report['feedback']['records']} prompts ranked by the labelers |",
         f"| rm | {report['stage_seconds']['rm']:.1f} | {report['rm']['steps']} steps on {report['rm']['train_pairs']} "
-        f"pairs, held-out accuracy {_opt(report['rm']['heldout_accuracy'])} |",
+        f"pairs, held-out accuracy {number(report['rm']['heldout_accuracy'])} |",
         f"| ppo | {report['stage_seconds']['ppo']:.1f} | {report['ppo']['steps']} steps, "
         f"{'stopped at the reward threshold' if report['ppo']['stopped_at_threshold'] else 'step cap'} "
         f"({report['ppo']['reward_threshold']:.3f}) |",
@@ -135,7 +137,8 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _opt(x) -> str:
+def number(x: float | None) -> str:
+    """A metric that a stage may not have produced (no held-out data): 3 decimals, or n/a."""
     return "n/a" if x is None else f"{x:.3f}"
 
 
