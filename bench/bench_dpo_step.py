@@ -28,7 +28,7 @@ import tempfile
 import numpy as np
 import torch
 
-from bench.harness import device_name, versions
+from bench.harness import bf16_weight_bytes, device_name, versions
 
 PROVIDERS = ("auto", "torch")
 
@@ -75,17 +75,6 @@ def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir
     return [r for r in rows if r["step"] >= 2]  # step 1 warms up (allocator, caches)
 
 
-def two_bf16_weight_bytes(model: str) -> int:
-    """2 x 2 bytes x the preset's parameter count (policy and reference as bf16 copies)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rlhf_engine.config import MODEL_PRESETS
-
-    with torch.device("meta"):
-        n = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**MODEL_PRESETS[model])).parameters())
-    return 2 * 2 * n
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench dpo_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
@@ -110,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     shape = shapes(args.quick, device)
     meta = {"device": device_name(device), "versions": versions(), "date": _dt.date.today().isoformat()}
-    yardstick = two_bf16_weight_bytes(shape["model"]) / 2**20
+    yardstick = 2 * bf16_weight_bytes(shape["model"]) / 2**20  # policy and reference as bf16 copies
     print(f"# dpo_step on {meta['device']} | {meta['versions']} | {meta['date']}")
     print(f"# {shape}, reference {'precomputed' if args.precompute else 'forward per step'}; "
           f"two bf16 models' weights alone: {yardstick:.0f} MiB")  # fmt: skip

@@ -25,7 +25,7 @@ import tempfile
 
 import torch
 
-from bench.harness import device_name, versions
+from bench.harness import bf16_weight_bytes, device_name, versions
 
 PROVIDERS = ("auto", "torch")
 PHASES = ("time_generate_s", "time_score_s", "time_logprobs_s", "time_train_s")
@@ -74,17 +74,6 @@ def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir
     return [r for r in rows if r["step"] >= 2]  # step 1 warms up (allocator, compiles, caches)
 
 
-def four_bf16_weight_bytes(model: str) -> int:
-    """4 x 2 bytes x the preset's parameter count (policy, reference, value, reward as bf16 copies)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rlhf_engine.config import MODEL_PRESETS
-
-    with torch.device("meta"):
-        n = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**MODEL_PRESETS[model])).parameters())
-    return 4 * 2 * n
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench ppo_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
@@ -112,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     shape = shapes(args.quick, device)
     meta = {"device": device_name(device), "versions": versions(), "date": _dt.date.today().isoformat()}
-    yardstick = four_bf16_weight_bytes(shape["model"]) / 2**20
+    yardstick = 4 * bf16_weight_bytes(shape["model"]) / 2**20  # policy, reference, value, reward as bf16
     print(f"# ppo_step ({args.advantage}) on {meta['device']} | {meta['versions']} | {meta['date']}")
     print(f"# {shape}; four bf16 models' weights alone: {yardstick:.0f} MiB")
     print(f"{'provider':9} {'generate s':>11} {'score s':>9} {'logprobs s':>11} {'train s':>9} {'step s':>8} "

@@ -141,6 +141,17 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
 
 
+def bf16_weight_bytes(model: str) -> int:
+    """Bytes of one bf16 copy of a MODEL_PRESETS model's weights (2 x its parameter count, counted on meta)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_engine.config import MODEL_PRESETS
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**MODEL_PRESETS[model])).parameters())
+    return 2 * n
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     try:
