@@ -19,7 +19,6 @@ that lower bound (`x_two_bf16_weights`).
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import statistics
@@ -28,9 +27,10 @@ import tempfile
 import numpy as np
 import torch
 
-from bench.harness import bf16_weight_bytes, device_name, versions
+from bench.harness import (
+    bf16_weight_bytes, device_name, trainer_step_args, trainer_step_parser, versions, write_rows,
+)  # fmt: skip
 
-PROVIDERS = ("auto", "torch")
 
 
 def shapes(quick: bool, device: torch.device) -> dict:
@@ -76,27 +76,10 @@ def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench dpo_step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of: auto,torch")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step (default 3)")
+    parser = trainer_step_parser("python -m bench dpo_step", __doc__, default_steps=3)
     parser.add_argument("--precompute", action="store_true",
                         help="reference log-probs computed once before the loop (precompute_ref_logps)")
-    parser.add_argument("--json", metavar="PATH", help="write one JSON row per provider to PATH")
-    args = parser.parse_args(argv)
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    bad = [p for p in providers if p not in PROVIDERS]
-    if bad or not providers:
-        unknown = ", ".join(bad) or repr(args.providers)
-        parser.error(f"--providers: unknown {unknown}; choose from {','.join(PROVIDERS)}")
-    if args.device not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: expected cpu or cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if args.steps < 1:
-        parser.error("--steps: at least 1")
-    device = torch.device(args.device)
+    args, providers, device = trainer_step_args(parser, argv)
     shape = shapes(args.quick, device)
     meta = {"device": device_name(device), "versions": versions(), "date": _dt.date.today().isoformat()}
     yardstick = 2 * bf16_weight_bytes(shape["model"]) / 2**20  # policy and reference as bf16 copies
@@ -122,7 +105,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# step: torch / auto = {t['step_s'] / a['step_s']:.2f}x; peak: torch - auto = "
               f"{t['peak_mem_mib'] - a['peak_mem_mib']:.0f} MiB")  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            for row in out_rows:
-                f.write(json.dumps(row, default=str) + "\n")
+        write_rows(args.json, out_rows)
     return 0

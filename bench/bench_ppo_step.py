@@ -17,7 +17,6 @@ lower bound (`x_four_bf16_weights`).
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import statistics
@@ -25,9 +24,10 @@ import tempfile
 
 import torch
 
-from bench.harness import bf16_weight_bytes, device_name, versions
+from bench.harness import (
+    bf16_weight_bytes, device_name, trainer_step_args, trainer_step_parser, versions, write_rows,
+)  # fmt: skip
 
-PROVIDERS = ("auto", "torch")
 PHASES = ("time_generate_s", "time_score_s", "time_logprobs_s", "time_train_s")
 
 
@@ -75,30 +75,14 @@ def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench ppo_step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of: auto,torch")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up step (default 2)")
+    parser = trainer_step_parser("python -m bench ppo_step", __doc__, default_steps=2)
     parser.add_argument("--advantage", default="gae", choices=("gae", "grpo", "drgrpo", "rloo"),
                         help="gae: PPO with a value adapter; grpo / drgrpo / rloo: critic-free (no value adapter)")
     parser.add_argument("--group-size", type=int, default=4,
                         help="responses per prompt for the critic-free modes (prompts / group-size prompts)")
     parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static"),
                         help="generation's KV cache: dynamic, or transformers' StaticCache (+ torch.compile on CUDA)")
-    parser.add_argument("--json", metavar="PATH", help="write one JSON row per provider to PATH")
-    args = parser.parse_args(argv)
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    bad = [p for p in providers if p not in PROVIDERS]
-    if bad or not providers:
-        parser.error(f"--providers: unknown {', '.join(bad) or repr(args.providers)}; choose from {','.join(PROVIDERS)}")
-    if args.device not in ("cpu", "cuda"):
-        parser.error(f"--device {args.device!r}: expected cpu or cuda")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if args.steps < 1:
-        parser.error("--steps: at least 1")
-    device = torch.device(args.device)
+    args, providers, device = trainer_step_args(parser, argv)
     shape = shapes(args.quick, device)
     meta = {"device": device_name(device), "versions": versions(), "date": _dt.date.today().isoformat()}
     yardstick = 4 * bf16_weight_bytes(shape["model"]) / 2**20  # policy, reference, value, reward as bf16
@@ -125,7 +109,5 @@ def main(argv: list[str] | None = None) -> int:
         a, t = out_rows
         print(f"# non-generation phases: torch / auto = {t['non_generation_s'] / a['non_generation_s']:.2f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            for row in out_rows:
-                f.write(json.dumps(row, default=str) + "\n")
+        write_rows(args.json, out_rows)
     return 0

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.harness import run_bench
+from bench.harness import run_bench, write_rows
 
 OPS = ("logprobs", "full_kl", "token_stats", "linear_logprobs", "linear_token_stats", "gae", "ppo_loss",
        "value_loss", "whiten", "kl_penalty")  # fmt: skip
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_bench(bench, ["--target", "--device", "cuda", "--providers", ",".join(chosen)],
                               deadline=deadline)  # fmt: skip
             torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "bench.jsonl"), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, default=str) + "\n")
+    write_rows(os.path.join(args.out, "bench.jsonl"), rows)
     ppo = []
     if deadline - time.monotonic() > PPO_STEP_SECONDS:  # one PPO iteration per provider on llama-1b, if time is left
         from bench import bench_ppo_step

@@ -166,6 +166,46 @@ def versions() -> dict:
 # --------------------------------------------------------------------------------------------------
 # Running and reporting
 # --------------------------------------------------------------------------------------------------
+def write_rows(path: str, rows: list[dict]) -> None:
+    """One JSON row per line (what --json writes and gpu_check reads back)."""
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+
+
+STEP_PROVIDERS = ("auto", "torch")  # the trainer-step benches: the fused kernels on every hot path, or the references
+
+
+def trainer_step_parser(prog: str, doc: str, default_steps: int) -> argparse.ArgumentParser:
+    """The flags every trainer-step bench (ppo_step, dpo_step) shares; the bench adds its own."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--providers", default=",".join(STEP_PROVIDERS),
+                        help=f"comma-separated subset of: {','.join(STEP_PROVIDERS)}")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=default_steps,
+                        help=f"timed steps after the warm-up step (default {default_steps})")  # fmt: skip
+    parser.add_argument("--json", metavar="PATH", help="write one JSON row per provider to PATH")
+    return parser
+
+
+def trainer_step_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """(args, providers, device) of a trainer-step bench; anything unusable is a one-line usage error."""
+    args = parser.parse_args(argv)
+    providers = _split(args.providers)
+    bad = [p for p in providers if p not in STEP_PROVIDERS]
+    if bad or not providers:
+        parser.error(f"--providers: unknown {', '.join(bad) or repr(args.providers)}; "
+                     f"choose from {','.join(STEP_PROVIDERS)}")  # fmt: skip
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r}: expected cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.steps < 1:
+        parser.error("--steps: at least 1")
+    return args, providers, torch.device(args.device)
+
+
 def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -261,9 +301,7 @@ def run_bench(bench: Bench, argv: list[str] | None = None, *, deadline: float | 
             sys.stdout.flush()
             del fn
     if args.json:
-        with open(args.json, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=str) + "\n")
+        write_rows(args.json, rows)
         print(f"# wrote {len(rows)} rows to {args.json}")
     return rows
 
