@@ -6,7 +6,6 @@ dpo_step benchmark. Letters: B pairs."""
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from rlhf_engine.__main__ import main
 from rlhf_engine.config import ConfigError, dpo_preset, sft_preset
 from rlhf_engine.dpo import dpo_losses, train_dpo
 from rlhf_engine.sft import train_sft
-from util import assert_rel_norm
+from util import assert_rel_norm, synthetic_ranked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = ("elapsed_s", "tokens_per_s", "step_s", "peak_mem_mib")
@@ -102,32 +101,11 @@ def test_preferring_the_chosen_lowers_every_loss_and_swapping_sides_mirrors_dpo(
 # ---- data -------------------------------------------------------------------------------------------------
 
 
-def synthetic_preferences(path, n_prompts=32, seed=0):
-    """Ranked feedback with a learnable preference: the more letters from a-m, the better. Each prompt has
-    3 completions of one length (all a-m, mixed, all n-z) in shuffled order, ranked by two labelers: the
-    consensus gives 3 pairs per prompt (engine.feedback.build_pairs)."""
-    rng = random.Random(seed)
-    lo, hi = "abcdefghijklm", "nopqrstuvwxyz"
-
-    def word(letters, n):
-        return "".join(rng.choice(letters) for _ in range(n))
-
-    rows = []
-    for i in range(n_prompts):
-        n = rng.randint(8, 12)
-        good, mixed, bad = word(lo, n), word(lo, n // 2) + word(hi, n - n // 2), word(hi, n)
-        completions = [good, mixed, bad]
-        rng.shuffle(completions)
-        truth = [[good, mixed, bad].index(c) + 1 for c in completions]
-        rows.append({"prompt": f"q{i} {word(lo + hi, 4)}", "completions": completions, "rankings": [truth, truth],
-                     "labelers": ["ana", "ben"]})  # fmt: skip
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
-    return synthetic_preferences(tmp_path_factory.mktemp("data") / "prefs.jsonl")
+    # two faithful labelers, completions of 8-12 letters
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    return synthetic_ranked(path, n_prompts=32, lengths=(8, 12), backwards_labeler=False)
 
 
 def config(tmp_path, data, name="out", **kw):

@@ -2,11 +2,11 @@
 
 import json
 import math
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from util import synthetic_ranked
 
 from rlhf_engine.config import ConfigError, reward_preset
 from rlhf_engine.feedback import PreferencePair, build_pairs, load_feedback
@@ -85,34 +85,6 @@ def test_held_out_split_is_by_prompt_and_deterministic():
 
 
 # ---- training ------------------------------------------------------------------------------------
-
-
-def synthetic_ranked(path, n_prompts=64, seed=0):
-    """Ranked feedback with a learnable preference: the more letters from a-m, the better.
-
-    Each prompt has 3 completions (all a-m, mixed, all n-z) in shuffled order, ranked by two
-    faithful labelers and a third who ranks backwards (flagged and excluded)."""
-    rng = random.Random(seed)
-    lo, hi = "abcdefghijklm", "nopqrstuvwxyz"
-
-    def word(letters, n):
-        return "".join(rng.choice(letters) for _ in range(n))
-
-    rows = []
-    for i in range(n_prompts):
-        n = rng.randint(6, 10)
-        good, mixed, bad = word(lo, n), word(lo, n // 2) + word(hi, n - n // 2), word(hi, n)
-        completions = [good, mixed, bad]
-        rng.shuffle(completions)
-        truth = [[good, mixed, bad].index(c) + 1 for c in completions]
-        rows.append({
-            "prompt": f"q{i} {word(lo + hi, 4)}",
-            "completions": completions,
-            "rankings": [truth, truth, [4 - r for r in truth]],
-            "labelers": ["ana", "ben", "cy"],
-        })
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def tiny_config(tmp_path, data, out="out", **kw):

@@ -3,7 +3,9 @@ comparisons against float64 references."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 
 import pytest
 import torch
@@ -93,3 +95,30 @@ def assert_rel_norm(actual: torch.Tensor, expected: torch.Tensor, *, bound: floa
     denom = e.norm().item()
     err = (a - e).norm().item() / (denom if denom > 0 else 1.0)
     assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g} (||expected|| = {denom:.4g})"
+
+
+def synthetic_ranked(path, n_prompts: int, seed: int = 0, *, lengths=(6, 10), backwards_labeler: bool = True) -> str:
+    """Ranked feedback JSONL with a learnable preference: the more letters from a-m, the better. Each prompt
+    has 3 completions of one length in `lengths` (all a-m, mixed, all n-z) in shuffled order, ranked by two
+    faithful labelers (ana, ben) and, with `backwards_labeler`, a third (cy) who ranks backwards (flagged
+    and excluded by the consensus). The consensus gives 3 pairs per prompt (engine.feedback.build_pairs)."""
+    rng = random.Random(seed)
+    lo, hi = "abcdefghijklm", "nopqrstuvwxyz"
+
+    def word(letters, n):
+        return "".join(rng.choice(letters) for _ in range(n))
+
+    rows = []
+    for i in range(n_prompts):
+        n = rng.randint(*lengths)
+        good, mixed, bad = word(lo, n), word(lo, n // 2) + word(hi, n - n // 2), word(hi, n)
+        completions = [good, mixed, bad]
+        rng.shuffle(completions)
+        truth = [[good, mixed, bad].index(c) + 1 for c in completions]
+        rankings, labelers = [truth, truth], ["ana", "ben"]
+        if backwards_labeler:
+            rankings, labelers = rankings + [[4 - r for r in truth]], labelers + ["cy"]
+        rows.append({"prompt": f"q{i} {word(lo + hi, 4)}", "completions": completions, "rankings": rankings,
+                     "labelers": labelers})  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
