@@ -1,7 +1,7 @@
 """One DPO step: python -m bench dpo_step [--quick] [--device cpu|cuda] [--json PATH] [--providers auto,torch]
 [--steps N] [--precompute]
 
-The real trainer (rlhf_engine.dpo.train_dpo) on a preset base with random weights, NF4 + LoRA policy,
+The real trainer (rlhf_engine.stages.dpo.train_dpo) on a preset base with random weights, NF4 + LoRA policy,
 the bare base as the reference: 1 warm-up step, then timed steps, each row being one step's own metrics
 (seconds, tokens/s, peak memory). A step is one policy forward + backward over the chosen and rejected
 sequences together and one no-grad reference forward over the same (none with --precompute: the
@@ -28,9 +28,13 @@ import numpy as np
 import torch
 
 from bench.harness import (
-    bf16_weight_bytes, device_name, trainer_step_args, trainer_step_parser, versions, write_rows,
+    bf16_weight_bytes,
+    device_name,
+    trainer_step_args,
+    trainer_step_parser,
+    versions,
+    write_rows,
 )  # fmt: skip
-
 
 
 def shapes(quick: bool, device: torch.device) -> dict:
@@ -55,8 +59,8 @@ def make_pairs(n: int, shape: dict) -> list[dict]:
 
 
 def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir: str) -> list[dict]:
-    from rlhf_engine.config import dpo_preset
-    from rlhf_engine.dpo import train_dpo
+    from rlhf_engine.stages.dpo import train_dpo
+    from rlhf_engine.stages.dpo_config import dpo_preset
 
     data = f"{out_dir}/pairs.jsonl"
     with open(data, "w") as f:

@@ -1,7 +1,7 @@
 """One PPO iteration, phase by phase: python -m bench ppo_step [--quick] [--device cpu|cuda] [--json PATH]
 [--providers auto,torch] [--steps N] [--cache dynamic|static] [--advantage gae|grpo|drgrpo|rloo]
 
-The real trainer (rlhf_engine.ppo.train_ppo) on a preset base with random weights, NF4 + LoRA, a
+The real trainer (rlhf_engine.stages.ppo.train_ppo) on a preset base with random weights, NF4 + LoRA, a
 rule-based reward (the share of lowercase letters: no reward model, so the "score" phase is the
 reward function alone): 1 warm-up step, then timed steps, each row being one step's own metrics
 (seconds per phase, tokens/s, peak memory). Providers: "auto" = the fused kernels on every hot path,
@@ -25,7 +25,12 @@ import tempfile
 import torch
 
 from bench.harness import (
-    bf16_weight_bytes, device_name, trainer_step_args, trainer_step_parser, versions, write_rows,
+    bf16_weight_bytes,
+    device_name,
+    trainer_step_args,
+    trainer_step_parser,
+    versions,
+    write_rows,
 )  # fmt: skip
 
 PHASES = ("time_generate_s", "time_score_s", "time_logprobs_s", "time_train_s")
@@ -51,8 +56,8 @@ def make_prompts(n: int, length: int) -> list[str]:
 
 
 def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir: str) -> list[dict]:
-    from rlhf_engine.config import ppo_preset
-    from rlhf_engine.ppo import train_ppo
+    from rlhf_engine.stages.ppo import train_ppo
+    from rlhf_engine.stages.ppo_config import ppo_preset
 
     prompts_file = f"{out_dir}/prompts.jsonl"
     with open(prompts_file, "w") as f:

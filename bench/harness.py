@@ -145,7 +145,7 @@ def bf16_weight_bytes(model: str) -> int:
     """Bytes of one bf16 copy of a MODEL_PRESETS model's weights (2 x its parameter count, counted on meta)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlhf_engine.config import MODEL_PRESETS
+    from rlhf_engine.model.config import MODEL_PRESETS
 
     with torch.device("meta"):
         n = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**MODEL_PRESETS[model])).parameters())

@@ -1,89 +1,59 @@
 """The RLHF trainer over the fused ops in `rlhf_kernels`.
 
 Installed as `rlhf_engine` (this folder is its source); the command line is `python -m rlhf_engine`
-(or `rlhf-engine`), and from a checkout's root `python -m engine` runs the same thing: imported by its
-folder name this package only forwards names to `rlhf_engine`, and every module imports `rlhf_engine.*`.
+(or `rlhf-engine`), and from a checkout's root `python -m engine` runs the same thing. Layers, each
+importing only the ones before it (tests/test_layout.py checks it):
 
-    rlhf_engine.config    RunConfig, StackConfig, RewardConfig, MODEL_PRESETS, REWARD_PRESETS, reward_preset
-    rlhf_engine.run       Run: the run machinery every stage shares (lock, checkpoint/resume, metrics,
-                          progress, seeded data order, non-finite guard)
-    rlhf_engine.stack     ModelStack: one (4-bit) base, roles policy / reference / values / reward
-    rlhf_engine.feedback  feedback JSONL formats, consensus ranking, pairs, labeler agreement
-    rlhf_engine.reward    reward_loss, train_reward_model (python -m rlhf_engine rm)
-    rlhf_engine.ppo       train_ppo (python -m rlhf_engine ppo); rlhf_engine.evaluate: evaluate (... eval)
-    rlhf_engine.generation  sample: KV-cached sampling from a stack role
-    rlhf_engine.cai       cai_revise, cai_label: Constitutional AI data (python -m rlhf_engine cai revise | label);
-                          rlhf_engine.constitution: the constitution, templates, judge_preference
-    rlhf_engine.sft       train_sft (python -m rlhf_engine sft): the policy adapter on prompt -> completion
-    rlhf_engine.dpo       dpo_losses, train_dpo (python -m rlhf_engine dpo): DPO / IPO / conservative DPO
-    rlhf_engine.pipeline  run_pipeline (python -m rlhf_engine pipeline): every stage end to end on the
-                          embedded world (rlhf_engine.world); rlhf_engine.report: report.json / .md / curves.png
+    errors.py   the exceptions a user can act on (one `error:` line on the command line)
+    core/       run machinery: configs' base and shared checks, files, the lock, seeded orders, devices,
+                padding, the Run (checkpoint, resume, metrics, progress), data parallel
+    model/      the one base with its LoRA roles (ModelStack), tokenizers, generation, hidden states ->
+                log-probs through rlhf_kernels            datasets/   readers, the text layout, batching
+    algos/      losses, advantage estimators by name, KL control, reward sources, the rollout container
+    stages/     <stage>_config.py + <stage>.py: rm, sft, dpo, ppo (grpo, rloo), eval, cai
+    pipeline/   the main job: every stage wired in order on the embedded world, and its report
+    cli.py      one parser built from every stage's config
 
-Names resolve lazily, so `import rlhf_engine` (and `--help`) does not import torch.
+The names below resolve lazily, so `import rlhf_engine` (and `--help`) does not import torch.
 """
 
 import importlib
+import sys
 
-_EXPORTS = {
-    "RunConfig": "rlhf_engine.config",
-    "StackConfig": "rlhf_engine.config",
-    "RewardConfig": "rlhf_engine.config",
-    "MODEL_PRESETS": "rlhf_engine.config",
-    "REWARD_PRESETS": "rlhf_engine.config",
-    "reward_preset": "rlhf_engine.config",
-    "EngineError": "rlhf_engine.config",
-    "ConfigError": "rlhf_engine.config",
-    "Run": "rlhf_engine.run",
-    "DataOrder": "rlhf_engine.run",
-    "RunLockedError": "rlhf_engine.run",
-    "CheckpointError": "rlhf_engine.run",
-    "NonFiniteError": "rlhf_engine.run",
-    "ModelStack": "rlhf_engine.stack",
-    "FeedbackError": "rlhf_engine.feedback",
-    "PreferencePair": "rlhf_engine.feedback",
-    "RankedFeedback": "rlhf_engine.feedback",
-    "load_feedback": "rlhf_engine.feedback",
-    "build_pairs": "rlhf_engine.feedback",
-    "consensus_ranking": "rlhf_engine.feedback",
-    "labeler_agreement": "rlhf_engine.feedback",
-    "reward_loss": "rlhf_engine.reward",
-    "train_reward_model": "rlhf_engine.reward",
-    "PPOConfig": "rlhf_engine.config",
-    "PPO_PRESETS": "rlhf_engine.config",
-    "ppo_preset": "rlhf_engine.config",
-    "SamplingConfig": "rlhf_engine.config",
-    "EvalConfig": "rlhf_engine.config",
-    "train_ppo": "rlhf_engine.ppo",
-    "evaluate": "rlhf_engine.evaluate",
-    "sample": "rlhf_engine.generation",
-    "CAIReviseConfig": "rlhf_engine.config",
-    "CAILabelConfig": "rlhf_engine.config",
-    "CAI_PRESETS": "rlhf_engine.config",
-    "cai_revise": "rlhf_engine.cai",
-    "cai_label": "rlhf_engine.cai",
-    "Principle": "rlhf_engine.constitution",
-    "load_constitution": "rlhf_engine.constitution",
-    "load_template": "rlhf_engine.constitution",
-    "judge_preference": "rlhf_engine.constitution",
-    "SFTConfig": "rlhf_engine.config",
-    "SFT_PRESETS": "rlhf_engine.config",
-    "sft_preset": "rlhf_engine.config",
-    "DPOConfig": "rlhf_engine.config",
-    "DPO_PRESETS": "rlhf_engine.config",
-    "dpo_preset": "rlhf_engine.config",
-    "train_sft": "rlhf_engine.sft",
-    "sft_loss": "rlhf_engine.sft",
-    "train_dpo": "rlhf_engine.dpo",
-    "dpo_losses": "rlhf_engine.dpo",
-    "PipelineConfig": "rlhf_engine.config",
-    "PIPELINE_PRESETS": "rlhf_engine.config",
-    "run_pipeline": "rlhf_engine.pipeline",
-}
+if __name__ != "rlhf_engine":
+    # This folder was imported by its own name (a checkout's root is on sys.path): answer with the installed
+    # package, so that one copy of every module and class exists.
+    sys.modules[__name__] = importlib.import_module("rlhf_engine")
+else:
+    _EXPORTS = {
+        "EngineError": "errors", "ConfigError": "errors", "DataError": "errors", "FeedbackError": "errors",
+        "RunLockedError": "errors", "CheckpointError": "errors", "NonFiniteError": "errors",
+        "RunConfig": "core.config", "Run": "core.run", "DataOrder": "core.order",
+        "StackConfig": "model.config", "SamplingConfig": "model.config", "MODEL_PRESETS": "model.config",
+        "ModelStack": "model.stack", "sample": "model.generation",
+        "PreferencePair": "datasets.feedback", "RankedFeedback": "datasets.feedback", "load_feedback": "datasets.feedback",
+        "build_pairs": "datasets.feedback", "consensus_ranking": "datasets.feedback",
+        "labeler_agreement": "datasets.feedback",
+        "Principle": "datasets.constitution", "load_constitution": "datasets.constitution",
+        "load_template": "datasets.constitution", "judge_preference": "datasets.constitution",
+        "reward_loss": "algos.losses", "sft_loss": "algos.losses", "dpo_losses": "algos.losses",
+        "RewardConfig": "stages.rm_config", "REWARD_PRESETS": "stages.rm_config", "reward_preset": "stages.rm_config",
+        "train_reward_model": "stages.rm",
+        "SFTConfig": "stages.sft_config", "SFT_PRESETS": "stages.sft_config", "sft_preset": "stages.sft_config",
+        "train_sft": "stages.sft",
+        "DPOConfig": "stages.dpo_config", "DPO_PRESETS": "stages.dpo_config", "dpo_preset": "stages.dpo_config",
+        "train_dpo": "stages.dpo",
+        "PPOConfig": "stages.ppo_config", "PPO_PRESETS": "stages.ppo_config", "ppo_preset": "stages.ppo_config",
+        "train_ppo": "stages.ppo",
+        "EvalConfig": "stages.eval_config", "evaluate": "stages.eval",
+        "CAIReviseConfig": "stages.cai_config", "CAILabelConfig": "stages.cai_config", "CAI_PRESETS": "stages.cai_config",
+        "cai_revise": "stages.cai", "cai_label": "stages.cai",
+        "PipelineConfig": "pipeline.pipeline_config", "PIPELINE_PRESETS": "pipeline.pipeline_config",
+        "run_pipeline": "pipeline.pipeline",
+    }  # fmt: skip
+    __all__ = sorted(_EXPORTS)
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name):
+        if name in _EXPORTS:
+            return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Constitutional AI (engine.constitution, engine.cai, `python -m engine cai revise | label`).
+"""Constitutional AI (datasets.constitution, stages.cai, `python -m engine cai revise | label`).
 
 The data side runs with scripted stand-ins for the generator and the judge (here only; the product path
 always runs a model): template filling, the transcript, the SFT records and the preference read from
@@ -18,21 +18,37 @@ from types import SimpleNamespace
 
 import pytest
 
-from rlhf_engine.__main__ import main
-from rlhf_engine.cai import (
-    JUDGEMENTS_FILE, PREFERENCES_FILE, SFT_FILE, TRANSCRIPT_FILE, ModelJudge, draw_principle, label_batch,
-    preference_records, revise_batch, sft_records,
-)  # fmt: skip
-from rlhf_engine.config import ConfigError
-from rlhf_engine.constitution import (
-    DEFAULT_TEMPLATES, TEMPLATE_FIELDS, ConstitutionError, Principle, clean, judge_preference, load_constitution,
+from rlhf_engine.cli import main
+from rlhf_engine.core.files import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE
+from rlhf_engine.core.jsonl import check_fields, read_jsonl, require_str
+from rlhf_engine.datasets.constitution import (
+    DEFAULT_TEMPLATES,
+    TEMPLATE_FIELDS,
+    Principle,
+    clean,
+    judge_preference,
+    load_constitution,
     load_template,
-)  # fmt: skip
-from rlhf_engine.corpus import red_team_prompts
-from rlhf_engine.feedback import PreferencePair, load_feedback
-from rlhf_engine.jsonl import check_fields, read_jsonl, require_str
-from rlhf_engine.run import CHECKPOINT_FILE, CONFIG_FILE, RESULT_FILE
-from rlhf_engine.sft import load_sft_data
+)
+from rlhf_engine.datasets.corpus import red_team_prompts
+from rlhf_engine.datasets.feedback import PreferencePair, load_feedback
+from rlhf_engine.datasets.samples import load_sft_data
+from rlhf_engine.errors import (
+    ConfigError,
+    ConstitutionError,  # fmt: skip
+)
+from rlhf_engine.stages.cai import (  # fmt: skip
+    JUDGEMENTS_FILE,
+    PREFERENCES_FILE,
+    SFT_FILE,
+    TRANSCRIPT_FILE,
+    ModelJudge,
+    draw_principle,
+    label_batch,
+    preference_records,
+    revise_batch,
+    sft_records,
+)
 
 STOP = ("\n\nHuman:",)
 PRINCIPLES = [
@@ -308,8 +324,8 @@ def test_label_batch_asks_both_orders_and_reads_the_preference(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_stack():
-    from rlhf_engine.config import StackConfig
-    from rlhf_engine.stack import ModelStack
+    from rlhf_engine.model.config import StackConfig
+    from rlhf_engine.model.stack import ModelStack
 
     return ModelStack.build(StackConfig(model="tiny-llama", adapters=("policy",))).eval()
 
@@ -362,7 +378,7 @@ def test_model_judge_refuses_choices_that_are_not_one_token_after_the_question()
 
 
 def test_the_judge_is_the_policy_its_base_or_another_model(tiny_stack):
-    from rlhf_engine.cai import build_judge
+    from rlhf_engine.stages.cai import build_judge
 
     config = SimpleNamespace(judge="", stack=SimpleNamespace(model="tiny-llama"))
     assert build_judge(config, tiny_stack, "policy") == (tiny_stack, "policy")  # the policy judges itself
@@ -375,9 +391,9 @@ def test_the_judge_can_be_another_local_model(tmp_path, tiny_stack):
 
     import torch
 
-    from rlhf_engine.cai import build_judge
-    from rlhf_engine.config import CAI_PRESETS
-    from rlhf_engine.stack import build_preset
+    from rlhf_engine.model.loading import build_preset
+    from rlhf_engine.stages.cai import build_judge
+    from rlhf_engine.stages.cai_config import CAI_PRESETS
 
     build_preset("tiny-llama", 7, str(tmp_path / "judge"))  # another save_pretrained directory, other weights
     config = dataclasses.replace(CAI_PRESETS["label"]["tiny"], judge=str(tmp_path / "judge"))
@@ -451,9 +467,9 @@ def test_revise_then_label_end_to_end_and_rm_trains_on_the_labels(tmp_path, caps
 def test_init_adapter_is_the_policy_that_answers(tmp_path, tiny_stack):
     import torch
 
-    from rlhf_engine.cai import ModelGenerator
-    from rlhf_engine.config import CAI_PRESETS
-    from rlhf_engine.stack import ModelStack
+    from rlhf_engine.model.stack import ModelStack
+    from rlhf_engine.stages.cai import ModelGenerator
+    from rlhf_engine.stages.cai_config import CAI_PRESETS
 
     # a policy that differs from the base (peft starts lora_B at zero), saved as an `engine sft` output is
     stack = ModelStack.build(tiny_stack.config).eval()
@@ -477,27 +493,27 @@ def test_init_adapter_is_the_policy_that_answers(tmp_path, tiny_stack):
 
 
 def test_an_interrupted_revise_resumes_to_the_uninterrupted_output(tmp_path, capsys, monkeypatch):
-    import rlhf_engine.cai
+    import rlhf_engine.stages.cai
 
     args = ("--max-prompts", "5", "--batch-size", "2", "--checkpoint-every", "1")
     whole = tmp_path / "whole"
     assert main(cai_args("revise", whole, *args)) == 0
 
-    real = rlhf_engine.cai.ModelGenerator.__call__
+    real = rlhf_engine.stages.cai.ModelGenerator.__call__
 
     def interrupted_at_the_third_batch(self, texts, keys, stream, samples=1):
         if keys[0] == 4:
             raise KeyboardInterrupt
         return real(self, texts, keys, stream, samples)
 
-    monkeypatch.setattr(rlhf_engine.cai.ModelGenerator, "__call__", interrupted_at_the_third_batch)
+    monkeypatch.setattr(rlhf_engine.stages.cai.ModelGenerator, "__call__", interrupted_at_the_third_batch)
     out = tmp_path / "cut"
     assert main(cai_args("revise", out, *args)) == 130
     assert not (out / SFT_FILE).exists() and not (out / TRANSCRIPT_FILE).exists()  # never a partial dataset
     import torch
 
     assert torch.load(out / CHECKPOINT_FILE, weights_only=True)["step"] == 2
-    monkeypatch.setattr(rlhf_engine.cai.ModelGenerator, "__call__", real)
+    monkeypatch.setattr(rlhf_engine.stages.cai.ModelGenerator, "__call__", real)
     capsys.readouterr()
     assert main(cai_args("revise", out, *args)) == 0
     assert json.loads((out / RESULT_FILE).read_text())["resumed_from"] == 2

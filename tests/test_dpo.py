@@ -1,4 +1,4 @@
-"""engine.dpo: the DPO / IPO / conservative-DPO losses against hand-derived values, the stage on the run
+"""stages.dpo: the DPO / IPO / conservative-DPO losses against hand-derived values, the stage on the run
 machinery (learning a synthetic preference on held-out prompts, kernels on vs off, precomputed reference
 log-probs, the two reference modes, resume after SIGKILL), bad data on the command line, and the
 dpo_step benchmark. Letters: B pairs."""
@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_engine.__main__ import main
-from rlhf_engine.config import ConfigError, dpo_preset, sft_preset
-from rlhf_engine.dpo import dpo_losses, train_dpo
-from rlhf_engine.sft import train_sft
-from util import assert_rel_norm, synthetic_ranked
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING = ("elapsed_s", "tokens_per_s", "step_s", "peak_mem_mib")
+from rlhf_engine.algos.losses import dpo_losses
+from rlhf_engine.cli import main
+from rlhf_engine.errors import ConfigError
+from rlhf_engine.stages.dpo import train_dpo
+from rlhf_engine.stages.dpo_config import dpo_preset
+from rlhf_engine.stages.sft import train_sft
+from rlhf_engine.stages.sft_config import sft_preset
+from util import ROOT, assert_rel_norm, rows, saved_weights, synthetic_ranked, tiny, untimed
 
 # sigmoid(1) and sigmoid(-1), for the hand-derived cases
 S1, SM1 = 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))
@@ -109,22 +109,7 @@ def prefs(tmp_path_factory):
 
 
 def config(tmp_path, data, name="out", **kw):
-    kw.setdefault("progress", False)
-    kw.setdefault("eval_every", 0)
-    return dpo_preset("tiny", data=data, out=str(tmp_path / name), **kw)
-
-
-def rows(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def untimed(rs):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
-
-
-def policy_weights(out) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(out, "adapter_policy.safetensors"))
+    return tiny(dpo_preset, tmp_path, name, data=data, **kw)
 
 
 # ---- the stage ------------------------------------------------------------------------------------------
@@ -175,7 +160,7 @@ def test_kernels_on_vs_off_and_the_precomputed_reference(tmp_path, prefs):
             assert a.keys() == b.keys()
             for k in a:
                 assert b[k] == pytest.approx(a[k], rel=rel, abs=10 * rel), (other.out, a["step"], k)
-        wa, wb = policy_weights(on.out), policy_weights(other.out)
+        wa, wb = saved_weights(on.out), saved_weights(other.out)
         for k in wa:
             assert_rel_norm(wa[k], wb[k], bound=1e-3, name=k)
 
@@ -203,7 +188,7 @@ def test_the_reference_as_a_frozen_copy_of_the_starting_adapter(tmp_path, prefs)
     assert r0["eval_reward_margin"] == 0.0 and r0["eval_rewards_chosen"] == 0.0 and r0["eval_accuracy"] == 0.0
     assert r0["eval_loss"] == pytest.approx(math.log(2))
     assert abs(rows(base.out)[0]["eval_rewards_chosen"]) > 0.1
-    start, ref = policy_weights(sft.out), load_file(os.path.join(init.out, "adapter_reference.safetensors"))
+    start, ref = saved_weights(sft.out), load_file(os.path.join(init.out, "adapter_reference.safetensors"))
     assert start.keys() and all(torch.equal(v, ref[k.replace(".policy.", ".reference.")]) for k, v in start.items())
     assert json.load(open(os.path.join(init.out, "stack.json")))["roles"] == ["policy", "reference"]
     # a starting adapter must come from this base; a reference "init" needs one
@@ -248,7 +233,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, prefs):
         torch.set_num_threads(saved)
     assert json.loads((tmp_path / "killed" / "result.json").read_text())["resumed_from"] >= 1
     assert untimed(rows(tmp_path / "killed")) == untimed(rows(tmp_path / "straight"))
-    a, b = policy_weights(tmp_path / "killed"), policy_weights(tmp_path / "straight")
+    a, b = saved_weights(tmp_path / "killed"), saved_weights(tmp_path / "straight")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -298,8 +283,7 @@ def test_dpo_needs_data(tmp_path, capsys):
 
 
 def test_config_file_then_flags(tmp_path, prefs):
-    from rlhf_engine.__main__ import build_parser
-    from rlhf_engine.cli import stage_config
+    from rlhf_engine.cli import build_parser, stage_config
 
     cfg_file = tmp_path / "dpo.yaml"
     cfg_file.write_text("beta: 0.2\nloss_type: ipo\nstack:\n  lora_r: 4\n")

@@ -13,8 +13,9 @@ import sys
 
 import pytest
 
-from rlhf_engine.__main__ import main
-from rlhf_engine.run import CHECKPOINT_FILE, METRICS_FILE, OutputLock
+from rlhf_engine.cli import main
+from rlhf_engine.core.files import CHECKPOINT_FILE, METRICS_FILE
+from rlhf_engine.core.lock import OutputLock
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 EXAMPLES = os.path.join(ROOT, "examples", "feedback_ranked.jsonl")
@@ -36,6 +37,32 @@ def test_help_lists_every_rm_option():
                  "--exclude-flagged", "--quantization", "--device", "--lora-r", "--seed", "--no-resume",
                  "--no-progress", "tiny-llama", "example: python -m engine rm"):
         assert flag in out.stdout, flag
+
+
+def test_rm_has_the_flags_of_every_stage(tmp_path):
+    # rm's flags come from its config like every other stage's: the ones its old hand-written parser lacked
+    # are there, with --config, and every stage shares the generated run and stack flags
+    helps = {stage: run_cli(*stage.split(), "--help").stdout for stage in ("rm", "sft", "dpo", "ppo", "cai revise")}
+    for flag in ("--config", "--weight-decay", "--max-grad-norm", "--log-every", "--lora-alpha", "--lora-dropout",
+                 "--compute-dtype"):
+        assert flag in helps["rm"], flag
+    shared = ("--config", "--out", "--seed", "--log-every", "--checkpoint-every", "--no-resume", "--no-progress",
+              "--model", "--quantization", "--device", "--lora-r", "--lora-alpha")  # fmt: skip
+    for stage, text in helps.items():
+        assert all(flag in text for flag in shared), (stage, [f for f in shared if f not in text])
+    # --config for rm: the file's fields, then the flags (a flag wins), validated as one config
+    cfg = tmp_path / "rm.json"
+    cfg.write_text(json.dumps({"lr": "fast", "stack": {"lora_r": 4}}))
+    out = run_cli("rm", "--data", EXAMPLES, "--model", "tiny-llama", "--out", str(tmp_path / "o"), "--config", str(cfg))
+    assert out.returncode == 2 and one_error_line(out.stderr).startswith("error: lr="), out.stderr
+    cfg.write_text(json.dumps({"max_steps": 2, "weight_decay": 0.5, "stack": {"lora_r": 4}}))
+    from rlhf_engine.cli import build_parser, stage_config
+
+    args = build_parser().parse_args(["rm", "--data", EXAMPLES, "--model", "tiny-llama", "--out", str(tmp_path / "o"),
+                                      "--config", str(cfg), "--max-steps", "3", "--quantization", "none"])  # fmt: skip
+    config = stage_config(args)
+    assert (config.max_steps, config.weight_decay, config.stack.lora_r) == (3, 0.5, 4)
+    assert config.stack.quantization is None and config.stack.adapters == ("reward",)
 
 
 @pytest.mark.parametrize(
@@ -155,12 +182,12 @@ def test_out_in_use_by_another_process(tmp_path):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
-    import rlhf_engine.reward
+    import rlhf_engine.stages.rm
 
     def interrupted(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rlhf_engine.reward, "train_reward_model", interrupted)
+    monkeypatch.setattr(rlhf_engine.stages.rm, "train_reward_model", interrupted)
     assert main(rm_args(tmp_path / "rm")) == 130
     assert one_error_line(capsys.readouterr().err) == (
         "error: interrupted; the same command resumes from the last checkpoint"

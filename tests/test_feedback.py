@@ -6,8 +6,7 @@ import os
 
 import pytest
 
-from rlhf_engine.feedback import (
-    FeedbackError,
+from rlhf_engine.datasets.feedback import (
     PreferencePair,
     RankedFeedback,
     build_pairs,
@@ -18,6 +17,7 @@ from rlhf_engine.feedback import (
     pairs_from_ranking,
     pairs_from_thumbs,
 )
+from rlhf_engine.errors import FeedbackError
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples", "feedback_ranked.jsonl")
 

@@ -1,4 +1,4 @@
-"""engine.generation: KV-cached sampling from a role of the stack.
+"""model.generation: KV-cached sampling from a role of the stack.
 
 Letters: B rows, P prompt tokens, R response tokens, V vocabulary."""
 
@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from rlhf_engine.config import ConfigError, StackConfig
-from rlhf_engine.generation import SamplingConfig, encode_prompt, filter_logits, gumbel, next_tokens, row_streams, sample
-from rlhf_engine.stack import ModelStack
+from rlhf_engine.datasets.layout import encode_prompt
+from rlhf_engine.errors import ConfigError
+from rlhf_engine.model.config import SamplingConfig, StackConfig
+from rlhf_engine.model.generation import filter_logits, gumbel, next_tokens, row_streams, sample
+from rlhf_engine.model.stack import ModelStack
 
 PROMPTS = ["My house is too hot.", "Hi", "Translate 'thank you' into Spanish, please."]
 
@@ -25,9 +27,14 @@ def stack():
     return s.eval()
 
 
+def ids_of(stack, prompts):
+    """The prompts' token ids, as every stage encodes them (datasets.layout.encode_prompt)."""
+    return [encode_prompt(stack.tokenizer, p) for p in prompts]
+
+
 def naive_greedy(stack, prompt, R, max_prompt_length=256):
     """Greedy decoding with a full forward per step (no cache): the definition the cached loop must meet."""
-    ids = encode_prompt(stack.tokenizer, prompt, max_prompt_length)
+    ids = encode_prompt(stack.tokenizer, prompt)[-max_prompt_length:]
     out = []
     for _ in range(R):
         x = torch.tensor([ids + out])
@@ -44,43 +51,43 @@ def response_tokens(s, b):
 
 def test_greedy_with_cache_and_left_padding_equals_full_forwards(stack):
     cfg = SamplingConfig(max_new_tokens=12, temperature=0.0)
-    s = sample(stack, PROMPTS, cfg)
+    s = sample(stack, ids_of(stack, PROMPTS), cfg)
     assert s.input_ids.shape[0] == 3 and s.attention_mask.shape == s.input_ids.shape
     for b, prompt in enumerate(PROMPTS):
         assert response_tokens(s, b) == naive_greedy(stack, prompt, 12), prompt
         # prompt left-padded: it ends at column P - 1; the mask marks it and the response
-        n_prompt = len(encode_prompt(stack.tokenizer, prompt, 256))
+        n_prompt = len(encode_prompt(stack.tokenizer, prompt)[-256:])
         assert s.attention_mask[b, : s.prompt_length].sum() == n_prompt
         assert s.attention_mask[b, s.prompt_length - n_prompt : s.prompt_length].all()
         assert s.attention_mask[b, s.prompt_length :].sum() == s.response_length[b]
 
 
 def test_static_cache_gives_the_dynamic_cache_tokens(stack):
-    dyn = sample(stack, PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0.0))
-    sta = sample(stack, PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0.0, cache="static"))
+    dyn = sample(stack, ids_of(stack, PROMPTS), SamplingConfig(max_new_tokens=10, temperature=0.0))
+    sta = sample(stack, ids_of(stack, PROMPTS), SamplingConfig(max_new_tokens=10, temperature=0.0, cache="static"))
     assert torch.equal(dyn.input_ids, sta.input_ids) and torch.equal(dyn.response_length, sta.response_length)
 
 
 def test_a_rows_sample_does_not_depend_on_its_batch(stack):
     # the same (seed, key) -> the same response, alone or beside other prompts, at any row
     cfg = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.95)
-    alone = sample(stack, [PROMPTS[0]], cfg, seed=7, keys=[41])
-    batch = sample(stack, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], cfg, seed=7, keys=[3, 41, 9])
+    alone = sample(stack, ids_of(stack, [PROMPTS[0]]), cfg, seed=7, keys=[41])
+    batch = sample(stack, ids_of(stack, [PROMPTS[2], PROMPTS[0], PROMPTS[1]]), cfg, seed=7, keys=[3, 41, 9])
     assert response_tokens(alone, 0) == response_tokens(batch, 1)
-    other_seed = sample(stack, [PROMPTS[0]], cfg, seed=8, keys=[41])
-    other_key = sample(stack, [PROMPTS[0]], cfg, seed=7, keys=[42])
+    other_seed = sample(stack, ids_of(stack, [PROMPTS[0]]), cfg, seed=8, keys=[41])
+    other_key = sample(stack, ids_of(stack, [PROMPTS[0]]), cfg, seed=7, keys=[42])
     assert response_tokens(other_seed, 0) != response_tokens(alone, 0)
     assert response_tokens(other_key, 0) != response_tokens(alone, 0)
 
 
 def test_samples_per_prompt_are_grouped_and_distinct(stack):
     cfg = SamplingConfig(max_new_tokens=8, temperature=1.0)
-    s = sample(stack, PROMPTS[:2], cfg, samples_per_prompt=3)
+    s = sample(stack, ids_of(stack, PROMPTS)[:2], cfg, samples_per_prompt=3)
     assert s.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
     group = [tuple(response_tokens(s, b)) for b in range(3)]
     assert len(set(group)) > 1  # three draws from a random-weight model differ
     # row j of a group is the same draw with the group alone
-    solo = sample(stack, PROMPTS[1:2], cfg, samples_per_prompt=3, keys=[1])
+    solo = sample(stack, ids_of(stack, PROMPTS)[1:2], cfg, samples_per_prompt=3, keys=[1])
     assert [response_tokens(solo, j) for j in range(3)] == [response_tokens(s, 3 + j) for j in range(3)]
 
 
@@ -119,23 +126,26 @@ def test_stop_token_first_no_stop_and_stop_strings(stack):
     greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
     first = naive_greedy(stack, PROMPTS[0], 1)[0]
     # the very first token is a stop token: a one-token response that stopped
-    s = sample(stack, PROMPTS[:1], SamplingConfig(max_new_tokens=6, temperature=0.0, stop_token_ids=(first,)))
+    s = sample(stack, ids_of(stack, PROMPTS)[:1],
+               SamplingConfig(max_new_tokens=6, temperature=0.0, stop_token_ids=(first,)))  # fmt: skip
     assert int(s.response_length[0]) == 1 and bool(s.stopped[0]) and response_tokens(s, 0) == [first]
     # no stop within the limit: max_new_tokens tokens, not stopped
-    s = sample(stack, PROMPTS[:1], greedy)
+    s = sample(stack, ids_of(stack, PROMPTS)[:1], greedy)
     assert int(s.response_length[0]) == 6 and not bool(s.stopped[0])
     # a stop string: ends at the token that completes it, which stays in the response (the shortest
     # greedy prefix that decodes to text: a random byte model also emits bytes that decode to nothing)
     tokens = naive_greedy(stack, PROMPTS[0], 6)
     n = next(i for i in range(1, 7) if stack.tokenizer.decode(tokens[:i], skip_special_tokens=True))
     text = stack.tokenizer.decode(tokens[:n], skip_special_tokens=True)
-    s = sample(stack, PROMPTS[:1], SamplingConfig(max_new_tokens=6, temperature=0.0, stop_strings=(text,)))
+    s = sample(stack, ids_of(stack, PROMPTS)[:1],
+               SamplingConfig(max_new_tokens=6, temperature=0.0, stop_strings=(text,)))  # fmt: skip
     assert bool(s.stopped[0]) and s.responses[0] == text and int(s.response_length[0]) == n
 
 
 def test_long_prompt_keeps_its_last_tokens(stack):
     long = "x" * 50 + " the end"
-    s = sample(stack, [long, "short"], SamplingConfig(max_new_tokens=3, temperature=0.0, max_prompt_length=16))
+    s = sample(stack, ids_of(stack, [long, "short"]),
+               SamplingConfig(max_new_tokens=3, temperature=0.0, max_prompt_length=16))  # fmt: skip
     assert s.prompt_length == 16
     kept = stack.tokenizer.decode(s.input_ids[0, :16].tolist(), skip_special_tokens=True)
     assert kept.endswith(" the end") and len(kept) == 16
@@ -161,6 +171,6 @@ def test_ids_past_the_tokenizer_are_never_sampled():
     with torch.no_grad():
         grown = torch.cat([head.weight, head.weight[:extra] * 0 + 10.0 * head.weight[0]], dim=0)
     head.weight = torch.nn.Parameter(grown, requires_grad=False)
-    out = sample(s, PROMPTS, SamplingConfig(max_new_tokens=6, temperature=1.0), seed=1)
+    out = sample(s, ids_of(s, PROMPTS), SamplingConfig(max_new_tokens=6, temperature=1.0), seed=1)
     assert int(out.input_ids.max()) < len(s.tokenizer)
     assert all(isinstance(r, str) for r in out.responses)

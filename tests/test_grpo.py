@@ -7,32 +7,23 @@ import os
 
 import pytest
 import torch
-from util import assert_close
 
 import rlhf_kernels as kernels
-from rlhf_engine.config import ppo_preset
-from rlhf_engine.ppo import build_stack, train_ppo
-from rlhf_engine.rl import aggregation_weights
+from rlhf_engine.algos.losses import aggregation_weights
+from rlhf_engine.stages.ppo import build_stack, train_ppo
+from rlhf_engine.stages.ppo_config import ppo_preset
+from util import REWARD, ROOT, assert_close, rows, tiny
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FNS = os.path.join(ROOT, "tests", "_reward_fns.py")
-REWARD = FNS + ":lowercase_share"
 
 
 def config(tmp_path, name="out", **kw):
-    kw.setdefault("progress", False)
     kw.setdefault("max_steps", 2)
-    kw.setdefault("eval_every", 0)
     kw.setdefault("reward_fn", REWARD)
     kw.setdefault("advantage", "grpo")
     kw.setdefault("samples_per_prompt", 4)
     kw.setdefault("rollout_batch_size", 4)
-    return ppo_preset("tiny", out=str(tmp_path / name), **kw)
-
-
-def rows(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return tiny(ppo_preset, tmp_path, name, **kw)
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
@@ -63,7 +54,7 @@ def test_aggregated_ppo_loss_and_gradient_against_float64(mode, backend):
 
 
 def test_no_value_adapter_head_or_forward_in_group_modes(tmp_path, monkeypatch):
-    from rlhf_engine.stack import ModelStack
+    from rlhf_engine.model.stack import ModelStack
 
     grpo_stack, _ = build_stack(config(tmp_path, "g"))
     ppo_stack, _ = build_stack(config(tmp_path, "p", advantage="gae", samples_per_prompt=1, rollout_batch_size=8))

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from rlhf_engine.__main__ import main
-from rlhf_engine.report import METRICS
+from rlhf_engine.cli import main
+from rlhf_engine.pipeline.report import METRICS
 
 KEYS = [key for key, _, _ in METRICS]
 
@@ -105,7 +105,7 @@ def test_rerun_on_the_same_out_reuses_every_stage_and_reproduces_the_report(quic
 
 
 def test_user_data_and_model_directory(tmp_path, capsys):
-    from rlhf_engine.stack import build_preset
+    from rlhf_engine.model.loading import build_preset
 
     model = tmp_path / "my-model"
     build_preset("tiny-llama", 0, str(model))
@@ -159,8 +159,8 @@ def test_too_few_prompts_and_bad_settings_are_one_line(tmp_path, capsys):
 
 
 def test_help_is_complete():
-    from rlhf_engine.__main__ import build_parser
-    from rlhf_engine.config import PipelineConfig
+    from rlhf_engine.cli import build_parser
+    from rlhf_engine.pipeline.pipeline_config import PipelineConfig
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     assert list(sub)[:6] == ["pipeline", "sft", "rm", "ppo", "eval", "dpo"]

@@ -1,4 +1,4 @@
-"""engine.ppo: the PPO trainer on one shared base.
+"""stages.ppo: the PPO trainer on one shared base.
 
 Alignment of every per-token quantity with the model's own logits, the step functions, kernels on vs
 off, learning on a rule-based reward (and the KL penalty holding the policy back), the reference as a
@@ -18,49 +18,24 @@ import torch
 from safetensors.torch import load_file
 
 import rlhf_kernels as kernels
-from rlhf_engine.config import ConfigError, ppo_preset
-from rlhf_engine.ppo import (
-    EVAL_PROMPTS_FILE,
-    Trajectory,
-    build_stack,
-    forward_stats,
-    prompt_split,
-    rollout,
-    step_prompts,
-    train_ppo,
-    whiten_advantages,
-)
-from rlhf_engine.distributed import Dist
-from util import assert_rel_norm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REWARD = os.path.join(ROOT, "tests", "_reward_fns.py") + ":lowercase_share"
-TIMING = ("elapsed_s", "tokens_per_s", "time_generate_s", "time_score_s", "time_logprobs_s", "time_train_s",
-          "peak_mem_mib")  # fmt: skip
+from rlhf_engine.algos.advantages import whiten_advantages
+from rlhf_engine.algos.rollout import forward_stats, rollout
+from rlhf_engine.core.distributed import Dist
+from rlhf_engine.datasets.prompts import EVAL_PROMPTS_FILE
+from rlhf_engine.errors import ConfigError
+from rlhf_engine.stages.ppo import build_stack, prompt_split, step_prompts, train_ppo
+from rlhf_engine.stages.ppo_config import ppo_preset
+from util import REWARD, ROOT, assert_rel_norm, rows, saved_weights, tiny, untimed
 
 
 def config(tmp_path, name="out", **kw):
-    kw.setdefault("progress", False)
     kw.setdefault("max_steps", 2)
-    kw.setdefault("eval_every", 0)
     kw.setdefault("reward_fn", REWARD)
-    return ppo_preset("tiny", out=str(tmp_path / name), **kw)
-
-
-def rows(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def untimed(rs):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+    return tiny(ppo_preset, tmp_path, name, **kw)
 
 
 def weights(out) -> dict[str, torch.Tensor]:
-    w = {}
-    for name in ("adapter_policy.safetensors", "adapter_value.safetensors", "heads.safetensors"):
-        w.update(load_file(os.path.join(out, name)))
-    return w
+    return saved_weights(out, ("adapter_policy.safetensors", "adapter_value.safetensors", "heads.safetensors"))
 
 
 # ---- the per-token grid -----------------------------------------------------------------------------
@@ -167,7 +142,7 @@ def test_kernels_on_vs_off(tmp_path):
 
 
 def test_metrics_rows_carry_every_key_and_the_held_out_prompts(tmp_path):
-    from rlhf_engine.ppo import METRIC_KEYS
+    from rlhf_engine.stages.ppo import METRIC_KEYS
 
     result = train_ppo(config(tmp_path, max_steps=2, eval_every=2))
     rs = rows(result.out)
@@ -225,7 +200,10 @@ def test_kl_in_the_loss_adds_beta_times_the_mean_kl(policy_stack, estimator):
     # loss of the same micro-batch, where the KL is not in the loss.
     import dataclasses
 
-    from rlhf_engine.ppo import assign_rewards, estimate_advantages, micro_loss, minibatch_weights
+    from rlhf_engine.algos.advantages import estimate_advantages
+    from rlhf_engine.algos.kl import assign_rewards
+    from rlhf_engine.algos.losses import minibatch_weights
+    from rlhf_engine.algos.losses import ppo_micro_loss as micro_loss
 
     cfg, stack, _ = policy_stack
     in_loss = dataclasses.replace(cfg, kl_in="loss", kl_estimator=estimator)
@@ -355,8 +333,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, extra, message):
 
 
 def test_config_file_then_flags(tmp_path):
-    from rlhf_engine.__main__ import build_parser
-    from rlhf_engine.cli import stage_config
+    from rlhf_engine.cli import build_parser, stage_config
 
     cfg_file = tmp_path / "ppo.yaml"
     cfg_file.write_text("lr: 0.001\nsampling:\n  max_new_tokens: 7\n  top_p: 0.9\nstack:\n  lora_r: 4\n")
@@ -400,9 +377,9 @@ def test_reward_from_an_rm_directory_and_from_a_classifier(tmp_path):
     # frozen; (b) a separate two-label classifier directory scores through its positive class.
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from rlhf_engine.config import reward_preset
-    from rlhf_engine.reward import train_reward_model
-    from rlhf_engine.stack import byte_tokenizer
+    from rlhf_engine.model.tokenizers import byte_tokenizer
+    from rlhf_engine.stages.rm import train_reward_model
+    from rlhf_engine.stages.rm_config import reward_preset
 
     rm = train_reward_model(reward_preset("tiny", data=os.path.join(ROOT, "examples", "feedback_ranked.jsonl"),
                                           out=str(tmp_path / "rm"), max_steps=2, progress=False))  # fmt: skip

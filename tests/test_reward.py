@@ -6,22 +6,17 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from util import synthetic_ranked
 
-from rlhf_engine.config import ConfigError, reward_preset
-from rlhf_engine.feedback import PreferencePair, build_pairs, load_feedback
-from rlhf_engine.reward import (
-    StackRewardModel,
-    collate_pairs,
-    encode,
-    evaluate,
-    format_sample,
-    reward_loss,
-    split_by_prompt,
-    train_reward_model,
-)
-from rlhf_engine.run import CheckpointError
-from rlhf_engine.stack import ModelStack, byte_tokenizer
+from rlhf_engine.algos.losses import reward_loss
+from rlhf_engine.datasets.feedback import PreferencePair, build_pairs, load_feedback
+from rlhf_engine.datasets.layout import encode, format_sample
+from rlhf_engine.datasets.prompts import split_by_prompt
+from rlhf_engine.errors import CheckpointError, ConfigError
+from rlhf_engine.model.stack import ModelStack
+from rlhf_engine.model.tokenizers import byte_tokenizer
+from rlhf_engine.stages.rm import StackRewardModel, evaluate, pair_batch, train_reward_model
+from rlhf_engine.stages.rm_config import reward_preset
+from util import synthetic_ranked, tiny
 
 # ---- the loss ------------------------------------------------------------------------------------
 
@@ -61,11 +56,11 @@ def test_loss_is_stable_at_extreme_gaps():
 
 
 def test_pairs_pack_into_one_batch_chosen_first():
-    encoded = [([5, 6, 7], [8, 9], 0.5), ([10], [11, 12, 13, 14], 0.0)]
-    b = collate_pairs(encoded, pad_id=0)
+    encoded = [(([5, 6, 7], 1), ([8, 9], 1), 0.5), (([10], 0), ([11, 12, 13, 14], 2), 0.0)]
+    b, margins = pair_batch(encoded, pad_id=0)
     assert b.input_ids.tolist() == [[5, 6, 7, 0], [10, 0, 0, 0], [8, 9, 0, 0], [11, 12, 13, 14]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
-    assert b.margins.tolist() == [0.5, 0.0]
+    assert margins.tolist() == [0.5, 0.0]
 
 
 def test_encode_keeps_the_end_and_ends_with_eos():
@@ -88,8 +83,8 @@ def test_held_out_split_is_by_prompt_and_deterministic():
 
 
 def tiny_config(tmp_path, data, out="out", **kw):
-    kw.setdefault("progress", False)
-    return reward_preset("tiny", data=data, out=str(tmp_path / out), **kw)
+    kw.setdefault("eval_every", 0)  # (the preset's)
+    return tiny(reward_preset, tmp_path, out, data=data, **kw)
 
 
 def test_reward_model_learns_a_synthetic_preference(tmp_path):
@@ -115,13 +110,13 @@ def test_reward_model_learns_a_synthetic_preference(tmp_path):
     tok = stack.tokenizer
     enc = [
         (
-            encode(tok, format_sample(p.prompt, p.chosen), 128),
-            encode(tok, format_sample(p.prompt, p.rejected), 128),
+            (encode(tok, format_sample(p.prompt, p.chosen), 128), 0),
+            (encode(tok, format_sample(p.prompt, p.rejected), 128), 0),
             0.0,
         )
         for p in held
     ]
-    again = evaluate(StackRewardModel(stack), [collate_pairs(enc, tok.pad_token_id)])
+    again = evaluate(StackRewardModel(stack), [pair_batch(enc, tok.pad_token_id)])
     assert again["eval_accuracy"] == pytest.approx(result.eval_accuracy)
 
 
@@ -168,7 +163,7 @@ def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
 def test_sequence_classifier_directory_as_the_reward_model(tmp_path):
     from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
-    from rlhf_engine.config import MODEL_PRESETS
+    from rlhf_engine.model.config import MODEL_PRESETS
 
     tok = byte_tokenizer()
     path = tmp_path / "my-rm"

@@ -1,13 +1,15 @@
-"""engine.rewards: the three reward sources and score shaping."""
+"""algos.rewards: the three reward sources and score shaping."""
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from rlhf_engine.config import ConfigError, StackConfig
-from rlhf_engine.rewards import ClassifierReward, FunctionReward, RewardError, StackReward, right_pad, shape_scores
-from rlhf_engine.rl import RunningMoments
-from rlhf_engine.stack import ModelStack, byte_tokenizer
+from rlhf_engine.algos.rewards import ClassifierReward, FunctionReward, RunningMoments, StackReward, shape_scores
+from rlhf_engine.core.tensors import pad
+from rlhf_engine.errors import ConfigError, RewardError
+from rlhf_engine.model.config import StackConfig
+from rlhf_engine.model.stack import ModelStack
+from rlhf_engine.model.tokenizers import byte_tokenizer
 
 PROMPTS = ["p1", "p2", "p3"]
 RESPONSES = ["eee", "abc", "hello there"]
@@ -55,7 +57,7 @@ def _classifier(tmp_path, num_labels, id2label=None):
 
 
 def test_single_score_classifier_reward_is_its_one_logit(tmp_path):
-    from rlhf_engine.text import format_sample
+    from rlhf_engine.datasets.layout import format_sample
 
     model, tok = _classifier(tmp_path, 1)
     rm = ClassifierReward(str(tmp_path), torch.device("cpu"))  # one label: no positive label to name
@@ -66,7 +68,7 @@ def test_single_score_classifier_reward_is_its_one_logit(tmp_path):
 
 
 def test_classifier_reward_scores_and_positive_label(tmp_path):
-    from rlhf_engine.text import format_sample
+    from rlhf_engine.datasets.layout import format_sample
 
     model, tok = _classifier(tmp_path, 2, {0: "hate", 1: "not hate"})
     rm = ClassifierReward(str(tmp_path), torch.device("cpu"), positive_label="Not Hate")
@@ -85,14 +87,14 @@ def test_classifier_reward_scores_and_positive_label(tmp_path):
 
 
 def test_stack_reward_reads_the_rm_as_trained():
-    from rlhf_engine.text import encode, format_sample
+    from rlhf_engine.datasets.layout import encode, format_sample
 
     stack = ModelStack.build(StackConfig(model="tiny-llama", adapters=("policy", "reward")))
     with torch.no_grad():
         for p in stack.heads["reward"].parameters():
             p.add_(0.5)
     got = StackReward(stack, max_length=64, batch_size=2).score(PROMPTS, RESPONSES)
-    ids, mask = right_pad([encode(stack.tokenizer, format_sample(p, r), 64) for p, r in zip(PROMPTS, RESPONSES)],
+    ids, mask = pad([encode(stack.tokenizer, format_sample(p, r), 64) for p, r in zip(PROMPTS, RESPONSES)],
                           stack.tokenizer.pad_token_id)  # fmt: skip
     assert torch.allclose(got, stack.reward(ids, mask).float(), atol=1e-5)
     with pytest.raises(ConfigError, match="no reward adapter"):

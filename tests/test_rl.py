@@ -1,11 +1,14 @@
-"""engine.rl: the trainers' pure RL functions, against hand-derived cases."""
+"""algos (kl, advantages, losses, rewards): the trainers' pure RL functions, against hand-derived cases."""
 
 import math
 
 import pytest
 import torch
 
-from rlhf_engine.rl import KLController, RunningMoments, explained_variance, last_token_index, token_rewards
+from rlhf_engine.algos.advantages import explained_variance
+from rlhf_engine.algos.kl import KLController, token_rewards
+from rlhf_engine.algos.rewards import RunningMoments
+from rlhf_engine.core.tensors import last_token_index
 
 
 def test_token_rewards_hand_case():
@@ -71,7 +74,8 @@ def test_explained_variance():
 
 # ---- critic-free advantages and loss aggregation ---------------------------------------------------
 
-from rlhf_engine.rl import GROUP_STD_EPS, aggregation_weights, group_advantages  # noqa: E402
+from rlhf_engine.algos.advantages import GROUP_STD_EPS, group_advantages
+from rlhf_engine.algos.losses import aggregation_weights  # noqa: E402
 
 
 def test_group_advantages_hand_cases():

@@ -1,4 +1,4 @@
-"""The run machinery (rlhf_engine.run) on a toy stage: OUT lock, atomic checkpoints under SIGKILL,
+"""The run machinery (rlhf_engine.core.run) on a toy stage: OUT lock, atomic checkpoints under SIGKILL,
 bit-exact resume, refusals (data content, config, damaged checkpoint), metrics JSONL, strict JSON, the
 non-finite guard, the seeded data order, progress.
 
@@ -25,24 +25,12 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_engine.config import ConfigError, RunConfig
-from rlhf_engine.run import (
-    CHECKPOINT_FILE,
-    LOCK_FILE,
-    METRICS_FILE,
-    RESULT_FILE,
-    CheckpointError,
-    DataOrder,
-    NonFiniteError,
-    OutputLock,
-    Run,
-    RunLockedError,
-    atomic_write,
-    dumps,
-    epoch_seed,
-    read_metrics,
-    seeded_permutation,
-)
+from rlhf_engine.core.config import RunConfig
+from rlhf_engine.core.files import CHECKPOINT_FILE, METRICS_FILE, RESULT_FILE, atomic_write, dumps, read_metrics
+from rlhf_engine.core.lock import LOCK_FILE, OutputLock
+from rlhf_engine.core.order import DataOrder, epoch_seed, seeded_permutation
+from rlhf_engine.core.run import Run
+from rlhf_engine.errors import CheckpointError, ConfigError, NonFiniteError, RunLockedError
 
 # ---- the toy stage ----------------------------------------------------------------------------------
 

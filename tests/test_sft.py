@@ -1,4 +1,4 @@
-"""engine.sft: the layout and the completion-only loss against the model's own full logits, chat records,
+"""stages.sft: the layout and the completion-only loss against the model's own full logits, chat records,
 length-bucketed batches, and the stage on the run machinery (held-out loss on the embedded corpus,
 kernels on vs off, micro-batches, the warm-up, an SFT adapter as PPO's starting policy and frozen
 reference, resume after SIGKILL), bad data on the command line. Letters: B sequences, T time."""
@@ -13,50 +13,25 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from rlhf_engine.__main__ import main
-from rlhf_engine.config import StackConfig, ppo_preset, sft_preset
-from rlhf_engine.run import DataOrder
-from rlhf_engine.sft import (
-    IGNORE,
-    SFTExample,
-    bucketed_batch,
-    build_policy_stack,
-    collate,
-    completion_logprobs,
-    completion_tokens,
-    encode_example,
-    load_sft_data,
-    parse_example,
-    sft_loss,
-    train_sft,
-)
-from rlhf_engine.stack import byte_tokenizer
-from util import assert_rel_norm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REWARD = os.path.join(ROOT, "tests", "_reward_fns.py") + ":lowercase_share"
-TIMING = ("elapsed_s", "tokens_per_s", "step_s", "peak_mem_mib")
+from rlhf_engine.algos.losses import sft_loss
+from rlhf_engine.cli import main
+from rlhf_engine.core.order import DataOrder
+from rlhf_engine.core.tensors import IGNORE_INDEX as IGNORE
+from rlhf_engine.datasets.batching import bucketed_batch, collate
+from rlhf_engine.datasets.samples import SFTExample, completion_tokens, encode_example, load_sft_data, parse_example
+from rlhf_engine.model.config import StackConfig
+from rlhf_engine.model.logprobs import completion_logprobs
+from rlhf_engine.model.stack import build_policy_stack
+from rlhf_engine.model.tokenizers import byte_tokenizer
+from rlhf_engine.stages.ppo_config import ppo_preset
+from rlhf_engine.stages.sft import train_sft
+from rlhf_engine.stages.sft_config import sft_preset
+from util import REWARD, assert_rel_norm, rows, saved_weights, tiny, untimed
 
 
 def config(tmp_path, name="out", **kw):
-    kw.setdefault("progress", False)
-    kw.setdefault("eval_every", 0)
-    return sft_preset("tiny", out=str(tmp_path / name), **kw)
-
-
-def rows(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def untimed(rs):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
-
-
-def policy_weights(out) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(out, "adapter_policy.safetensors"))
+    return tiny(sft_preset, tmp_path, name, **kw)
 
 
 # ---- layout and loss -----------------------------------------------------------------------------------
@@ -181,10 +156,10 @@ def test_sft_lowers_held_out_loss_on_the_embedded_corpus(sft_run):
 
 
 def test_an_sft_adapter_starts_ppo_and_is_its_frozen_reference(sft_run, tmp_path):
-    from rlhf_engine.ppo import build_stack
+    from rlhf_engine.stages.ppo import build_stack
 
     stack, _ = build_stack(ppo_preset("tiny", out=str(tmp_path / "ppo"), reward_fn=REWARD, init_adapter=sft_run.out))
-    saved = policy_weights(sft_run.out)
+    saved = saved_weights(sft_run.out)
     policy, reference = dict(stack.named_role_parameters("policy")), dict(stack.named_role_parameters("reference"))
     for k, v in saved.items():
         assert torch.equal(policy[k], v) and torch.equal(reference[k.replace(".policy.", ".reference.")], v)
@@ -210,7 +185,7 @@ def test_kernels_on_vs_off_micro_batches_and_the_warm_up(tmp_path):
                 if k == "padding":  # micro-batches pad to their own longest row
                     continue
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (other.out, a["step"], k)
-        wa, wb = policy_weights(on.out), policy_weights(other.out)
+        wa, wb = saved_weights(on.out), saved_weights(other.out)
         for k in wa:
             assert_rel_norm(wa[k], wb[k], bound=1e-3, name=k)
 
@@ -248,7 +223,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
         torch.set_num_threads(saved)
     assert json.loads((tmp_path / "killed" / "result.json").read_text())["resumed_from"] >= 1
     assert untimed(rows(tmp_path / "killed")) == untimed(rows(tmp_path / "straight"))
-    a, b = policy_weights(tmp_path / "killed"), policy_weights(tmp_path / "straight")
+    a, b = saved_weights(tmp_path / "killed"), saved_weights(tmp_path / "straight")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -9,8 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_engine.config import MODEL_PRESETS, ConfigError, StackConfig
-from rlhf_engine.stack import ModelStack, disable_bnb_cpu_repack, last_token_index, load_causal_lm
+from rlhf_engine.core.tensors import last_token_index
+from rlhf_engine.errors import ConfigError
+from rlhf_engine.model.config import MODEL_PRESETS, StackConfig
+from rlhf_engine.model.loading import disable_bnb_cpu_repack, load_causal_lm
+from rlhf_engine.model.stack import ModelStack
 
 B, T = 3, 9
 
@@ -94,7 +97,7 @@ def test_left_padding_leaves_a_sequences_hidden_states_alone(tmp_path):
     # shifted position changes every hidden state.
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlhf_engine.stack import byte_tokenizer
+    from rlhf_engine.model.tokenizers import byte_tokenizer
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(
@@ -305,7 +308,7 @@ def test_load_rejects_a_mismatched_adapter(tmp_path, stack):
 
 
 def test_base_loaded_from_a_directory(tmp_path):
-    from rlhf_engine.stack import build_preset
+    from rlhf_engine.model.loading import build_preset
 
     build_preset("tiny-llama", seed=0, out_dir=str(tmp_path))
     from_dir = ModelStack.build(StackConfig(model=str(tmp_path), adapters=("reward",)))

@@ -1,9 +1,11 @@
-"""engine.world: the pipeline's embedded world (prompts, replies, the hidden score, the labelers)."""
+"""pipeline.world: the pipeline's embedded world (prompts, replies, the hidden score, the labelers)."""
+
+import json
 
 import pytest
 
-from rlhf_engine import world
-from rlhf_engine.feedback import build_pairs, parse_record
+from rlhf_engine.datasets.feedback import build_pairs, parse_record
+from rlhf_engine.pipeline import world
 
 
 def test_prompts_and_replies():
@@ -44,10 +46,22 @@ def test_labelers_follow_the_score_except_the_one_who_misunderstood():
     assert (pairs[0].chosen, pairs[0].rejected) == (kinds["helpful"][0], kinds["dismissive"][0])
 
 
-def test_world_tokenizer_is_deterministic_and_encodes_any_text():
-    from rlhf_engine.config import MODEL_PRESETS
-    from rlhf_engine.stack import world_tokenizer
+def test_the_shipped_world_tokenizer_is_the_one_trained_on_the_world():
+    # model/ ships the world-llama tokenizer as a file (the model layer never imports the pipeline's world);
+    # it must be exactly what training on the world's text gives (a changed world needs a new file)
+    from tokenizers import Tokenizer
 
+    from rlhf_engine.model.tokenizers import DATA_DIR
+
+    shipped = Tokenizer.from_file(f"{DATA_DIR}/world.json")
+    assert json.loads(shipped.to_str()) == json.loads(world.train_tokenizer().to_str())
+
+
+def test_world_tokenizer_is_deterministic_and_encodes_any_text():
+    from rlhf_engine.model.config import MODEL_PRESETS
+    from rlhf_engine.model.tokenizers import TOKENIZERS
+
+    world_tokenizer = TOKENIZERS["world"]
     a, b = world_tokenizer(), world_tokenizer()
     assert a.get_vocab() == b.get_vocab() and len(a) <= MODEL_PRESETS["world-llama"]["vocab_size"]
     assert (a.pad_token_id, a.eos_token_id) == (0, 1)

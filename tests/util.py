@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import rlhf_kernels as kernels
 
@@ -101,7 +102,7 @@ def synthetic_ranked(path, n_prompts: int, seed: int = 0, *, lengths=(6, 10), ba
     """Ranked feedback JSONL with a learnable preference: the more letters from a-m, the better. Each prompt
     has 3 completions of one length in `lengths` (all a-m, mixed, all n-z) in shuffled order, ranked by two
     faithful labelers (ana, ben) and, with `backwards_labeler`, a third (cy) who ranks backwards (flagged
-    and excluded by the consensus). The consensus gives 3 pairs per prompt (engine.feedback.build_pairs)."""
+    and excluded by the consensus). The consensus gives 3 pairs per prompt (datasets.feedback.build_pairs)."""
     rng = random.Random(seed)
     lo, hi = "abcdefghijklm", "nopqrstuvwxyz"
 
@@ -122,3 +123,39 @@ def synthetic_ranked(path, n_prompts: int, seed: int = 0, *, lengths=(6, 10), ba
                      "labelers": labelers})  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+# ---- the stage tests' helpers -------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REWARD = os.path.join(ROOT, "tests", "_reward_fns.py") + ":lowercase_share"  # a rule-based reward for PPO tests
+# metrics that depend on the machine's speed and memory, not on the run: left out where runs are compared
+TIMING = ("elapsed_s", "tokens_per_s", "step_s", "peak_mem_mib", "time_generate_s", "time_score_s", "time_logprobs_s",
+          "time_train_s")  # fmt: skip
+
+
+def tiny(preset, tmp_path, name="out", **kw):
+    """A stage's "tiny" preset writing to tmp_path/name, with no progress bars and no held-out evaluation
+    unless asked; `preset` is the stage's preset function (sft_preset, ppo_preset, ...)."""
+    kw.setdefault("progress", False)
+    kw.setdefault("eval_every", 0)
+    return preset("tiny", out=str(tmp_path / name), **kw)
+
+
+def rows(out) -> list[dict]:
+    """OUT/metrics.jsonl as a list of rows."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def untimed(rs):
+    """Metrics rows without the TIMING keys."""
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rs]
+
+
+def saved_weights(out, names=("adapter_policy.safetensors",)) -> dict:
+    """The tensors of saved adapter / head files in OUT."""
+    w = {}
+    for name in names:
+        w.update(load_file(os.path.join(out, name)))
+    return w

@@ -1,0 +1,228 @@
+"""Where a sequence's reward comes from, and how it is shaped before RL (step 3 of the PPO loop).
+
+Sources (each scores (prompt, response) text pairs -> one float per pair):
+    StackReward       the `reward` adapter + head on the SAME stack as the policy, loaded from a
+                      `python -m engine rm` output directory (no second model)
+    ClassifierReward  a separate ...ForSequenceClassification directory: num_labels = 1 gives its score,
+                      2 or more the logit of a configured positive class (e.g. "not hate" of an
+                      off-the-shelf toxicity classifier)
+    FunctionReward    a Python callable `score(prompts, responses) -> list[float]` named as
+                      "module:function" or "path/to/file.py:function" (rules, classifiers, harnesses)
+
+Shaping (shape_scores): a penalty for responses that never stopped, clipping, normalisation.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..core.tensors import pad
+from ..datasets.layout import encode, format_sample
+from ..errors import ConfigError, RewardError
+from .choices import REWARD_NORMALIZATIONS
+
+
+def check_scores(name: str, values, n: int) -> torch.Tensor:
+    """A source's output -> (n,) fp32; anything else is one clear error."""
+    try:
+        scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise RewardError(f"reward {name}: expected one number per response, got {type(values).__name__} ({e})") from e
+    if scores.numel() != n:
+        raise RewardError(f"reward {name}: returned {scores.numel()} scores for {n} responses")
+    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise RewardError(f"reward {name}: non-finite score {float(scores[i])} for response {i} ({bad.numel()} in all)")
+    return scores
+
+
+class FunctionReward:
+    """`module:function` or `path/to/file.py:function`, called as function(prompts, responses)."""
+
+    def __init__(self, spec: str):
+        self.name = spec
+        self.fn = load_function(spec)
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return check_scores(self.name, self.fn(list(prompts), list(responses)), len(responses))
+
+
+def load_function(spec: str) -> Callable:
+    """Resolve "module:function" (importable) or "file.py:function" to a callable; ConfigError otherwise."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"reward function {spec!r}: expected MODULE:FUNCTION or PATH.py:FUNCTION")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise ConfigError(f"reward function {spec!r}: no file {module_name!r}")
+            mod_spec = importlib.util.spec_from_file_location(f"_reward_{abs(hash(module_name))}", module_name)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ConfigError:
+        raise
+    except ImportError as e:
+        raise ConfigError(f"reward function {spec!r}: cannot import {module_name!r} ({e})") from e
+    except Exception as e:  # the user's module raised while loading
+        raise ConfigError(f"reward function {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ConfigError(f"reward function {spec!r}: {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise ConfigError(f"reward function {spec!r}: {attr!r} is not callable")
+    return fn
+
+
+class StackReward:
+    """The stack's own `reward` adapter + head (trained by `engine rm`), read at the last token of the
+    text the RM was trained on: format_sample(prompt, response) + EOS."""
+
+    def __init__(self, stack, *, max_length: int, batch_size: int = 16):
+        if "reward" not in stack.config.adapters:
+            raise ConfigError("the stack has no reward adapter (load an `engine rm` output directory)")
+        self.name = "rm"
+        self.stack, self.max_length, self.batch_size = stack, max_length, batch_size
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        tok = self.stack.tokenizer
+        out = []
+        for i in range(0, len(responses), self.batch_size):
+            seqs = [encode(tok, format_sample(p, r), self.max_length)
+                    for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])]
+            ids, mask = pad(seqs, tok.pad_token_id)
+            out.append(self.stack.reward(ids.to(self.stack.device), mask.to(self.stack.device)).float().cpu())
+        return check_scores(self.name, torch.cat(out), len(responses))
+
+
+def load_classifier(path: str, device, what: str):
+    """(model, tokenizer) of a local ...ForSequenceClassification directory on `device`, with a pad token
+    (the classifier finds each row's last token through it); ConfigError naming `what` otherwise."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{what} {path!r}: cannot load as a sequence classifier ({str(e).splitlines()[0]})") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+class ClassifierReward:
+    """A local ...ForSequenceClassification directory, frozen: one label -> its logit; several -> the
+    logit of `positive_label` (a name from the model's id2label, or an index)."""
+
+    def __init__(self, path: str, device: torch.device, *, positive_label: str | int | None = None,
+                 max_length: int = 512, batch_size: int = 16):  # fmt: skip
+        self.model, self.tokenizer = load_classifier(path, device, "reward model")
+        self.model.eval().requires_grad_(False)
+        self.name, self.device, self.max_length, self.batch_size = os.path.basename(path.rstrip("/")), device, \
+            max_length, batch_size  # fmt: skip
+        self.index = positive_index(self.model.config, positive_label, path)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(responses), self.batch_size):
+            texts = [format_sample(p, r) for p, r in zip(prompts[i : i + self.batch_size],
+                                                         responses[i : i + self.batch_size])]  # fmt: skip
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.max_length).to(self.device)  # fmt: skip
+            out.append(self.model(**enc).logits[:, self.index].float().cpu())
+        return check_scores(self.name, torch.cat(out), len(responses))
+
+
+def positive_index(model_config, label: str | int | None, path: str) -> int:
+    """Which logit scores a response: the only one, or the configured positive class."""
+    n = model_config.num_labels
+    if n == 1:
+        return 0
+    names = {str(v).lower(): int(k) for k, v in (model_config.id2label or {}).items()}
+    if label is None:
+        raise ConfigError(f"reward model {path!r} has {n} labels ({', '.join(names)}): name the positive one "
+                          "(--reward-positive-label)")  # fmt: skip
+    if isinstance(label, int) or str(label).isdigit():
+        idx = int(label)
+        if not 0 <= idx < n:
+            raise ConfigError(f"reward model {path!r}: label index {idx} outside 0..{n - 1}")
+        return idx
+    if str(label).lower() not in names:
+        raise ConfigError(f"reward model {path!r}: no label {label!r} (labels: {', '.join(names)})")
+    return names[str(label).lower()]
+
+
+@dataclass
+class RunningMoments:
+    """Running mean and variance of scores over all batches seen (Chan et al.'s parallel update), to
+    normalise rewards across batches; a checkpoint keeps its state."""
+
+    count: float = 0.0
+    mean: float = 0.0
+    m2: float = 0.0  # sum of squared deviations from the mean
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean = float(x.mean())
+        batch_m2 = float(((x - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def shape_scores(
+    scores: torch.Tensor,
+    stopped: torch.Tensor,
+    *,
+    missing_eos_penalty: float | None,
+    clip: float | None,
+    normalize: str,
+    moments: RunningMoments,
+) -> torch.Tensor:
+    """The score the policy is trained on, from the raw source scores (B,) and whether each response
+    stopped (B,): + missing_eos_penalty where it did not (TRL's convention: a negative number), then
+    normalised ("batch": this batch's mean/std; "running": the moments of every batch so far, updated
+    here), then clipped to [-clip, clip]."""
+    s = scores.float().clone()
+    if missing_eos_penalty is not None:
+        s = torch.where(stopped.to(s.device), s, s + missing_eos_penalty)
+    if normalize == "batch" and s.numel() > 1:
+        s = (s - s.mean()) / (s.std() + 1e-8)
+    elif normalize == "running":
+        moments.update(s)
+        s = (s - moments.mean) / (moments.std + 1e-8)
+    elif normalize not in REWARD_NORMALIZATIONS:
+        raise ConfigError(f"reward normalisation {normalize!r}: expected one of {', '.join(REWARD_NORMALIZATIONS)}")
+    if clip is not None:
+        if not (clip > 0 and math.isfinite(clip)):
+            raise ConfigError(f"reward clip {clip}: expected a finite number > 0")
+        s = s.clamp(-clip, clip)
+    return s

@@ -1,0 +1,43 @@
+"""The errors a user can act on. Each is one line on the command line (`error: ...`, exit status 2, or
+the error's own `exit_status`); anything else is a bug and keeps its traceback.
+
+Imports nothing: every layer of the engine raises these.
+"""
+
+
+class EngineError(Exception):
+    """An error the user can fix (bad path, bad config, bad data); the CLI prints it as one line."""
+
+
+class ConfigError(EngineError, ValueError):
+    """A config value or model path that cannot work."""
+
+
+class DataError(EngineError, ValueError):
+    """Bad input data; the message starts with `file:line:`."""
+
+
+class FeedbackError(DataError):
+    """Bad feedback data; the message starts with `file:line:`."""
+
+
+class ConstitutionError(DataError):
+    """A bad constitution line; the message starts with `file:line:`."""
+
+
+class RewardError(EngineError):
+    """A reward source returned something that is not one finite number per response."""
+
+
+class RunLockedError(EngineError):
+    """Another live process holds OUT."""
+
+
+class CheckpointError(ConfigError):
+    """OUT/checkpoint.pt cannot be read, or was written by a different stage, config or data."""
+
+
+class NonFiniteError(EngineError):
+    """A non-finite loss, gradient norm or weight: the run stopped and kept its last good checkpoint."""
+
+    exit_status = 3  # the CLI's status for a run that started and diverged (2: bad input)

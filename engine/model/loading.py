@@ -1,0 +1,103 @@
+"""Loading a base causal LM: a preset built locally and seeded (no hub), or a save_pretrained directory;
+quantised to 4-bit NF4 through bitsandbytes or left in full precision; every base weight frozen.
+
+    python -m engine sft --model tiny-llama ...        (a MODEL_PRESETS name)
+    python -m engine sft --model path/to/model ...     (a save_pretrained directory)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .config import MODEL_PRESETS, PRESET_TOKENIZERS, StackConfig
+from .tokenizers import TOKENIZERS
+
+LM_HEAD_ROW_NORM = 2.0  # preset bases: |logit| <= 2 |h| with |h| ~ sqrt(H) after the final RMSNorm
+
+# On an avx512_bf16 CPU, importing bitsandbytes (peft and transformers do) warns that the hub's
+# "kernels-community" fused CPU gemm could not load; the stack switches that path off on every
+# Linear4bit (disable_bnb_cpu_repack), so for the engine the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def build_preset(name: str, seed: int, out_dir: str) -> None:
+    """Write a randomly initialised preset base (and its tokenizer) to out_dir with save_pretrained.
+
+    Going through save/from_pretrained makes a preset load exactly like a user's directory,
+    quantization included. The init is seeded, so (preset, seed) names the same base everywhere."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = TOKENIZERS[PRESET_TOKENIZERS.get(name, "byte")]()
+    config = LlamaConfig(
+        **MODEL_PRESETS[name], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Rows of norm LM_HEAD_ROW_NORM, as a trained model's output layer has: the default init
+        # (std 0.02) caps |logit| at |h| |w_v| ~ 0.16 sqrt(H) after the final norm, so a LoRA policy over
+        # the frozen head could not make any distribution peaked (SFT and PPO on a preset would not learn).
+        w = model.get_output_embeddings().weight
+        w.mul_(LM_HEAD_ROW_NORM / w.norm(dim=1, keepdim=True))
+    # Under torch.distributed transformers writes checkpoint files on rank 0 only; every rank builds its
+    # own copy of the preset in its own temporary directory, so every rank writes.
+    model.should_save_on_this_rank = lambda is_main_process: True
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+def disable_bnb_cpu_repack(model: nn.Module) -> int:
+    """Turn off bitsandbytes' avx512-bf16 weight repack on every Linear4bit; returns how many.
+
+    On a CPU with avx512_bf16 the first eval-mode no-grad forward of a Linear4bit repacks its weight
+    in place, and later backward passes through that layer lose the input gradient: LoRA grads
+    upstream of it come back wrong or None, silently (tests/test_stack.py reproduces it by forcing
+    the flag on)."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) for config.model, quantized as configured, every base weight frozen."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    with contextlib.ExitStack() as stack:
+        path = config.model
+        if config.model in MODEL_PRESETS:
+            path = stack.enter_context(tempfile.TemporaryDirectory(prefix="engine-preset-"))
+            build_preset(config.model, config.seed, path)
+        elif not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"model {path!r}: no config.json (expected a save_pretrained directory)")
+        kwargs = dict(dtype=dtype, device_map={"": str(device)} if device.type == "cuda" else "cpu")
+        if config.quantization == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model {config.model!r}: cannot load ({str(e).splitlines()[0]})") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if config.quantization == "nf4":
+        disable_bnb_cpu_repack(model)
+    model.requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,282 @@
+"""The main job: the whole RLHF story end to end on ONE base (`python -m engine pipeline`, `make run`).
+
+    python -m engine pipeline [--quick] [--out runs/pipeline] [--model DIR] [--data FILE]
+                              [--device auto|cpu|cuda] [--seed N]
+
+Every stage is the engine's own stage (this module trains nothing itself; it wires them together):
+
+    1. sft       the policy adapter on the corpus's prompt -> reply pairs, helpful, dismissive and rude
+                 (pipeline.world), so the SFT policy answers in every register           -> OUT/sft/
+    2. feedback  n completions per training prompt from the SFT policy; the simulated labelers rank
+                 them by the hidden score plus noise, one of them backwards             -> OUT/feedback.jsonl
+    3. rm        the reward adapter + head on the consensus pairs (datasets.feedback flags the odd
+                 labeler and leaves it out)                                              -> OUT/rm/
+    4. ppo       the policy (from the SFT adapter) and value adapters against the RM, with the exact
+                 KL penalty against a frozen copy of the SFT adapter, until the held-out RM reward
+                 reaches the labelers' favourite completions' mean or the step cap       -> OUT/ppo/
+    5. eval      held-out prompts no stage trained on: the SFT policy (before) vs the PPO policy
+                 (after), scored by the hidden score, the toxicity rule and the RM       -> OUT/eval.json
+    6. report    OUT/report.json, OUT/report.md, OUT/curves.png (pipeline.report)
+
+OUT/data/ holds what the stages read: sft.jsonl, prompts.jsonl (training prompts), heldout.jsonl.
+Rerunning on the same OUT resumes: each stage resumes from its own checkpoint, or returns at once
+when it is done; OUT itself is locked while a pipeline uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..core.files import write_jsonl
+from ..core.lock import OutputLock
+from ..core.order import epoch_seed, seeded_permutation
+from ..core.progress import bar, hub_progress
+from ..datasets.feedback import consensus_ranking, load_feedback
+from ..datasets.layout import encode_prompt, format_prompt
+from ..errors import ConfigError
+from ..model.config import MODEL_PRESETS, SamplingConfig
+from ..stages.eval_config import EvalConfig
+from ..stages.ppo_config import PPOConfig
+from ..stages.rm_config import RewardConfig
+from ..stages.sft_config import SFTConfig
+from . import world
+from .pipeline_config import PipelineConfig, corpus_records, distinct_prompts, stack_config
+
+DATA_DIR = "data"
+FEEDBACK_FILE = "feedback.jsonl"
+
+
+@dataclass
+class Corpus:
+    """The prompts and SFT records of a run, split once: held-out prompts appear in no stage's data."""
+
+    train_prompts: list[str]
+    heldout_prompts: list[str]
+    sft_records: list[dict]  # {"prompt", "completion"} of the training prompts only
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage reads and writes, under OUT."""
+
+    out: str
+    sft_data: str  # OUT/data/sft.jsonl: the SFT records of the training prompts
+    prompts: str  # OUT/data/prompts.jsonl: the training prompts (PPO's)
+    heldout: str  # OUT/data/heldout.jsonl: the held-out prompts (the evaluation's)
+    feedback: str  # OUT/feedback.jsonl: what the labelers did (ranked records)
+    sft: str  # OUT/sft/, OUT/rm/, OUT/ppo/: the stages' output directories
+    rm: str
+    ppo: str
+    eval: str  # OUT/eval.json: the before/after evaluation
+
+    @classmethod
+    def under(cls, out: str) -> Paths:
+        def at(*parts: str) -> str:
+            return os.path.join(out, *parts)
+
+        return cls(out=out, sft_data=at(DATA_DIR, "sft.jsonl"), prompts=at(DATA_DIR, "prompts.jsonl"),
+                   heldout=at(DATA_DIR, "heldout.jsonl"), feedback=at(FEEDBACK_FILE), sft=at("sft"), rm=at("rm"),
+                   ppo=at("ppo"), eval=at("eval.json"))  # fmt: skip
+
+
+# ---- step 0: the corpus ------------------------------------------------------------------------------
+
+
+def split_corpus(records: list[dict], heldout: int, seed: int) -> Corpus:
+    """Distinct prompts in order of appearance; a seeded `heldout` of them (at most all but 2) held out."""
+    prompts = distinct_prompts(records)
+    k = min(heldout, len(prompts) - 2)
+    held = set(seeded_permutation(len(prompts), seed, 0, name="pipeline-split")[:k])
+    train = [p for i, p in enumerate(prompts) if i not in held]
+    train_set = set(train)
+    return Corpus(train_prompts=train, heldout_prompts=[p for i, p in enumerate(prompts) if i in held],
+                  sft_records=[r for r in records if r["prompt"] in train_set])  # fmt: skip
+
+
+def write_corpus(corpus: Corpus, paths: Paths) -> None:
+    write_jsonl(paths.sft_data, corpus.sft_records)
+    write_jsonl(paths.prompts, [{"prompt": p} for p in corpus.train_prompts])
+    write_jsonl(paths.heldout, [{"prompt": p} for p in corpus.heldout_prompts])
+
+
+# ---- the stages' configs: pure functions of the pipeline's -------------------------------------------------
+
+
+def sampling_config(config: PipelineConfig) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature)
+
+
+def _common(config: PipelineConfig, out: str) -> dict:
+    return dict(out=out, seed=config.seed, resume=config.resume, progress=config.progress)
+
+
+def sft_config(config: PipelineConfig, paths: Paths) -> SFTConfig:
+    return SFTConfig(**_common(config, paths.sft), stack=stack_config(config, ("policy",)), data=paths.sft_data,
+                     max_steps=config.sft_steps, lr=config.sft_lr, batch_size=16, micro_batch_size=16,
+                     max_length=256, eval_fraction=0.1, eval_every=50, checkpoint_every=100)  # fmt: skip
+
+
+def rm_config(config: PipelineConfig, paths: Paths) -> RewardConfig:
+    return RewardConfig(**_common(config, paths.rm), stack=stack_config(config, ("reward",)), data=paths.feedback,
+                        epochs=config.rm_epochs, lr=config.rm_lr, batch_size=16, max_length=256, eval_fraction=0.15,
+                        eval_every=5, checkpoint_every=50, exclude_flagged=True)  # fmt: skip
+
+
+def ppo_config(config: PipelineConfig, paths: Paths, threshold: float | None) -> PPOConfig:
+    return PPOConfig(
+        **_common(config, paths.ppo), stack=stack_config(config, ("policy", "value")), prompts=paths.prompts,
+        eval_fraction=0.25, init_adapter=paths.sft, reference="init", reward_model=paths.rm, reward_max_length=256,
+        reward_normalization="running",  # the RM's scale is arbitrary: kl_coef weighs KL against unit-variance scores
+        sampling=sampling_config(config), rollout_batch_size=config.rollout_batch_size, forward_batch_size=32,
+        minibatch_size=min(8, config.rollout_batch_size), micro_batch_size=min(8, config.rollout_batch_size), ppo_epochs=2, lr=config.ppo_lr, vf_coef=0.5, kl_coef=config.kl_coef,
+        max_steps=config.ppo_steps, eval_every=5, reward_threshold=threshold, checkpoint_every=10,
+    )  # fmt: skip
+
+
+def eval_config(config: PipelineConfig, paths: Paths) -> EvalConfig:
+    return EvalConfig(policy=paths.ppo, prompts=paths.heldout, out=paths.eval, reward_model=paths.rm,
+                      reward_fn=(world.SCORE_FN, world.TOXICITY_FN), sampling=sampling_config(config), max_prompts=10**6,
+                      samples=config.eval_samples, show=3, seed=config.seed, device=config.device,
+                      progress=config.progress)  # fmt: skip
+
+
+# ---- step 2: the simulated labelers ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect_feedback(config: PipelineConfig, paths: Paths, prompts: list[str]) -> dict:
+    """n completions per prompt from the SFT policy, ranked by the simulated labelers; records with
+    fewer than two distinct completions carry no preference and are left out. Writes OUT/feedback.jsonl."""
+    from ..model.generation import sample
+    from ..model.stack import ModelStack
+
+    stack = ModelStack.from_saved(paths.sft, device=config.device).eval()
+    n, batch = config.samples_per_prompt, 16
+    seed = epoch_seed(config.seed, 0, "pipeline/feedback")
+    records, single = [], 0
+    starts = range(0, len(prompts), batch)
+    progress = bar(len(starts), "feedback", enabled=config.progress)
+    for start in starts:
+        chunk = prompts[start : start + batch]
+        prompt_ids = [encode_prompt(stack.tokenizer, format_prompt(p)) for p in chunk]
+        s = sample(stack, prompt_ids, sampling_config(config), adapter="policy", samples_per_prompt=n, seed=seed,
+                   keys=list(range(start, start + len(chunk))))  # fmt: skip
+        progress.update()
+        for i, prompt in enumerate(chunk):
+            completions = list(dict.fromkeys(s.responses[i * n : (i + 1) * n]))  # distinct, in order
+            if len(completions) < 2:
+                single += 1
+                continue
+            label_seed = epoch_seed(config.seed, start + i, "pipeline/labelers")
+            records.append(world.label(prompt, completions, seed=label_seed, noise=config.labeler_noise))
+    progress.close()
+    if not records:
+        raise ConfigError("the SFT policy gave one distinct completion per prompt: nothing for the labelers to rank "
+                          "(raise temperature or samples_per_prompt)")  # fmt: skip
+    write_jsonl(paths.feedback, records)
+    return {"records": len(records), "completions": sum(len(r["completions"]) for r in records),
+            "prompts_without_choice": single}  # fmt: skip
+
+
+@torch.no_grad()
+def favourite_reward(config: PipelineConfig, paths: Paths) -> float:
+    """The RM's mean score of each record's consensus-best completion: PPO stops once its held-out
+    reward reaches it (the policy answers as well as the labelers' favourite of n SFT samples)."""
+    from ..algos.rewards import StackReward
+    from ..model.stack import ModelStack
+
+    records = load_feedback(paths.feedback)
+    stack = ModelStack.from_saved(paths.rm, device=config.device).eval()
+    best = []
+    for r in records:
+        ranks = consensus_ranking(r.rankings)
+        best.append(r.completions[ranks.index(min(ranks))])
+    scores = StackReward(stack, max_length=256).score([r.prompt for r in records], best)
+    return float(scores.double().mean())
+
+
+# ---- the pipeline ---------------------------------------------------------------------------------------
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    """Every stage in order; returns the report (also written to OUT/report.json, .md and curves.png)."""
+    config.validate()
+    os.makedirs(config.out, exist_ok=True)
+    lock = OutputLock(config.out)
+    lock.acquire()
+    try:
+        # transformers' own bars (each stage writes and loads a preset base) only for a user's model, whose load is long
+        with hub_progress(config.progress and config.model not in MODEL_PRESETS):
+            return _run(config, Paths.under(config.out))
+    finally:
+        lock.release()
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _run(config: PipelineConfig, paths: Paths) -> dict:
+    from ..stages.eval import evaluate
+    from ..stages.ppo import train_ppo
+    from ..stages.rm import train_reward_model
+    from ..stages.sft import train_sft
+    from .report import build_report, number, write_report
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    # step 0. the corpus, split once into training and held-out prompts
+    corpus = split_corpus(corpus_records(config), config.heldout_prompts, config.seed)
+    write_corpus(corpus, paths)
+
+    # step 1. SFT: the policy adapter learns every register of reply
+    sft = train_sft(sft_config(config, paths))
+    seconds["sft"] = time.perf_counter() - t
+    _say(f"[1/6] sft: {sft.steps} steps on {sft.train_examples} examples, held-out loss "
+         f"{number(sft.eval_loss_start)} -> {number(sft.eval_loss)} ({seconds['sft']:.1f} s)")  # fmt: skip
+
+    # step 2. the labelers rank n SFT completions per training prompt
+    t = time.perf_counter()
+    if config.resume and os.path.isfile(paths.feedback):  # written atomically: complete, from this SFT run
+        records = load_feedback(paths.feedback)
+        feedback = {"records": len(records), "completions": sum(len(r.completions) for r in records), "reused": True}
+    else:
+        feedback = collect_feedback(config, paths, corpus.train_prompts)
+    seconds["feedback"] = time.perf_counter() - t
+    _say(f"[2/6] feedback: {len(world.LABELERS)} labelers ranked {feedback['completions']} completions of "
+         f"{feedback['records']} prompts -> {paths.feedback} ({seconds['feedback']:.1f} s)")  # fmt: skip
+
+    # step 3. the reward model on the consensus pairs
+    t = time.perf_counter()
+    rm = train_reward_model(rm_config(config, paths))
+    threshold = favourite_reward(config, paths)
+    seconds["rm"] = time.perf_counter() - t
+    _say(f"[3/6] rm: {rm.steps} steps on {rm.train_pairs} pairs, held-out accuracy {number(rm.eval_accuracy)}; "
+         f"flagged labelers: {', '.join(rm.flagged_labelers) or 'none'} ({seconds['rm']:.1f} s)")  # fmt: skip
+
+    # step 4. PPO against the RM, KL to the frozen SFT adapter
+    t = time.perf_counter()
+    ppo = train_ppo(ppo_config(config, paths, threshold))
+    seconds["ppo"] = time.perf_counter() - t
+    stop = "reward threshold reached" if ppo.stopped_at_threshold else "step cap"
+    _say(f"[4/6] ppo: {ppo.steps} steps ({stop}; threshold {threshold:.3f}), held-out RM reward "
+         f"{number(ppo.eval_reward_mean)} ({seconds['ppo']:.1f} s)")  # fmt: skip
+
+    # step 5. before / after on the held-out prompts
+    t = time.perf_counter()
+    ev = evaluate(eval_config(config, paths))
+    seconds["eval"] = time.perf_counter() - t
+    _say(f"[5/6] eval: {ev['prompts']} held-out prompts x {ev['samples_per_prompt']} samples, SFT vs PPO "
+         f"({seconds['eval']:.1f} s)")  # fmt: skip
+
+    # step 6. the report
+    report = build_report(config, ev, sft=sft, rm=rm, ppo=ppo, feedback=feedback, threshold=threshold,
+                          seconds=seconds, corpus=corpus, paths=paths)  # fmt: skip
+    files = write_report(report, paths)
+    _say(f"[6/6] report: {', '.join(files)}")
+    return report
+

@@ -1,0 +1,187 @@
+"""The pipeline's report: OUT/report.json (the numbers), OUT/report.md (the before/after table, the
+stages, the labelers, the memory line and a few completions side by side) and OUT/curves.png (reward,
+KL and entropy over the PPO steps; the reward model's held-out accuracy over its steps).
+
+Pure functions of the stages' results and metrics files; matplotlib only for the figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+from importlib import metadata
+
+from ..core.files import atomic_write, read_metrics, write_json
+from .world import SCORE_FN, TOXICITY_FN
+
+VERSIONED = ("torch", "transformers", "peft", "bitsandbytes", "rlhf-engine")
+
+
+def versions() -> dict:
+    """python and the installed versions of the packages a run's numbers depend on."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+# The before/after rows: report key, label, the eval source or field it comes from.
+METRICS = (
+    ("true_score", "true score (hidden rule, mean)", SCORE_FN),
+    ("rm_reward", "reward model score (mean)", "rm"),
+    ("toxicity_rate", "toxicity rate (share of rude replies)", TOXICITY_FN),
+    ("kl", "KL to the SFT policy (nats per response)", None),
+    ("response_length", "response length (tokens)", None),
+)
+
+
+def side(row: dict) -> dict:
+    """One side (before or after) of an `engine eval` result as the report's five numbers."""
+    return {key: row["scores"][source] if source else row[key] for key, _, source in METRICS}
+
+
+def memory_line(memory: dict) -> dict:
+    """Bytes of the one base vs bytes of every adapter and head together (from stack.memory_report)."""
+    parts = {k: v["bytes"] for k, v in memory.items() if k != "total"}
+    extra = sum(v for k, v in parts.items() if k != "base")
+    return {"base_bytes": parts["base"], "adapters_and_heads_bytes": extra, "parts": parts}
+
+
+def build_report(config, ev: dict, *, sft, rm, ppo, feedback: dict, threshold: float, seconds: dict, corpus,
+                 paths) -> dict:  # fmt: skip
+    """The report as plain data (what report.json holds)."""
+    import torch
+
+    from ..core.device import resolve_device
+
+    before, after = side(ev["before"]), side(ev["after"])
+    with open(os.path.join(paths.rm, "labelers.json"), encoding="utf-8") as f:
+        labelers = json.load(f)
+    device = resolve_device(config.device).type
+    return {
+        "before": before,
+        "after": after,
+        "change": {k: after[k] - before[k] for k in before},
+        "prompts": {"train": len(corpus.train_prompts), "heldout": len(corpus.heldout_prompts),
+                    "samples_per_heldout_prompt": ev["samples_per_prompt"]},  # fmt: skip
+        "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "total_seconds": round(sum(seconds.values()), 2),
+        "sft": {"steps": sft.steps, "train_examples": sft.train_examples, "heldout_loss_start": sft.eval_loss_start,
+                "heldout_loss": sft.eval_loss},  # fmt: skip
+        "feedback": feedback,
+        "labelers": {"flagged": rm.flagged_labelers,
+                     "kendall_tau": {name: rep["tau"] for name, rep in labelers.items()}},  # fmt: skip
+        "rm": {"steps": rm.steps, "train_pairs": rm.train_pairs, "heldout_pairs": rm.eval_pairs,
+               "heldout_accuracy": rm.eval_accuracy},  # fmt: skip
+        "ppo": {"steps": ppo.steps, "stopped_at_threshold": ppo.stopped_at_threshold, "reward_threshold": threshold,
+                "heldout_rm_reward": ppo.eval_reward_mean},  # fmt: skip
+        "memory": memory_line(ppo.memory),
+        "samples": ev["samples"],
+        "model": config.model,
+        "device": device if device == "cpu" else f"cuda ({torch.cuda.get_device_name()})",
+        "date": datetime.date.today().isoformat(),
+        "versions": versions(),
+        "config": dataclasses.asdict(config),
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def format_table(report: dict) -> str:
+    """The before/after table as Markdown (also what the CLI prints at the end)."""
+    lines = ["| | before (SFT) | after (PPO) | change |", "|---|---:|---:|---:|"]
+    for key, label, _ in METRICS:
+        b, a, c = report["before"][key], report["after"][key], report["change"][key]
+        lines.append(f"| {label} | {b:.3f} | {a:.3f} | {c:+.3f} |")
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict) -> str:
+    m, p = report["memory"], report["prompts"]
+    lab = report["labelers"]
+    taus = ", ".join(f"{name} {tau:+.2f}" for name, tau in lab["kendall_tau"].items())
+    lines = [
+        "# RLHF pipeline report", "",
+        f"{report['model']} on {report['device']}, seed {report['config']['seed']}, {report['date']}: "
+        f"{p['train']} training prompts, {p['heldout']} held-out prompts x {p['samples_per_heldout_prompt']} "
+        "completions per policy.", "",
+        format_table(report), "",
+        "## Stages", "",
+        "| stage | seconds | |", "|---|---:|---|",
+        f"| sft | {report['stage_seconds']['sft']:.1f} | {report['sft']['steps']} steps, held-out loss "
+        f"{number(report['sft']['heldout_loss_start'])} -> {number(report['sft']['heldout_loss'])} |",
+        f"| feedback | {report['stage_seconds']['feedback']:.1f} | {report['feedback']['completions']} completions "
+        f"of {report['feedback']['records']} prompts ranked by the labelers |",
+        f"| rm | {report['stage_seconds']['rm']:.1f} | {report['rm']['steps']} steps on {report['rm']['train_pairs']} "
+        f"pairs, held-out accuracy {number(report['rm']['heldout_accuracy'])} |",
+        f"| ppo | {report['stage_seconds']['ppo']:.1f} | {report['ppo']['steps']} steps, "
+        f"{'stopped at the reward threshold' if report['ppo']['stopped_at_threshold'] else 'step cap'} "
+        f"({report['ppo']['reward_threshold']:.3f}) |",
+        f"| eval | {report['stage_seconds']['eval']:.1f} | |", "",
+        f"Labelers (Kendall tau with the consensus): {taus}; flagged and left out: "
+        f"{', '.join(lab['flagged']) or 'none'}.", "",
+        f"Memory: the one base {_mib(m['base_bytes'])}; every adapter and head together "
+        f"{_mib(m['adapters_and_heads_bytes'])} ({', '.join(k for k in m['parts'] if k != 'base')}).", "",
+        "![curves](curves.png)", "",
+        "## Held-out completions, before and after", "",
+    ]  # fmt: skip
+    for s in report["samples"]:
+        lines += [f"**{s['prompt']}**", "", f"- before: {json.dumps(s['before'])}",
+                  f"- after: {json.dumps(s['after'])}", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def number(x: float | None) -> str:
+    """A metric that a stage may not have produced (no held-out data): 3 decimals, or n/a."""
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def plot_curves(ppo_metrics: list[dict], rm_metrics: list[dict], threshold: float | None, path: str) -> None:
+    """curves.png: PPO reward (train and held-out), KL and entropy per step; RM held-out accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(rows, key):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        return [s for s, _ in pts], [v for _, v in pts]
+
+    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+    steps, values = series(ppo_metrics, "reward_mean")
+    ax[0, 0].plot(steps, values, label="rollout")
+    steps, values = series(ppo_metrics, "eval_reward_mean")
+    ax[0, 0].plot(steps, values, "o-", label="held-out")
+    if threshold is not None:
+        ax[0, 0].axhline(threshold, ls="--", c="gray", label="threshold")
+    ax[0, 0].set(title="PPO: reward model score", xlabel="step")
+    ax[0, 0].legend()
+    for a, key, title in ((ax[0, 1], "kl", "PPO: exact KL to the SFT policy (per response)"),
+                          (ax[1, 0], "entropy", "PPO: policy entropy (per token)")):  # fmt: skip
+        a.plot(*series(ppo_metrics, key))
+        a.set(title=title, xlabel="step")
+    steps, values = series(rm_metrics, "eval_accuracy")
+    ax[1, 1].plot(steps, values, "o-")
+    ax[1, 1].set(title="reward model: held-out pairwise accuracy", xlabel="step", ylim=(0, 1))
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_report(report: dict, paths) -> list[str]:
+    """OUT/report.json, OUT/report.md, OUT/curves.png; returns their paths."""
+    out = paths.out
+    files = [os.path.join(out, name) for name in ("report.json", "report.md", "curves.png")]
+    write_json(files[0], report)
+    md = format_markdown(report)
+    atomic_write(files[1], lambda f: f.write(md.encode()))
+    plot_curves(read_metrics(os.path.join(paths.ppo, "metrics.jsonl")),
+                read_metrics(os.path.join(paths.rm, "metrics.jsonl")), report["ppo"]["reward_threshold"], files[2])  # fmt: skip
+    return files

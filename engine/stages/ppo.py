@@ -1,0 +1,312 @@
+"""PPO with a KL penalty, on ONE shared (4-bit) base (Ziegler et al. 2019; Stiennon et al. 2020;
+Ouyang et al. 2022; PPO: Schulman et al. 2017).
+
+    python -m engine ppo --preset tiny --reward-fn MODULE:FUNCTION --out runs/ppo
+
+One base model serves every role: the LoRA policy and the value adapter + head train; the reference
+is the bare base (adapters off) or a frozen copy of the starting adapter; the reward is the `reward`
+adapter + head of an `engine rm` output on the same base, or an outside source (algos.rewards).
+Each step of `train_ppo`:
+
+    1. prompts      this step's prompts (a seeded order over the training prompts), this rank's share
+    2. generate     k responses per prompt from the policy (algos.rollout, model.generation)
+    3. score        the reward source, then shaped (missing-EOS penalty, normalisation, clipping)
+    4. forward      old log-probs, entropy, exact KL and reference log-probs straight from hidden
+                    states (rlhf_kernels.linear_token_stats / linear_logprobs: no [N, V] logits), values
+    5. rewards      the score at the last token - beta * KL_t (or the KL goes into the loss instead)
+    6. advantages   the estimator named by --advantage (algos.advantages): rlhf_kernels.gae, then
+                    rlhf_kernels.masked_whiten; or, critic-free (grpo / drgrpo / rloo), each response's
+                    reward against its group's (no value adapter)
+    7. optimise     PPO epochs x minibatches (x micro-batches) of algos.losses.ppo_micro_loss: ppo_loss
+                    + vf_coef * value_loss - ent_coef * entropy (+ beta * KL with kl_in="loss"), per loss_agg
+    8. KL control   fixed beta, or adapted towards target_kl
+    9. log          metrics row, held-out evaluation, stop at the reward threshold, checkpoint
+
+Letters: B sequences of this rank's rollout, P prompt tokens (left-padded), R response positions, H
+hidden, V vocabulary. Per-token tensors live on the response grid (B, R): position j is the j-th
+response token, whose log-prob and value come from the hidden state right before it (column P - 1 + j).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels as kernels
+
+from ..algos.advantages import estimate_advantages, explained_variance
+from ..algos.kl import KLController, assign_rewards, mean_penalty_kl
+from ..algos.losses import minibatch_weights, ppo_micro_loss
+from ..algos.rewards import ClassifierReward, FunctionReward, RunningMoments, StackReward
+from ..algos.rollout import Trajectory, forward_stats, rollout, row_offset, score
+from ..core.device import peak_memory_mib, reset_peak_memory, resolve_device, sync_time
+from ..core.distributed import Dist, init_distributed
+from ..core.files import write_jsonl
+from ..core.order import seeded_permutation
+from ..core.run import Run, StageResult
+from ..datasets.corpus import embedded_prompts
+from ..datasets.prompts import EVAL_PROMPTS_FILE, heldout_split, load_prompts
+from .ppo_config import PPOConfig
+
+EVAL_SEED_OFFSET = 1_000_003  # held-out evaluations sample from their own stream (the same at every evaluation)
+METRIC_KEYS = (
+    "reward_mean", "reward_std", "kl", "kl_k3", "entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
+    "vf_clipfrac", "explained_variance", "response_length", "eos_fraction", "beta", "grad_norm", "tokens_per_s",
+    "time_generate_s", "time_score_s", "time_logprobs_s", "time_train_s", "peak_mem_mib",
+)  # fmt: skip
+
+
+# ---- building the stack and the reward ------------------------------------------------------------
+
+
+def build_stack(config: PPOConfig):
+    """The one stack for every role, and the reward sources [(name, source, weight)]. The policy
+    starts from init_adapter when given, and the reference is a frozen copy of it when
+    reference_mode == "init"; a value adapter (or head) exists only for GAE."""
+    from ..model.stack import ModelStack
+
+    adapters = ["policy"]
+    value_mode = config.stack.value_mode
+    if config.critic and value_mode == "adapter":
+        adapters.append("value")
+    if not config.critic:
+        value_mode = "adapter"  # and no value adapter: no value head either
+    if config.reward_model:
+        adapters.append("reward")
+    if config.reference_mode == "init":
+        adapters.append("reference")
+    stack = ModelStack.build(dataclasses.replace(config.stack, adapters=tuple(adapters), value_mode=value_mode))
+    sources = []
+    if config.reward_model:  # the bases match (validate)
+        stack.load_roles(config.reward_model, roles=("reward",))
+        sources.append(StackReward(stack, max_length=config.reward_max_length, batch_size=config.forward_batch_size))
+    if config.reward_classifier:
+        sources.append(ClassifierReward(config.reward_classifier, resolve_device(config.stack.device),
+                                        positive_label=config.reward_positive_label or None,
+                                        max_length=config.reward_max_length, batch_size=config.forward_batch_size))
+    sources += [FunctionReward(spec) for spec in config.reward_fn]
+    weights = config.reward_weights or (1.0,) * len(sources)
+    stack.init_policy(config.init_adapter, frozen_reference=config.reference_mode == "init")
+    stack.set_trainable(*trained_roles(config))
+    return stack, [(s.name, s, w) for s, w in zip(sources, weights)]
+
+
+def trained_roles(config: PPOConfig) -> tuple[str, ...]:
+    return ("policy", "value") if config.critic else ("policy",)
+
+
+def prompt_split(config: PPOConfig) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts): the prompt file (or the embedded prompts), whole prompts
+    held out by a seeded shuffle, eval_fraction of them (at least one stays for training)."""
+    prompts = load_prompts(config.prompts) if config.prompts else embedded_prompts()
+    return heldout_split(prompts, config.eval_fraction, config.seed, config.eval_prompts)
+
+
+def step_prompts(n: int, batch: int, seed: int, step: int) -> list[int]:
+    """Indices (into the training prompts) of step `step`'s prompts: the seeded epoch orders laid end
+    to end, `batch` items per step across epoch boundaries (every step gets a full batch); a pure
+    function of (n, batch, seed, step)."""
+    first = step * batch
+    out, perms = [], {}
+    for g in range(first, first + batch):
+        epoch, pos = divmod(g, n)
+        if epoch not in perms:
+            perms[epoch] = seeded_permutation(n, seed, epoch, name="prompts")
+        out.append(perms[epoch][pos])
+    return out
+
+
+# ---- step 7: optimisation -------------------------------------------------------------------------
+
+
+def optimise(stack, traj: Trajectory, config: PPOConfig, beta: float, run: Run, optimizer, params, dist: Dist,
+             step: int) -> dict:  # fmt: skip
+    """Step 7: ppo_epochs passes; each a seeded permutation of the GLOBAL batch cut into minibatches
+    (one optimizer step each); this rank trains its own rows of each minibatch in micro-batches."""
+    B = traj.input_ids.shape[0]
+    G = int(dist.sum_floats(float(B))[0])  # sequences of every rank
+    start = row_offset(B, dist)
+    totals: dict[str, float] = {}
+    grad_norms = []
+    for epoch in range(config.ppo_epochs):
+        perm = seeded_permutation(G, config.seed, step * config.ppo_epochs + epoch, name="minibatches")
+        for mb0 in range(0, G, config.minibatch_size):
+            mine = [g - start for g in perm[mb0 : mb0 + config.minibatch_size] if start <= g < start + B]
+            idx = torch.tensor(mine, dtype=torch.long, device=traj.mask.device)
+            weights, n_total = minibatch_weights(traj, idx, config, dist)
+            optimizer.zero_grad(set_to_none=True)
+            for part in torch.arange(len(idx), device=idx.device).split(config.micro_batch_size):
+                loss, stats = ppo_micro_loss(stack, traj.rows(idx[part]), traj.prompt_length, config, beta,
+                                             weights[part], n_total)  # fmt: skip
+                run.check_finite(loss=loss.detach())
+                loss.backward()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+            dist.reduce_gradients(params)
+            grad_norms.append(run.optimizer_step(optimizer, params, config.max_grad_norm))
+    n_mb = config.ppo_epochs * math.ceil(G / config.minibatch_size)
+    summed = dist.sum_floats(*totals.values()) if totals else []
+    out = {k: v / n_mb for k, v in zip(totals, summed)}
+    out["grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+    return out
+
+
+# ---- step 9: metrics and evaluation ----------------------------------------------------------------
+
+
+def rollout_metrics(traj: Trajectory, config: PPOConfig, dist: Dist) -> dict:
+    """Global means over the step's sequences and tokens (sums and counts reduced over ranks)."""
+    m = traj.mask.float()
+    k3 = kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind="k3", backend=config.backend) * m
+    raw = traj.raw_scores.double()
+    n, tokens, s, s2, kl, kl3, ent, eos = dist.sum_floats(
+        float(len(raw)), float(m.sum()), float(raw.sum()), float((raw**2).sum()), float(traj.kl_exact.sum()),
+        float(k3.sum()), float(traj.entropy.sum()), float(traj.stopped.float().sum()),
+    )  # fmt: skip
+    var = max(s2 / n - (s / n) ** 2, 0.0) * n / max(n - 1, 1)
+    row = {
+        "reward_mean": s / n, "reward_std": math.sqrt(var),
+        "kl": kl / n,  # exact KL(policy || reference) summed over a response, mean over responses
+        "kl_k3": kl3 / n,  # the same with Schulman's k3 estimate per token
+        "entropy": ent / max(tokens, 1), "response_length": tokens / n, "eos_fraction": eos / n,
+    }  # fmt: skip
+    for name, scores in traj.source_scores.items():
+        row[f"reward/{name}"] = dist.sum_floats(float(scores.double().sum()))[0] / n
+    if config.critic:
+        values, returns = dist.gather_rows(traj.old_values), dist.gather_rows(traj.returns)
+        row["explained_variance"] = explained_variance(values, returns, dist.gather_rows(traj.mask, fill=False))
+    else:  # share of groups whose responses all scored the same (no learning signal)
+        row["frac_reward_zero_std"] = dist.sum_floats(float(traj.zero_std.float().sum()))[0] / n
+    return row
+
+
+def evaluate_rollout(stack, prompts: list[str], sources: list, config: PPOConfig, dist: Dist, *,
+                     adapter="policy") -> dict:  # fmt: skip
+    """Mean (weighted) score and response length of `adapter`'s responses to the held-out prompts
+    (sampled as in training, from a fixed seed: every evaluation sees the same draws); this rank's
+    share of the prompts."""
+    if not prompts:
+        return {}
+    share = dist.share(len(prompts))
+    mine = prompts[share]
+    n, s, length = 0.0, 0.0, 0.0
+    if mine:
+        traj = rollout(stack, mine, list(range(share.start, share.stop)), config.sampling,
+                       seed=config.seed + EVAL_SEED_OFFSET, adapter=adapter)  # fmt: skip
+        scores = sum(w * src.score(traj.prompts, traj.responses).double() for _, src, w in sources)
+        n, s, length = float(len(scores)), float(scores.sum()), float(traj.mask.sum())
+    n, s, length = dist.sum_floats(n, s, length)
+    return {"eval_reward_mean": s / n, "eval_response_length": length / n}
+
+
+class Progress:
+    """What the run remembers besides weights: whether it stopped at the reward threshold."""
+
+    def __init__(self):
+        self.stopped_at: int | None = None
+        self.eval_reward: float | None = None
+
+    def state_dict(self) -> dict:
+        return {"stopped_at": self.stopped_at, "eval_reward": self.eval_reward}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stopped_at, self.eval_reward = state["stopped_at"], state["eval_reward"]
+
+
+@dataclass
+class PPOResult(StageResult):
+    stopped_at_threshold: bool  # the held-out reward reached reward_threshold
+    eval_reward_mean: float | None  # the last held-out evaluation
+    train_prompts: int
+    eval_prompts: int
+    memory: dict  # stack.memory_report(): the one base vs each adapter and head (parameters, bytes)
+
+
+# ---- the trainer -----------------------------------------------------------------------------------
+
+
+def train_ppo(config: PPOConfig) -> PPOResult:
+    """PPO from `config`; see the module docstring for the steps and the command."""
+    dist = init_distributed()
+    with Run("ppo", config, progress_keys=("reward_mean", "kl"), main=dist.main) as run:
+        train_prompts, eval_prompts = prompt_split(config)
+        if dist.main:  # the held-out prompts beside the adapters: `engine eval --policy OUT` answers them
+            write_jsonl(run.path(EVAL_PROMPTS_FILE), [{"prompt": p} for p in eval_prompts])
+        stack, sources = build_stack(config)
+        stack.train(True)
+        device = stack.device
+        roles = trained_roles(config)
+        params = [p for role in roles for p in stack.role_parameters(role)]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        kl_ctl = KLController(config.beta, config.target_kl, config.kl_horizon)
+        moments, progress = RunningMoments(), Progress()
+        run.data_order(len(train_prompts), config.rollout_batch_size, name="prompts")  # recorded and vetted
+        run.track(weights=[(n, p) for role in roles for n, p in stack.named_role_parameters(role)],
+                  optimizer=optimizer, kl_ctl=kl_ctl, moments=moments, progress=progress)  # fmt: skip
+        start = run.resume()
+        if start == 0:
+            run.log(0, evaluate_rollout(stack, eval_prompts, sources, config, dist))
+
+        for step in run.steps(config.max_steps):
+            if progress.stopped_at is not None:
+                break
+            t0 = sync_time(device)
+            reset_peak_memory(device)
+            # step 1. this step's prompts (global indices name their randomness), this rank's share
+            idx = step_prompts(len(train_prompts), config.rollout_batch_size, config.seed, step)
+            share = dist.share(len(idx))
+            keys = [step * config.rollout_batch_size + i for i in range(share.start, share.stop)]
+            # step 2. generate
+            traj = rollout(stack, [train_prompts[i] for i in idx[share]], keys, config.sampling,
+                           samples_per_prompt=config.samples_per_prompt, seed=config.seed)  # fmt: skip
+            t1 = sync_time(device)
+            # step 3. score
+            score(traj, sources, config, moments, dist)
+            t2 = sync_time(device)
+            # step 4. log-probs, entropy, KL and values, no grad
+            forward_stats(stack, traj, config)
+            # step 5. per-token rewards
+            beta = kl_ctl.beta
+            assign_rewards(traj, config, beta)
+            # step 6. advantages and returns
+            estimate_advantages(traj, config, dist)
+            t3 = sync_time(device)
+            # step 7. PPO epochs over minibatches
+            train_stats = optimise(stack, traj, config, beta, run, optimizer, params, dist, step)
+            t4 = sync_time(device)
+            # step 8. KL control, from the mean KL of the step's responses
+            row = rollout_metrics(traj, config, dist)
+            n_seq = int(dist.sum_floats(float(len(traj.responses)))[0])
+            kl_ctl.update(row["kl"] if config.kl_estimator == "exact" else mean_penalty_kl(traj, dist), n_seq)
+            # step 9. metrics, evaluation, stop, checkpoint
+            tokens = row["response_length"] * n_seq
+            row.update(train_stats)
+            row.update(beta=beta, lr=config.lr, tokens_per_s=tokens / max(t4 - t0, 1e-9),
+                       time_generate_s=t1 - t0, time_score_s=t2 - t1, time_logprobs_s=t3 - t2,
+                       time_train_s=t4 - t3, peak_mem_mib=peak_memory_mib(device))  # fmt: skip
+            done = step + 1
+            if run.due(done, config.eval_every):
+                row.update(evaluate_rollout(stack, eval_prompts, sources, config, dist))
+                progress.eval_reward = row.get("eval_reward_mean")
+                threshold = config.reward_threshold
+                if threshold is not None and progress.eval_reward is not None and progress.eval_reward >= threshold:
+                    progress.stopped_at = done
+            run.end_step(done, row, log=progress.stopped_at is not None)
+            if progress.stopped_at is not None and run.last_checkpoint != done:
+                run.checkpoint(done)
+
+        # every role's adapter and head (the reward's and the reference's too, for `engine eval`), the
+        # base named in stack.json
+        files = stack.save(config.out, roles=stack.roles) if dist.main else []
+        result = PPOResult(
+            out=config.out, steps=progress.stopped_at or max(config.max_steps, run.start), resumed_from=run.start,
+            stopped_at_threshold=progress.stopped_at is not None, eval_reward_mean=progress.eval_reward,
+            train_prompts=len(train_prompts), eval_prompts=len(eval_prompts), files=files,
+            memory=stack.memory_report(),
+        )  # fmt: skip
+        run.finish(dataclasses.asdict(result))
+    dist.barrier()
+    return result
