@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv build test run gpu-wheels gpu-check
+.PHONY: venv build test run gpu-wheels gpu-check bench-venv bench-trainers
 # The hub `kernels` package, whose import name ours must not take: tests/test_packaging.py installs our
 # wheel beside this one (skipped where it cannot be downloaded).
 HUB_KERNELS := kernels==0.17.2
@@ -30,6 +30,26 @@ $(VENV)/hub-wheels/.done: | venv
 # -P keeps the checkout's root off sys.path: the tests import the installed rlhf_kernels / rlhf_engine.
 test: build $(VENV)/hub-wheels/.done
 	$(PY) -P -m pytest -q tests
+
+# The benchmark's peer: TRL in its own virtualenv, never in ours (requirements-bench.txt). torch first
+# and alone, as above, then the same pinned stack, then TRL and what it needs.
+BENCH_VENV ?= .venv-bench
+BENCH_PIP := $(BENCH_VENV)/bin/python -m pip
+
+$(BENCH_VENV)/.installed: requirements.txt requirements-bench.txt
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_PIP) install -q --upgrade pip
+	$(BENCH_PIP) install -q torch==2.13.0
+	$(BENCH_PIP) install -q -r requirements.txt
+	$(BENCH_PIP) install -q -r requirements-bench.txt
+	touch $@
+
+bench-venv: $(BENCH_VENV)/.installed
+
+# Whole trainer steps, ours (.venv) vs TRL's (.venv-bench), side by side: `make bench-trainers
+# BENCH_ARGS="--threads 1 --json runs/trainers.jsonl"` (python -m bench trainers --help lists the flags).
+bench-trainers: build bench-venv
+	$(PY) -m bench trainers --peer-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
 
 # The main job: the whole RLHF story end to end (SFT -> labelers -> RM -> PPO -> before/after) in runs/pipeline.
 run: build

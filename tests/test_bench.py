@@ -51,7 +51,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(args):
 
 
 def test_every_op_bench_runs_and_writes_complete_rows(tmp_path):
-    own_tests = ("ppo_step", "dpo_step")  # whole-step benches, tested in test_bench / test_dpo
+    own_tests = ("ppo_step", "dpo_step", "trainers")  # whole-step benches: test_bench, test_dpo, test_bench_trainers
     ops = [o for o in bench("bench", "--list").stdout.split("ops:")[1].split() if o not in own_tests]
     assert {"logprobs", "full_kl", "token_stats", "linear_logprobs", "linear_token_stats", "gae", "ppo_loss",
             "value_loss", "whiten", "kl_penalty"} <= set(ops)  # fmt: skip
