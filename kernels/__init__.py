@@ -40,6 +40,7 @@ else:
     from rlhf_kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
     from rlhf_kernels.linear_token_stats import linear_token_stats, linear_token_stats_ref
     from rlhf_kernels.logprobs import logprobs, logprobs_ref
+    from rlhf_kernels.nf4_linear import nf4_linear, nf4_linear_ref
     from rlhf_kernels.ppo_loss import PPOStats, ppo_loss, ppo_loss_ref
     from rlhf_kernels.token_stats import token_stats, token_stats_ref
     from rlhf_kernels.value_loss import ValueStats, value_loss, value_loss_ref
@@ -48,4 +49,5 @@ else:
     __all__ = ["BACKENDS", "backends", "logprobs", "logprobs_ref", "full_kl", "full_kl_ref", "token_stats",
                "token_stats_ref", "gae", "gae_ref", "ppo_loss", "ppo_loss_ref", "PPOStats", "value_loss",
                "value_loss_ref", "ValueStats", "masked_whiten", "masked_whiten_ref", "kl_penalty", "kl_penalty_ref",
-               "linear_logprobs", "linear_logprobs_ref", "linear_token_stats", "linear_token_stats_ref"]
+               "linear_logprobs", "linear_logprobs_ref", "linear_token_stats", "linear_token_stats_ref", "nf4_linear",
+               "nf4_linear_ref"]
