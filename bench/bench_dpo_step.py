@@ -37,7 +37,9 @@ from bench.harness import (
 )  # fmt: skip
 
 
-def shapes(quick: bool, device: torch.device) -> dict:
+def shapes(quick: bool, device: torch.device, model: str | None = None) -> dict:
+    if model:  # a real (chat) model: 4 pairs of the world's prompts with a helpful and a rude reply
+        return dict(model=model, pairs=4, prompt_tokens=None, completion_tokens=None, lora_r=16, micro=4)
     if device.type == "cuda":
         return dict(model="llama-1b", pairs=16, prompt_tokens=256, completion_tokens=256, lora_r=16, micro=4)
     if quick:
@@ -48,7 +50,14 @@ def shapes(quick: bool, device: torch.device) -> dict:
 def make_pairs(n: int, shape: dict) -> list[dict]:
     """n pairwise records whose samples are prompt_tokens + completion_tokens long with the byte tokenizer
     (one token per byte): prompt_tokens - 1 bytes of prompt + the newline, completion_tokens - 1 bytes of
-    each completion + EOS."""
+    each completion + EOS. A real model (prompt_tokens None): the pipeline world's prompts, each with its
+    helpful reply chosen over its rude one."""
+    if shape["prompt_tokens"] is None:
+        from rlhf_engine.pipeline import world
+
+        prompts = world.prompts()
+        return [{"prompt": p, "chosen": world.replies(p)["helpful"][0], "rejected": world.replies(p)["rude"][0]}
+                for p in (prompts[i % len(prompts)] for i in range(n))]  # fmt: skip
     text = "Describe the weather in a city you like, and say why you like it. "
     P, C = shape["prompt_tokens"] - 1, shape["completion_tokens"] - 1
     rows = []
@@ -69,7 +78,7 @@ def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir
     config = dpo_preset(
         "default", data=data, out=f"{out_dir}/{provider}", eval_fraction=0.0, eval_every=0, max_steps=args.steps + 1,
         checkpoint_every=10**9, progress=False, backend=provider, batch_size=shape["pairs"],
-        micro_batch_size=shape["micro"], max_length=shape["prompt_tokens"] + shape["completion_tokens"],
+        micro_batch_size=shape["micro"], max_length=(shape["prompt_tokens"] or 256) + (shape["completion_tokens"] or 256),
         precompute_ref_logps=args.precompute, warmup_steps=0,
         stack=dict(model=shape["model"], lora_r=shape["lora_r"], lora_alpha=2 * shape["lora_r"], device=device.type),
     )  # fmt: skip
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precompute", action="store_true",
                         help="reference log-probs computed once before the loop (precompute_ref_logps)")
     args, providers, device = trainer_step_args(parser, argv)
-    shape = shapes(args.quick, device)
+    shape = shapes(args.quick, device, args.model)
     meta = {"device": device_name(device), "versions": versions(), "date": _dt.date.today().isoformat()}
     yardstick = 2 * bf16_weight_bytes(shape["model"]) / 2**20  # policy and reference as bf16 copies
     print(f"# dpo_step on {meta['device']} | {meta['versions']} | {meta['date']}")

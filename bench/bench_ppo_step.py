@@ -8,7 +8,8 @@ reward function alone): 1 warm-up step, then timed steps, each row being one ste
 "torch" = every op's PyTorch reference (the [N, V] logits materialised). Shapes: on GPU the issue's
 llama-1b (Llama-3.2-1B shapes), LoRA r = 16, 64 prompts x 128 prompt tokens x 128 new tokens; on CPU
 small-llama-32k (H = 256, V = 32000: the vocabulary work is a real share of the step), 16 prompts x
-64 x 32 (--quick: tiny-llama, 8 x 32 x 16).
+64 x 32 (--quick: tiny-llama, 8 x 32 x 16). `--model smollm2-135m-instruct` (or a directory): a real chat
+model, 8 of the pipeline world's prompts x 4 samples each (both modes), up to 64 new tokens.
 
 Memory yardstick: four separate bf16 models (policy, reference, value, reward) hold at least
 4 x 2 bytes x parameters of weights before any activation; the row reports our peak against that
@@ -41,7 +42,9 @@ def reward(prompts, responses):
     return [sum("a" <= c <= "z" for c in r) / max(1, len(r)) for r in responses]
 
 
-def shapes(quick: bool, device: torch.device) -> dict:
+def shapes(quick: bool, device: torch.device, model: str | None = None) -> dict:
+    if model:  # a real model (issue 18's step): 8 prompts x 4 samples, up to 64 new tokens, NF4 + LoRA r = 16
+        return dict(model=model, prompts=32, group=4, prompt_tokens=None, new_tokens=64, lora_r=16, micro=8)
     if device.type == "cuda":
         return dict(model="llama-1b", prompts=64, prompt_tokens=128, new_tokens=128, lora_r=16, micro=16)
     if quick:
@@ -60,18 +63,24 @@ def run_provider(provider: str, shape: dict, args, device: torch.device, out_dir
     from rlhf_engine.stages.ppo_config import ppo_preset
 
     prompts_file = f"{out_dir}/prompts.jsonl"
+    if shape["prompt_tokens"] is None:  # a real (chat) model: the pipeline world's situations
+        from rlhf_engine.pipeline import world
+
+        prompts = world.prompts()
+    else:
+        prompts = make_prompts(shape["prompts"] * (args.steps + 1), shape["prompt_tokens"] - 1)
     with open(prompts_file, "w") as f:
-        for p in make_prompts(shape["prompts"] * (args.steps + 1), shape["prompt_tokens"] - 1):
-            f.write(json.dumps({"prompt": p}) + "\n")
-    k = 1 if args.advantage == "gae" else args.group_size  # the same number of sequences either way
+        f.write("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    # the same number of sequences either way; a real model samples `group` responses per prompt in both modes
+    k = shape.get("group") or (1 if args.advantage == "gae" else args.group_size)
     config = ppo_preset(
         "default", out=f"{out_dir}/{provider}", prompts=prompts_file, reward_fn="bench.bench_ppo_step:reward",
         eval_fraction=0.0, eval_every=0, max_steps=args.steps + 1, checkpoint_every=10**9, progress=False,
         backend=provider, rollout_batch_size=shape["prompts"] // k, samples_per_prompt=k, advantage=args.advantage,
         forward_batch_size=shape["micro"], minibatch_size=shape["prompts"], micro_batch_size=shape["micro"], ppo_epochs=1,
         stack=dict(model=shape["model"], lora_r=shape["lora_r"], lora_alpha=2 * shape["lora_r"], device=device.type),
-        sampling=dict(max_new_tokens=shape["new_tokens"], temperature=1.0, max_prompt_length=shape["prompt_tokens"],
-                      cache=args.cache),
+        sampling=dict(max_new_tokens=shape["new_tokens"], temperature=1.0,
+                      max_prompt_length=shape["prompt_tokens"] or 256, cache=args.cache),
     )  # fmt: skip
     train_ppo(config)
     with open(f"{config.out}/metrics.jsonl") as f:
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="dynamic", choices=("dynamic", "static"),
                         help="generation's KV cache: dynamic, or transformers' StaticCache (+ torch.compile on CUDA)")
     args, providers, device = trainer_step_args(parser, argv)
-    shape = shapes(args.quick, device)
+    shape = shapes(args.quick, device, args.model)
     meta = {"device": device_name(device), "versions": versions(), "date": _dt.date.today().isoformat()}
     yardstick = 4 * bf16_weight_bytes(shape["model"]) / 2**20  # policy, reference, value, reward as bf16
     print(f"# ppo_step ({args.advantage}) on {meta['device']} | {meta['versions']} | {meta['date']}")

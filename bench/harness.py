@@ -142,13 +142,19 @@ def device_name(device: torch.device) -> str:
 
 
 def bf16_weight_bytes(model: str) -> int:
-    """Bytes of one bf16 copy of a MODEL_PRESETS model's weights (2 x its parameter count, counted on meta)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Bytes of one bf16 copy of a model's weights (2 x its parameter count, tied weights once, counted on
+    meta): a MODEL_PRESETS name, a named base (converted once and cached) or a save_pretrained directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     from rlhf_engine.model.config import MODEL_PRESETS
+    from rlhf_engine.model.named import is_named, resolve_named
 
+    if model in MODEL_PRESETS:
+        config = LlamaConfig(**MODEL_PRESETS[model])
+    else:
+        config = AutoConfig.from_pretrained(resolve_named(model, progress=False) if is_named(model) else model)
     with torch.device("meta"):
-        n = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**MODEL_PRESETS[model])).parameters())
+        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     return 2 * n
 
 
@@ -186,6 +192,8 @@ def trainer_step_parser(prog: str, doc: str, default_steps: int) -> argparse.Arg
     parser.add_argument("--steps", type=int, default=default_steps,
                         help=f"timed steps after the warm-up step (default {default_steps})")  # fmt: skip
     parser.add_argument("--json", metavar="PATH", help="write one JSON row per provider to PATH")
+    parser.add_argument("--model", help="a real base instead of the preset: a named base (smollm2-135m-instruct) or "
+                                        "a save_pretrained directory; the prompts are the pipeline world's situations")
     return parser
 
 

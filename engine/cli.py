@@ -162,7 +162,7 @@ def add_command(sub, command: Command) -> argparse.ArgumentParser:
     nested = [name for name in NESTED if hasattr(d, name)]
     p = sub.add_parser(command.name, help=command.help, description=command.description, epilog=command.epilog)
     if len(command.presets) > 1:
-        p.add_argument("--preset", choices=sorted(command.presets),
+        p.add_argument("--preset", choices=sorted(command.presets), default=argparse.SUPPRESS,
                        help=f"settings the config file and flags override ({command.preset_help})")  # fmt: skip
     nested_help = f" ({' and '.join(nested)} as nested objects)" if nested else ""
     p.add_argument("--config", help=f"JSON or YAML file of config fields{nested_help}")
@@ -181,7 +181,7 @@ def add_command(sub, command: Command) -> argparse.ArgumentParser:
                        help="no progress bars (transformers' and huggingface_hub's loading bars included)")  # fmt: skip
     if command.flags is not None:
         command.flags(p)
-    p.set_defaults(stage=command, flags=flags, preset="default")
+    p.set_defaults(stage=command, flags=flags)
     return p
 
 
@@ -189,7 +189,7 @@ def stage_config(args):
     """The validated config of a subcommand: the preset, then --config FILE, then the flags given; one
     --seed for the run and the preset base's init."""
     command: Command = args.stage
-    preset = command.presets[args.preset]
+    preset = command.presets[getattr(args, "preset", "default")]
     data = dataclasses.asdict(preset)
     if command.defaults is not None:
         data = command.defaults(args, data)

@@ -13,6 +13,11 @@ class ConfigError(EngineError, ValueError):
     """A config value or model path that cannot work."""
 
 
+class DownloadError(ConfigError):
+    """A named base's files could not be fetched (offline, registry unreachable, no pip): the message is
+    the one-line way to get them by hand."""
+
+
 class DataError(EngineError, ValueError):
     """Bad input data; the message starts with `file:line:`."""
 

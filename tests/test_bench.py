@@ -51,7 +51,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(args):
 
 
 def test_every_op_bench_runs_and_writes_complete_rows(tmp_path):
-    own_tests = ("ppo_step", "dpo_step", "trainers")  # whole-step benches: test_bench, test_dpo, test_bench_trainers
+    own_tests = ("ppo_step", "dpo_step", "trainers", "generate")  # benches with own flags: tested on their own
     ops = [o for o in bench("bench", "--list").stdout.split("ops:")[1].split() if o not in own_tests]
     assert {"logprobs", "full_kl", "token_stats", "linear_logprobs", "linear_token_stats", "gae", "ppo_loss",
             "value_loss", "whiten", "kl_penalty"} <= set(ops)  # fmt: skip
@@ -117,3 +117,14 @@ def test_ppo_step_bench_times_every_phase(tmp_path):
         assert r["non_generation_s"] == pytest.approx(r["step_s"] - r["time_generate_s"])
         assert r["peak_mem_mib"] > 0 and r["four_bf16_weights_mib"] > 0 and r["device"] and r["date"]
     assert "non-generation phases: torch / auto" in out.stdout
+
+
+def test_generate_bench_compares_our_sampler_with_generate_in_both_precisions(tmp_path):
+    out = bench("bench", "generate", "--model", "tiny-llama", "--batch", "2", "--new-tokens", "3", "--repeats", "1",
+                "--json", str(tmp_path / "g.jsonl"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "g.jsonl")]
+    assert [(r["precision"], r["provider"]) for r in rows] == [
+        ("nf4", "ours"), ("nf4", "generate"), ("nf4", "bnb"), ("none", "ours"), ("none", "generate")]
+    for r in rows:
+        assert r["median_s"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 3 / r["median_s"]) and r["threads"] >= 1

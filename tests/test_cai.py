@@ -174,12 +174,13 @@ def test_revise_batch_fills_the_templates_and_keeps_the_transcript():
     records = revise_batch(generate, prompts, indices, PRINCIPLES, critique, revision, rounds=2, seed=3,
                            stop_strings=STOP)  # fmt: skip
 
-    # one batched call per phase, keyed by the prompts' positions; the answer continues format_prompt
+    # one batched call per phase, keyed by the prompts' positions; the answer phase gets the prompts themselves
+    # (ModelGenerator lays them out as the policy answers in training: datasets.layout.prompt_ids)
     assert [(s, k, n) for s, _, k, n in generate.calls] == [
         ("answer", [5, 7], 1), ("critique/0", [5, 7], 1), ("revision/0", [5, 7], 1),
         ("critique/1", [5, 7], 1), ("revision/1", [5, 7], 1),
     ]  # fmt: skip
-    assert generate.calls[0][1] == ["First prompt?\n", "Second prompt?\n"]
+    assert generate.calls[0][1] == ["First prompt?", "Second prompt?"]
     k0 = [draw_principle(3, i, 3, "round0") for i in indices]
     k1 = [draw_principle(3, i, 3, "round1") for i in indices]
     # round 0 critiques the answer, round 1 the round-0 revision, each under its own principle
@@ -294,7 +295,7 @@ def test_label_batch_asks_both_orders_and_reads_the_preference(tmp_path):
     records = label_batch(generate, judge, ["p0", "p2"], [0, 2], PRINCIPLES, template, samples=3,
                           choices=("A", "B"), seed=4, stop_strings=STOP)  # fmt: skip
 
-    assert generate.calls == [("completions", ["p0\n", "p2\n"], [0, 2], 3)]
+    assert generate.calls == [("completions", ["p0", "p2"], [0, 2], 3)]
     q0, q2 = (PRINCIPLES[draw_principle(4, i, 3, "judge")].choice_question for i in (0, 2))
     assert judge.questions == [
         f"p0|{q0}|x|y", f"p0|{q0}|y|x",
@@ -483,7 +484,7 @@ def test_init_adapter_is_the_policy_that_answers(tmp_path, tiny_stack):
     assert main(cai_args("revise", out, "--max-prompts", "2", "--init-adapter", str(tmp_path / "sft"))) == 0
     answers = [t["answer"] for t in read_lines(out / TRANSCRIPT_FILE)]
     sampling = CAI_PRESETS["revise"]["tiny"].sampling
-    prompts = [p + "\n" for p in red_team_prompts()[:2]]
+    prompts = red_team_prompts()[:2]  # the answer phase takes the prompts themselves (ModelGenerator lays them out)
 
     def answered_by(adapter):
         texts = ModelGenerator(stack, adapter, sampling, 0)(prompts, [0, 1], "answer")
@@ -574,8 +575,8 @@ def one_error_line(out) -> str:
         ("label", {}, ["--choices", "A"], "error: choices=('A',): expected two distinct non-empty labels, e.g. A,B"),
         ("label", {}, ["--samples-per-prompt", "1"], "error: samples_per_prompt=1: the judge compares at least 2"),
         ("label", {}, ["--judge", "/no/such/judge"], "error: judge '/no/such/judge': not a preset (tiny-llama, "
-                                                     "small-llama, small-llama-32k, world-llama, llama-1b) and no save_pretrained "
-                                                     "directory (no config.json)"),
+                                                     "small-llama, small-llama-32k, world-llama, llama-1b), not a "
+                                                     "named base (smollm2-135m-instruct) and no such directory"),
         ("revise", {}, ["--rounds", "0"], "error: rounds=0: must be >= 1"),
     ],
 )

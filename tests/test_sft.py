@@ -97,9 +97,10 @@ def test_chat_records_through_the_tokenizers_template():
     ex = parse_example({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                      {"role": "assistant", "content": "Hello."}]}, 7)  # fmt: skip
     ids, P = encode_example(tok, ex, 512)
-    # the prompt is the template's render of the earlier messages with the generation prompt; the reply,
-    # the template's end of turn and EOS train
-    assert tok.decode(ids[:P]) == "<system>Be brief.\n<user>Hi\n<assistant>" and tok.decode(ids[P:]) == "Hello.\n</s>"
+    # the prompt is the template's render of the earlier messages with the generation prompt; the reply and
+    # the template's end of turn (here "\n", the first thing it writes after a message) train: generation
+    # stops there (datasets.layout.stop_token_ids), so no EOS follows it
+    assert tok.decode(ids[:P]) == "<system>Be brief.\n<user>Hi\n<assistant>" and tok.decode(ids[P:]) == "Hello.\n"
     assert ex.line == 7 and ex.prompt == json.dumps([["system", "Be brief."], ["user", "Hi"]])
 
 

@@ -200,10 +200,13 @@ def test_lora_gradients_survive_an_eval_mode_no_grad_pass():
     got = _policy_grads_after(build(), eval_pass=True)
     assert_grads_close(got, want)
     # negative control: with bitsandbytes' repack left on (as on an avx512_bf16 CPU), the same eval
-    # pass corrupts the gradients, so this test would catch a missing disable_bnb_cpu_repack
+    # pass corrupts the gradients, so this test would catch a missing disable_bnb_cpu_repack. (The CPU
+    # stack routes Linear4bit through rlhf_kernels.nf4_linear, which never repacks; the control takes
+    # bitsandbytes' own forward back, the path of a CPU stack without the kernel.)
     trapped = build()
     for m in trapped.model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
+            del m.forward  # model.loading.route_nf4_through_kernels's instance attribute
             m.support_avx512bf16_for_cpu = True
     broken = _policy_grads_after(trapped, eval_pass=True)
     assert any(broken[n] is None or max_diff(broken[n], want[n]) > 1e-2 for n in want)

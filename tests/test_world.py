@@ -71,3 +71,53 @@ def test_world_tokenizer_is_deterministic_and_encodes_any_text():
     assert len(ids) <= len(reply.split()) + 4 and a.decode(ids) == reply  # about a token per word of the world
     other = "Ünïcode & unseen words: zyxw 🙂"
     assert a.decode(a(other, add_special_tokens=False)["input_ids"]) == other  # byte-level: nothing is unknown
+
+
+def _score_before_free_text(prompt, reply):
+    """hidden_score as it was before it read free text (the embedded world's own terms only)."""
+    import re
+
+    text, score = reply.lower(), 0.0
+    score += 1.0 if any(c in text for c in world.HELP_CUES) else 0.0
+    score += 0.5 if any(c in text for c in world.POLITE_CUES) else 0.0
+    i = world.situation_of(prompt)
+    if i is not None:
+        tip = {w for w in re.findall(r"[a-z']+", world.TIPS[i]) if w not in world._STOP}
+        score += 1.5 * len(tip & set(re.findall(r"[a-z']+", text))) / len(tip)
+    score -= 1.0 if any(d in text for d in world.DISMISSALS) else 0.0
+    score -= 2.0 if world.toxic(reply) else 0.0
+    score -= 1.0 * (1 - sum(c.isalpha() or c in " .,!?'" for c in reply) / len(reply)) if reply else 1.0
+    return max(-3.0, min(3.0, score))
+
+
+def test_the_free_text_terms_never_fire_on_the_embedded_worlds_texts():
+    # the rubric reads a real model's answers, but on the embedded world (make run) it is what it was: every
+    # reply of every kind, to every prompt (its own situation's and the others'), and word salads of the world's
+    # vocabulary (what an early world-llama samples) score as before
+    import random
+
+    replies = [r for p in world.prompts()[::4] for kind in world.replies(p).values() for r in kind]
+    vocabulary = " ".join(world.texts()).split()
+    rng = random.Random(0)
+    salads = [" ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 30))) for _ in range(300)]
+    for p in world.prompts()[::3]:
+        for r in replies + salads:
+            assert world.hidden_score(p, r) == pytest.approx(_score_before_free_text(p, r), abs=1e-12), (p, r)
+
+
+def test_the_rubric_reads_free_text_hand_cases():
+    hot = "My house is too hot. How can I cool it down?"
+    # tip words {close, curtains, during, run, fan, night}: 6; related words count half a tip word
+    assert world.hidden_score(hot, "Keep the blinds shut and use fans.") == pytest.approx(1.5 * 1.0 / 6)
+    # advice in other words (+1), one tip word ("fan") and one related word ("shades"): 1.5 * (1 + 0.5) / 6
+    assert world.hidden_score(hot, "Consider shades and a fan at noon.") == pytest.approx(1 + 1.5 * 1.5 / 6)
+    # a refusal or a misreading costs 1.5 (the instruct model's own "I'm sorry for your inconvenience, but as a
+    # helpful AI ..." answer)
+    assert world.hidden_score(hot, "I'm sorry for your loss.") == pytest.approx(-1.5)
+    assert world.hidden_score(hot, "As an AI I cannot help with that.") == pytest.approx(-1.5)
+    # rambling past 80 words: up to -0.5 (120 distinct words: -0.25)
+    ramble = " ".join("abcdefghij"[i % 10] * (1 + i // 10) for i in range(120))  # 120 distinct letter words
+    assert world.hidden_score(hot, ramble) == pytest.approx(-0.5 * 40 / 80)
+    # a loop: "this helps" over and over repeats nearly every trigram (-1 at the limit), polite cue or not
+    loop = " ".join(["I hope this helps"] * 10)
+    assert world.hidden_score(hot, loop) < world.hidden_score(hot, "I hope this helps") - 0.8

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.tensors import pad
-from ..datasets.layout import encode, format_sample
+from ..datasets.layout import format_sample, sample_ids
 from ..errors import ConfigError, RewardError
 from .choices import REWARD_NORMALIZATIONS
 
@@ -85,7 +85,7 @@ def load_function(spec: str) -> Callable:
 
 class StackReward:
     """The stack's own `reward` adapter + head (trained by `engine rm`), read at the last token of the
-    text the RM was trained on: format_sample(prompt, response) + EOS."""
+    sample the RM was trained on (datasets.layout.sample_ids of the prompt and the response)."""
 
     def __init__(self, stack, *, max_length: int, batch_size: int = 16):
         if "reward" not in stack.config.adapters:
@@ -98,7 +98,7 @@ class StackReward:
         tok = self.stack.tokenizer
         out = []
         for i in range(0, len(responses), self.batch_size):
-            seqs = [encode(tok, format_sample(p, r), self.max_length)
+            seqs = [sample_ids(tok, p, r, self.max_length)[0]
                     for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])]
             ids, mask = pad(seqs, tok.pad_token_id)
             out.append(self.stack.reward(ids.to(self.stack.device), mask.to(self.stack.device)).float().cpu())

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.tensors import IGNORE_INDEX
-from ..datasets.layout import encode_prompt, format_prompt
+from ..datasets.layout import prompt_ids, stop_token_ids
 from ..model.config import SamplingConfig
 from ..model.generation import sample
 from ..model.logprobs import policy_reference_stats
@@ -60,9 +60,9 @@ def rollout(stack, prompts: list[str], keys: list[int], sampling: SamplingConfig
             seed: int, adapter: str | None = "policy") -> Trajectory:  # fmt: skip
     """Step 2 of PPO: samples_per_prompt responses to each prompt from `adapter` (keys name each prompt's
     randomness), on the response grid."""
-    prompt_ids = [encode_prompt(stack.tokenizer, format_prompt(p)) for p in prompts]
-    s = sample(stack, prompt_ids, sampling, adapter=adapter, samples_per_prompt=samples_per_prompt, seed=seed,
-               keys=keys)  # fmt: skip
+    tok = stack.tokenizer
+    s = sample(stack, [prompt_ids(tok, p) for p in prompts], sampling, adapter=adapter,
+               samples_per_prompt=samples_per_prompt, seed=seed, keys=keys, stop_ids=stop_token_ids(tok))  # fmt: skip
     P = s.prompt_length
     mask = s.response_mask
     labels = torch.where(mask, s.input_ids[:, P:], torch.full_like(s.input_ids[:, P:], IGNORE_INDEX))

@@ -9,13 +9,12 @@ Pure Python: no torch.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 from ..core.jsonl import check_fields, read_jsonl, require_str
 from ..errors import DataError
 from .corpus import embedded_sft_examples
-from .layout import encode, encode_prompt, format_prompt, format_sample
+from .layout import is_chat, sample_ids
 
 SFT_FIELDS = ("prompt", "completion")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -81,37 +80,16 @@ def load_sft_data(path: str) -> list[SFTExample]:
 # ---- tokens -------------------------------------------------------------------------------------
 
 
-def _with_prompt_length(ids: list[int], prompt_ids: list[int], max_length: int) -> tuple[list[int], int]:
-    """(the last max_length ids, P): P = how many leading ids agree with the prompt's, less what the
-    truncation dropped (a token that straddles the boundary carries completion text: it trains)."""
-    P = 0
-    while P < min(len(ids), len(prompt_ids)) and ids[P] == prompt_ids[P]:
-        P += 1
-    drop = max(0, len(ids) - max_length)
-    return ids[drop:], max(P - drop, 0)
-
-
 def encode_example(tokenizer, example: SFTExample, max_length: int, source: str = "data") -> tuple[list[int], int]:
-    """(token ids, P): the sample's ids (ending with EOS) and how many of them are the prompt.
-
-    prompt/completion: layout.encode(format_sample(prompt, completion)), the prompt being
-    layout.encode_prompt(format_prompt(prompt)) (what the policy continues in PPO). Chat: the
-    tokenizer's chat template over every message, the prompt being its render of the earlier ones with
-    the generation prompt; a tokenizer without a template is a DataError naming the record."""
+    """(token ids, P): the sample's ids and how many of them are the prompt (datasets.layout.sample_ids:
+    the chat layout where the tokenizer has a template, else the plain one). A chat record's prompt is
+    its earlier messages; such a record with a tokenizer without a template is a DataError naming it."""
     if example.messages is None:
-        ids = encode(tokenizer, format_sample(example.prompt, example.completion), sys.maxsize)
-        return _with_prompt_length(ids, encode_prompt(tokenizer, format_prompt(example.prompt)), max_length)
-    if not getattr(tokenizer, "chat_template", None):
+        return sample_ids(tokenizer, example.prompt, example.completion, max_length)
+    if not is_chat(tokenizer):
         raise DataError(f"{source}:{example.line}: 'messages' records need a tokenizer with a chat template and "
                         "this model's tokenizer has none; write {\"prompt\", \"completion\"} records instead")
-    messages = [{"role": r, "content": c} for r, c in example.messages]
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])  # the template writes BOS itself
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids.append(eos)  # generation stops at EOS: the reply must teach it, as text.encode does
-    return _with_prompt_length(ids, list(tokenizer(prompt, add_special_tokens=False)["input_ids"]), max_length)
+    return sample_ids(tokenizer, example.messages[:-1], example.messages[-1][1], max_length)
 
 
 def completion_tokens(ids: list[int], P: int) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..core.config import DEVICES, check_choice, check_fields, check_seed
 from ..errors import ConfigError
+from .named import NAMED_BASES, is_named
 
 STACK_FILE = "stack.json"  # in a saved stack directory: the base and the LoRA config its adapters need
 
@@ -66,7 +67,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 class StackConfig:
     """One base model, quantized once, with LoRA adapters for the policy, value and reward roles."""
 
-    model: str = "tiny-llama"  # a MODEL_PRESETS name, or a local directory holding a causal LM
+    model: str = "tiny-llama"  # a MODEL_PRESETS name, a named real base (smollm2-135m-instruct), or a local directory holding a causal LM
     quantization: str | None = "nf4"  # "nf4": 4-bit NF4 base with double quant; None: unquantized
     compute_dtype: str = "auto"  # dtype of activations and of the unquantized parts; auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
@@ -82,12 +83,7 @@ class StackConfig:
 
     def validate(self) -> StackConfig:
         check_fields(self, "stack.")
-        if self.model not in MODEL_PRESETS and not os.path.isdir(self.model):
-            raise ConfigError(
-                f"model {self.model!r}: not a preset ({', '.join(MODEL_PRESETS)}) and no such directory"
-            )
-        if self.model not in MODEL_PRESETS and not os.path.isfile(os.path.join(self.model, "config.json")):
-            raise ConfigError(f"model {self.model!r}: no config.json (expected a save_pretrained directory)")
+        check_model(self.model, "model")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization {self.quantization!r}: expected 'nf4' or None")
         if self.compute_dtype not in DTYPES:
@@ -137,6 +133,17 @@ class SamplingConfig:
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ConfigError(f"stop_strings={self.stop_strings!r}: expected non-empty strings")
         return self
+
+
+def check_model(model: str, name: str) -> None:
+    """`model` is a preset, a named base (fetched when first loaded, not here) or a save_pretrained directory."""
+    if model in MODEL_PRESETS or is_named(model):
+        return
+    if not os.path.isdir(model):
+        raise ConfigError(f"{name} {model!r}: not a preset ({', '.join(MODEL_PRESETS)}), not a named base "
+                          f"({', '.join(NAMED_BASES)}) and no such directory")  # fmt: skip
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ConfigError(f"{name} {model!r}: no config.json (expected a save_pretrained directory)")
 
 
 # ---- saved stack directories ----------------------------------------------------------------------

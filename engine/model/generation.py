@@ -132,13 +132,16 @@ def sample(
     samples_per_prompt: int = 1,
     seed: int = 0,
     keys: list[int] | None = None,
+    stop_ids: tuple[int, ...] = (),
 ) -> Samples:
     """Sample `samples_per_prompt` responses to each prompt from the stack with `adapter` active (None:
     the bare base). Prompts are token ids (datasets.layout.encode_prompt), of which the last
     config.max_prompt_length are kept.
 
     keys[i] names prompt i's randomness (default: its position); row i * k + j draws from stream
-    (seed, keys[i] * k + j), so the same (seed, key) gives the same responses in any batch.
+    (seed, keys[i] * k + j), so the same (seed, key) gives the same responses in any batch. A response
+    ends at EOS, config.stop_token_ids, `stop_ids` (the layout's end of turn: datasets.layout.stop_token_ids)
+    or a stop string.
     """
     config.validate()
     tokenizer = stack.tokenizer
@@ -156,7 +159,7 @@ def sample(
     R = config.max_new_tokens
     row_keys = torch.tensor([key * k + j for key in keys for j in range(k)], dtype=torch.long)
     streams = row_streams(seed, row_keys).to(device)
-    stops = torch.tensor(sorted({tokenizer.eos_token_id, *config.stop_token_ids} - {None}), device=device)
+    stops = torch.tensor(sorted({tokenizer.eos_token_id, *config.stop_token_ids, *stop_ids} - {None}), device=device)
     weight = stack.lm_head_weight
 
     cache, step_fn = _decoder_cache(stack, config, B, P + R)

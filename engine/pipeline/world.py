@@ -11,6 +11,12 @@ The hidden score (hidden_score) is the ground truth: helpful and polite high, ru
 garbled text in between. Labelers rank sampled replies by it plus noise, one of them reversed (it
 misunderstood the instructions); the reward model only sees their rankings, so it can only
 approximate the score. The toxicity of a reply is whether it contains an insult.
+
+The score reads free text too, so a real model's own answers can be ranked (`python -m engine pipeline
+--model smollm2-135m-instruct`): advice in other words, the situation's topic in other words, a refusal
+or a misreading ("I'm sorry for your loss"), rambling and repetition. Each of these terms is built from
+words and phrases that the embedded world's own texts never contain (tests/test_world.py checks), so on
+the embedded world the score is what it always was.
 """
 
 from __future__ import annotations
@@ -48,6 +54,47 @@ INSULTS = ("stupid", "idiot", "whining", "shut up", "dumb")
 DISMISSALS = ("nothing you can do", "figure it out yourself", "i don't know", "who cares")
 HELP_CUES = ("you could", "try to", "try ")
 POLITE_CUES = ("hope this helps", "good luck", "please")
+
+# ---- the rubric's free-text terms (none of these occurs in texts(): the embedded world scores as before)
+# advice in other words than the canned replies'
+ADVICE_CUES = ("consider", "make sure", "here are", "here's", "i recommend", "i suggest", "you might", "you should",
+               "it helps to", "a good idea", "1.", "- ")  # fmt: skip
+# a refusal, a misreading of the situation, or talk about being an AI instead of helping: -1.5
+REFUSALS = ("i'm sorry for your", "i am sorry for your", "sorry for your loss", "sorry for any confusion",
+            "i'm unable", "i am unable", "i cannot", "i can't help", "i can't provide", "as an ai", "as a helpful ai",
+            "i'm an ai", "i am an ai", "ai designed to", "i'm not able", "i am not able")  # fmt: skip
+# each situation's topic in other words than its tip (same order as SITUATIONS): half a tip word each
+RELATED = (
+    {"shade", "shades", "blinds", "windows", "window", "air", "conditioning", "conditioner", "ventilation", "ice",
+     "fans", "sunlight", "insulation", "ac"},
+    {"routine", "caffeine", "dark", "darkness", "melatonin", "relax", "relaxing", "bedroom", "schedule", "tea",
+     "meditation"},
+    {"soil", "watering", "overwatering", "sunlight", "drainage", "pot", "pots", "fertilizer", "roots", "sun",
+     "humidity", "leaves"},
+    {"research", "resume", "rehearse", "interviewer", "outfit", "confident", "examples",
+     "skills", "mock"},
+    {"memory", "ram", "disk", "storage", "startup", "malware", "virus", "update", "updates", "software", "uninstall",
+     "reboot", "browser", "tabs"},
+    {"apologize", "apology", "card", "dinner", "celebrate", "belated", "message", "call", "surprise"},
+    {"exercise", "training", "toys", "crate", "quiet", "trainer", "vet", "attention", "reward", "treats"},
+    {"recipe", "ingredients", "chop", "boil", "vegetables", "rice", "cookbook", "videos", "basics"},
+    {"tyre", "wheel", "pump", "inflate", "puncture", "valve", "levers", "kit", "repair", "inner"},
+    {"stress", "breathe", "breathing", "boundaries", "exercise", "workload", "tasks", "rest", "prioritize",
+     "schedule"},
+    {"drain", "vinegar", "snake", "trap", "pipe", "pipes", "clog", "boiling", "auger", "plumber"},
+    {"budget", "budgeting", "expenses", "savings", "spending", "groceries", "subscriptions", "track", "bills",
+     "account"},
+    {"charge", "charging", "bluetooth", "wifi", "gps", "mode", "notifications",
+     "settings", "saver"},
+    {"meetup", "meetups", "volunteer", "volunteering", "neighbors", "neighbours", "events", "community", "groups",
+     "hobbies", "coworkers", "sports"},
+    {"beans", "roast", "brew", "brewing", "temperature", "milk", "sugar", "filter", "espresso", "ratio",
+     "fresh"},
+    {"gratitude", "grateful", "appreciate", "kindness", "card", "sincere", "specific", "personal", "warmly",
+     "thanks"},
+)
+LONG_WORDS = 80  # replies past this many words ramble: up to -0.5 at twice that
+REPEAT_SHARE = 0.3  # a reply whose word trigrams repeat beyond this share loops: up to -1.0
 _WORD = re.compile(r"[a-z']+")
 _STOP = {"the", "and", "a", "it", "to", "at", "for", "or", "you", "your", "of", "in", "on", "then", "into",
          "with", "like", "about", "how", "them", "him", "say", "will", "more", "less", "once", "day", "before"}
@@ -112,23 +159,38 @@ def toxic(reply: str) -> bool:
 def hidden_score(prompt: str, reply: str) -> float:
     """The ground truth of this world's people, in [-3, 3]:
 
-        + 1.0  offers help ("you could", "try to")       + 0.5  polite ("I hope this helps", "good luck")
-        + 1.5  x the share of the situation's own tip words present (on topic)
+        + 1.0  offers help ("you could", "try to"; in free text "consider", "here are", a list, ...)
+        + 0.5  polite ("I hope this helps", "good luck")
+        + 1.5  x on topic: the share of the situation's own tip words present, a related word counting half
         - 1.0  dismissive ("nothing you can do", ...)    - 2.0  insulting ("stupid", "idiot", ...)
+        - 1.5  a refusal or a misreading ("I'm unable to", "as an AI", "I'm sorry for your loss")
         - 1.0  x the share of characters that are not letters, spaces or punctuation (garbled text)
+        - 0.5  x how far past LONG_WORDS words the reply rambles (full at twice that)
+        - 1.0  x how far its repeated word trigrams pass REPEAT_SHARE (a loop)
     """
     text = reply.lower()
+    words = _WORD.findall(text)
     score = 0.0
-    if any(c in text for c in HELP_CUES):
+    if any(c in text for c in HELP_CUES) or any(c in text for c in ADVICE_CUES):
         score += 1.0
     if any(c in text for c in POLITE_CUES):
         score += 0.5
     i = situation_of(prompt)
     if i is not None:
         tip_words = {w for w in _WORD.findall(TIPS[i]) if w not in _STOP}
-        score += 1.5 * len(tip_words & set(_WORD.findall(text))) / len(tip_words)
+        present = set(words)
+        on_topic = len(tip_words & present) + 0.5 * len((RELATED[i] - tip_words) & present)
+        score += 1.5 * min(1.0, on_topic / len(tip_words))
     if any(d in text for d in DISMISSALS):
         score -= 1.0
+    if any(r in text for r in REFUSALS):
+        score -= 1.5
+    if len(words) > LONG_WORDS:
+        score -= 0.5 * min(1.0, (len(words) - LONG_WORDS) / LONG_WORDS)
+    trigrams = list(zip(words, words[1:], words[2:]))
+    if trigrams:
+        repeated = 1 - len(set(trigrams)) / len(trigrams)
+        score -= 1.0 * max(0.0, (repeated - REPEAT_SHARE) / (1 - REPEAT_SHARE))
     if toxic(reply):
         score -= 2.0
     if reply:

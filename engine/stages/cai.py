@@ -7,7 +7,7 @@ read unchanged.
     python -m engine rm --data runs/cai-prefs/preferences.jsonl --model tiny-llama --out runs/rm
 
 `cai_revise`, per batch of prompts (one run step):
-    1. answer     the policy continues format_prompt(prompt) (datasets.layout), as it answers in training
+    1. answer     the policy answers the prompt laid out as in training (datasets.layout.prompt_ids)
     2. critique   a principle drawn for the (prompt, round) pair; the critique template asks its request
     3. revise     the revision template asks the principle's revision request; with rounds > 1 the next
                   round critiques this revision under a new draw
@@ -62,7 +62,7 @@ from ..core.order import epoch_seed
 from ..core.run import Run, StageResult
 from ..core.tensors import pad
 from ..datasets.constitution import Principle, Template, clean, judge_preference, label_inputs, revise_inputs
-from ..datasets.layout import encode_prompt, format_prompt
+from ..datasets.layout import prompt_ids, stop_token_ids, template_prompt_ids
 from ..errors import ConfigError
 from ..model.config import SamplingConfig
 from ..model.generation import sample
@@ -74,7 +74,9 @@ PREFERENCES_FILE = "preferences.jsonl"
 JUDGEMENTS_FILE = "judgements.jsonl"
 
 # generate(texts, keys, stream, samples) -> `samples` responses per text (row i * samples + j); keys[i]
-# names text i's randomness and `stream` the phase ("answer", "critique/0", ...)
+# names text i's randomness and `stream` the phase: in ANSWER_STREAMS the texts are user prompts (laid out
+# as the policy answers in training), in the others ("critique/0", "revision/0") filled templates
+ANSWER_STREAMS = ("answer", "completions")
 Generate = Callable[[list[str], list[int], str, int], list[str]]
 # judge(questions) -> (log p(choice A), log p(choice B)) per question
 Judge = Callable[[list[str]], list[tuple[float, float]]]
@@ -95,8 +97,8 @@ def revise_batch(
 ) -> list[dict]:  # fmt: skip
     """Transcripts of B prompts (`indices`: their positions in the prompt list), one batched generation
     per phase: answers, then per round the critiques and the revisions."""
-    # step 1. answer: the policy continues each prompt as it would in training
-    answers = generate([format_prompt(p) for p in prompts], indices, "answer", 1)
+    # step 1. answer: the policy answers each prompt as it would in training
+    answers = generate(prompts, indices, "answer", 1)
     records = [{"prompt": p, "answer": clean(a, stop_strings), "rounds": []} for p, a in zip(prompts, answers)]
     responses = [r["answer"] for r in records]
     for r in range(rounds):
@@ -138,7 +140,7 @@ def label_batch(
     """Judgement records of B prompts: `samples` completions each, and for every pair of distinct
     non-empty completions the judge's choice log-probs in both orders and the preference they give."""
     # step 1. sample the completions to compare
-    texts = generate([format_prompt(p) for p in prompts], indices, "completions", samples)
+    texts = generate(prompts, indices, "completions", samples)
     # step 2. every pair, asked in both orders: (x as A, y as B), then (y as A, x as B)
     records, questions = [], []
     for b, (prompt, i) in enumerate(zip(prompts, indices)):
@@ -192,9 +194,10 @@ class ModelGenerator:
 
     def __call__(self, texts: list[str], keys: list[int], stream: str, samples: int = 1) -> list[str]:
         seed = epoch_seed(self.seed, 0, f"cai/sample/{stream}")
-        prompt_ids = [encode_prompt(self.stack.tokenizer, t) for t in texts]
-        out = sample(self.stack, prompt_ids, self.sampling, adapter=self.adapter, samples_per_prompt=samples,
-                     seed=seed, keys=keys)  # fmt: skip
+        tok = self.stack.tokenizer
+        layout = prompt_ids if stream in ANSWER_STREAMS else template_prompt_ids
+        out = sample(self.stack, [layout(tok, t) for t in texts], self.sampling, adapter=self.adapter,
+                     samples_per_prompt=samples, seed=seed, keys=keys, stop_ids=stop_token_ids(tok))  # fmt: skip
         return out.responses
 
 
@@ -222,9 +225,9 @@ class ModelJudge:
         """The question's token ids (its last max_length), after checking that each choice follows it as
         a token of its own: otherwise the choice token's log-prob is not the probability of the choice."""
         tokenizer = self.stack.tokenizer
-        ids = encode_prompt(tokenizer, question)
+        ids = template_prompt_ids(tokenizer, question)
         for label, choice in zip(self.choices, self.choice_ids):
-            if encode_prompt(tokenizer, question + label) != ids + [choice]:
+            if template_prompt_ids(tokenizer, question + label) != ids + [choice]:
                 raise ConfigError(f"judge template {self.template_path or '(shipped)'}: the choice {label!r} does not "
                                   "follow the question as a token of its own (the tokenizer merges it with the "
                                   "text before it); end the template where a token ends, e.g. with '('")  # fmt: skip

@@ -6,13 +6,12 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from ..core.config import Command, RunConfig
 from ..datasets.constitution import label_inputs, revise_inputs
 from ..errors import ConfigError
-from ..model.config import MODEL_PRESETS, SamplingConfig, StackConfig, check_init_adapter
+from ..model.config import SamplingConfig, StackConfig, check_init_adapter, check_model
 
 
 
@@ -104,10 +103,8 @@ class CAILabelConfig(CAIConfig):
 
     def validate(self) -> CAILabelConfig:
         super().validate()
-        judge_dir = os.path.isfile(os.path.join(self.judge, "config.json"))
-        if self.judge and self.judge not in MODEL_PRESETS and not judge_dir:
-            raise ConfigError(f"judge {self.judge!r}: not a preset ({', '.join(MODEL_PRESETS)}) and no "
-                              "save_pretrained directory (no config.json)")  # fmt: skip
+        if self.judge:
+            check_model(self.judge, "judge")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"samples_per_prompt={self.samples_per_prompt}: the judge compares at least 2")
         if len(self.choices) != 2 or len(set(self.choices)) != 2 or not all(self.choices):
