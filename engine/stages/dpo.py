@@ -65,7 +65,8 @@ def load_pairs(config: DPOConfig):
     check_completions(records, config.data)
     pairs, reports = build_pairs(records, config.agreement_threshold, config.exclude_flagged)
     if not pairs:
-        raise ConfigError(f"{config.data}: no preference pairs (every ranked record's completions tie)")
+        raise ConfigError(f"{config.data}: no preference pairs (every ranked record's consensus is a tie and "
+                          "no thumbs record has both an up and a down)")  # fmt: skip
     return pairs, reports
 
 
