@@ -138,8 +138,14 @@ def sample(
     config.max_prompt_length are kept.
 
     keys[i] names prompt i's randomness (default: its position); row i * k + j draws from stream
-    (seed, keys[i] * k + j), so the same (seed, key) gives the same responses in any batch.
+    (seed, keys[i] * k + j), so the same (seed, key) gives the same responses in any batch. The stack
+    samples in eval mode whatever its mode (no LoRA dropout: a fixed policy is a fixed distribution).
     """
+    with stack.evaluating():
+        return _sample(stack, prompts, config, adapter, samples_per_prompt, seed, keys)
+
+
+def _sample(stack, prompts, config: SamplingConfig, adapter, samples_per_prompt: int, seed: int, keys) -> Samples:
     config.validate()
     tokenizer = stack.tokenizer
     k = samples_per_prompt

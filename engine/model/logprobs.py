@@ -36,10 +36,12 @@ def policy_reference_stats(stack, ids, am, labels, P: int, temperature: float, b
                            adapter: str = "policy") -> dict:  # fmt: skip
     """For sequences (b, P + R) and their response labels (b, R): the policy's (`adapter`'s) log-probs,
     entropy and exact KL to the reference in one fused pass over both hidden states, and the
-    reference's log-probs; plus the hidden states (b, P + R, H) and the reference's (b, R, H)."""
+    reference's log-probs; plus the hidden states (b, P + R, H) and the reference's (b, R, H). In eval
+    mode whatever the stack's (no LoRA dropout: these are statistics of fixed policies)."""
     weight = stack.lm_head_weight
-    hidden = stack.hidden_states(adapter, ids, am)
-    ref_hidden = stack.reference(ids, am)[:, P - 1 : -1]
+    with stack.evaluating():
+        hidden = stack.hidden_states(adapter, ids, am)
+        ref_hidden = stack.reference(ids, am)[:, P - 1 : -1]
     logp, ent, kl = kernels.linear_token_stats(hidden[:, P - 1 : -1], ref_hidden, weight, labels,
                                                temperature=temperature, ignore_index=IGNORE_INDEX,
                                                backend=backend)  # fmt: skip
