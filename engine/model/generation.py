@@ -163,7 +163,6 @@ def _sample(stack, prompts, config: SamplingConfig, adapter, samples_per_prompt:
     row_keys = torch.tensor([key * k + j for key in keys for j in range(k)], dtype=torch.long)
     streams = row_streams(seed, row_keys).to(device)
     stops = torch.tensor(sorted({tokenizer.eos_token_id, *config.stop_token_ids} - {None}), device=device)
-    weight = stack.lm_head_weight
 
     cache, step_fn = _decoder_cache(stack, config, B, P + R)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -176,7 +175,7 @@ def _sample(stack, prompts, config: SamplingConfig, adapter, samples_per_prompt:
     n_tokens = len(tokenizer)  # ids past the tokenizer's (a padded embedding matrix) name no token
     for step in range(R):
         # step 1. the next-token distribution from the last position only: (B, H) @ (H, V)
-        logits = torch.nn.functional.linear(hidden[:, -1], weight).float()
+        logits = stack.logits(hidden[:, -1])
         if logits.shape[-1] > n_tokens:
             logits[:, n_tokens:] = float("-inf")
         # step 2. draw, and record it in rows that are still going

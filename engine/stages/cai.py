@@ -244,7 +244,8 @@ class ModelJudge:
             with self.stack.evaluating():
                 hidden = self.stack.hidden_states(self.adapter, ids.to(device), mask.to(device))[:, -1]  # (Q, H)
             logp = kernels.linear_logprobs(hidden.repeat_interleave(C, dim=0), self.stack.lm_head_weight,
-                                           choices.repeat(hidden.shape[0]))  # (Q * C,)  # fmt: skip
+                                           choices.repeat(hidden.shape[0]),
+                                           **self.stack.head())  # (Q * C,)  # fmt: skip
             out += [tuple(row) for row in logp.view(-1, C).double().tolist()]
         return out
 
