@@ -19,8 +19,8 @@ from ..core.tensors import last_token_index
 
 # |log(pi / ref)| bound before a sampled KL estimate (k1 / k2 / k3), as verl and OpenRLHF bound their log-ratios:
 # k3 = e^{-x} - 1 + x at x = -20 is 4.9e8, finite with room for the squares of whitening in fp32, where an
-# unbounded x past -88 would make a reward inf (and every whitened advantage NaN). Never reached by a policy
-# that sampled the token (E_pi[k3] is the KL); a rollout scored with the wrong log-probs reaches it.
+# unbounded x past -88 makes a reward inf and every whitened advantage NaN. A policy almost never draws a token
+# it gives e^-20 of the reference's probability; a rollout scored with the wrong log-probs can reach it.
 KL_LOG_RATIO_CLAMP = 20.0
 
 
