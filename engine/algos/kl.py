@@ -17,6 +17,12 @@ import rlhf_kernels as kernels
 
 from ..core.tensors import last_token_index
 
+# |log(pi / ref)| bound before a sampled KL estimate (k1 / k2 / k3), as verl and OpenRLHF bound their log-ratios:
+# k3 = e^{-x} - 1 + x at x = -20 is 4.9e8, finite with room for the squares of whitening in fp32, where an
+# unbounded x past -88 makes a reward inf and every whitened advantage NaN. A policy almost never draws a token
+# it gives e^-20 of the reference's probability; a rollout scored with the wrong log-probs can reach it.
+KL_LOG_RATIO_CLAMP = 20.0
+
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token rewards of RLHF's KL-shaped objective (Ziegler et al. 2019, eq. 2; Stiennon et al.
@@ -35,10 +41,10 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
 
 def penalty_kl(traj, config) -> torch.Tensor:
     """The per-token KL the penalty uses: the exact one, or a sampled estimate (k1/k2/k3) of the rollout's
-    log-probs (rlhf_kernels.kl_penalty)."""
+    log-probs (rlhf_kernels.kl_penalty, the log-ratio clamped to +-KL_LOG_RATIO_CLAMP)."""
     if config.kl_estimator == "exact":
         return traj.kl_exact
-    return kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind=config.kl_estimator,
+    return kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind=config.kl_estimator, clamp=KL_LOG_RATIO_CLAMP,
                               backend=config.backend) * traj.mask  # fmt: skip
 
 

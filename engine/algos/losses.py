@@ -15,6 +15,7 @@ import rlhf_kernels as kernels
 
 from ..core.tensors import IGNORE_INDEX
 from .choices import DPO_LOSSES, LOSS_AGGREGATIONS
+from .kl import KL_LOG_RATIO_CLAMP
 from .rollout import logprob_temperature
 
 # ---- the reward model ---------------------------------------------------------------------------
@@ -143,14 +144,16 @@ def ppo_micro_loss(stack, mb: dict, P: int, config, beta: float, weights: torch.
     hidden = stack.policy(mb["input_ids"], mb["attention_mask"])
     h = hidden[:, P - 1 : -1]
     kl = None
+    head = stack.head(T)  # the lm_head's bias; the model's logit scale folded into the temperature
     if config.kl_in == "loss" and config.kl_estimator == "exact":
-        logp, ent, kl = kernels.linear_token_stats(h, mb["ref_hidden"], weight, mb["labels"], temperature=T,
+        logp, ent, kl = kernels.linear_token_stats(h, mb["ref_hidden"], weight, mb["labels"], **head,
                                                    ignore_index=IGNORE_INDEX, backend=b)  # fmt: skip
     else:
-        logp, ent = kernels.linear_logprobs(h, weight, mb["labels"], temperature=T, ignore_index=IGNORE_INDEX,
+        logp, ent = kernels.linear_logprobs(h, weight, mb["labels"], **head, ignore_index=IGNORE_INDEX,
                                             entropy=True, backend=b)  # fmt: skip
         if config.kl_in == "loss":
-            kl = kernels.kl_penalty(logp, mb["ref_logprobs"], kind=config.kl_estimator, backend=b)
+            kl = kernels.kl_penalty(logp, mb["ref_logprobs"], kind=config.kl_estimator, clamp=KL_LOG_RATIO_CLAMP,
+                                    backend=b)  # fmt: skip
     n = mask.sum().float()
     pg_mean, pst = kernels.ppo_loss(logp, mb["old_logprobs"], mb["advantages"] * weights, mask,
                                     clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=config.dual_clip,

@@ -101,7 +101,8 @@ class StackReward:
             seqs = [sample_ids(tok, p, r, self.max_length)[0]
                     for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])]
             ids, mask = pad(seqs, tok.pad_token_id)
-            out.append(self.stack.reward(ids.to(self.stack.device), mask.to(self.stack.device)).float().cpu())
+            with self.stack.evaluating():  # the frozen RM is a fixed function: no LoRA dropout in a training stack
+                out.append(self.stack.reward(ids.to(self.stack.device), mask.to(self.stack.device)).float().cpu())
         return check_scores(self.name, torch.cat(out), len(responses))
 
 

@@ -103,7 +103,13 @@ def logprob_temperature(config) -> float:
 @torch.no_grad()
 def forward_stats(stack, traj: Trajectory, config) -> None:
     """Step 4 of PPO: in forward batches, the policy's log-probs, entropy and exact KL to the reference,
-    the reference's log-probs (policy_reference_stats) and the values."""
+    the reference's log-probs (policy_reference_stats) and the values, all in eval mode: with LoRA
+    dropout on, two passes of the same policy would disagree, and the first update's ratio would not be 1."""
+    with stack.evaluating():
+        _forward_stats(stack, traj, config)
+
+
+def _forward_stats(stack, traj: Trajectory, config) -> None:
     P, T = traj.prompt_length, logprob_temperature(config)
     keep_ref = config.kl_in == "loss" and config.kl_estimator == "exact"
     parts: dict[str, list] = {k: [] for k in ("logp", "ent", "kl", "ref_logp", "values", "ref_hidden")}

@@ -141,8 +141,15 @@ def sample(
     keys[i] names prompt i's randomness (default: its position); row i * k + j draws from stream
     (seed, keys[i] * k + j), so the same (seed, key) gives the same responses in any batch. A response
     ends at EOS, config.stop_token_ids, `stop_ids` (the layout's end of turn: datasets.layout.stop_token_ids)
-    or a stop string.
+    or a stop string. The stack samples in eval mode whatever its mode (no LoRA dropout: a fixed policy is
+    a fixed distribution).
     """
+    with stack.evaluating():
+        return _sample(stack, prompts, config, adapter, samples_per_prompt, seed, keys, stop_ids)
+
+
+def _sample(stack, prompts, config: SamplingConfig, adapter, samples_per_prompt: int, seed: int, keys,
+            stop_ids: tuple[int, ...]) -> Samples:  # fmt: skip
     config.validate()
     tokenizer = stack.tokenizer
     k = samples_per_prompt
@@ -160,7 +167,6 @@ def sample(
     row_keys = torch.tensor([key * k + j for key in keys for j in range(k)], dtype=torch.long)
     streams = row_streams(seed, row_keys).to(device)
     stops = torch.tensor(sorted({tokenizer.eos_token_id, *config.stop_token_ids, *stop_ids} - {None}), device=device)
-    weight = stack.lm_head_weight
 
     cache, step_fn = _decoder_cache(stack, config, B, P + R)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -173,7 +179,7 @@ def sample(
     n_tokens = len(tokenizer)  # ids past the tokenizer's (a padded embedding matrix) name no token
     for step in range(R):
         # step 1. the next-token distribution from the last position only: (B, H) @ (H, V)
-        logits = torch.nn.functional.linear(hidden[:, -1], weight).float()
+        logits = stack.logits(hidden[:, -1])
         if logits.shape[-1] > n_tokens:
             logits[:, n_tokens:] = float("-inf")
         # step 2. draw, and record it in rows that are still going

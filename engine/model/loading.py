@@ -21,6 +21,12 @@ from .named import is_named, resolve_named
 from .tokenizers import TOKENIZERS
 
 LM_HEAD_ROW_NORM = 2.0  # preset bases: |logit| <= 2 |h| with |h| ~ sqrt(H) after the final RMSNorm
+# Config fields of a constant factor on the logits, and whether the model divides by it: Cohere's logit_scale,
+# Granite's (and MiniCPM3's) logits_scaling, Falcon-H1's lm_head_multiplier.
+LOGIT_SCALES = (("logit_scale", False), ("logits_scaling", True), ("lm_head_multiplier", False))
+# Config fields of a final logit soft-cap c * tanh(logits / c) (Gemma 2 and 3), which no fused kernel computes
+LOGIT_SOFTCAPS = ("final_logit_softcapping",)
+PROBE_TOKENS = 8  # tokens of the load-time check that the model's logits are what the engine computes
 
 # On an avx512_bf16 CPU, importing bitsandbytes (peft and transformers do) warns that the hub's
 # "kernels-community" fused CPU gemm could not load; the stack switches that path off on every
@@ -127,3 +133,54 @@ def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype
             route_nf4_through_kernels(model)
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def logit_scale(model, name: str) -> float:
+    """The constant s with the model's logits = s * (hidden @ lm_head.weight.T + lm_head.bias), checked.
+
+    The engine never materialises logits: log-probs, entropy and KL come from hidden states and the lm_head
+    weight (and bias) through rlhf_kernels, and s folds into the temperature (softmax(s x / T) =
+    softmax(x / (T / s))). Any other transform of the logits would make every log-prob and sample silently
+    wrong, so it is refused here: a soft-cap by name (LOGIT_SOFTCAPS), anything else by a probe that
+    compares the model's own logits on PROBE_TOKENS tokens with that formula."""
+    config = model.config
+    for field in LOGIT_SOFTCAPS:
+        cap = getattr(config, field, None)
+        if cap:
+            raise ConfigError(f"model {name!r}: {field}={cap} soft-caps its logits (c * tanh(logits / c)), which the "
+                              "fused log-prob kernels and the sampler do not compute; refusing to train on wrong "
+                              "log-probs")  # fmt: skip
+    scale = 1.0
+    for field, divides in LOGIT_SCALES:
+        value = getattr(config, field, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+            if not value > 0:
+                raise ConfigError(f"model {name!r}: {field}={value}; expected a positive logit scale")
+            scale = scale / value if divides else scale * value
+    check_logits(model, name, scale)
+    return float(scale)
+
+
+@torch.no_grad()
+def check_logits(model, name: str, scale: float) -> None:
+    """ConfigError unless the model's own logits on a probe equal scale * (hidden @ W.T + b) up to rounding
+    (1e-4 relative in fp32; 16-bit logits round to 2^-8 relative, so 2e-2 there)."""
+    decoder = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    ids = (torch.arange(1, PROBE_TOKENS + 1, device=device) % head.weight.shape[0])[None, :]
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        own = model(input_ids=ids, attention_mask=mask).logits.float()  # (1, PROBE_TOKENS, V)
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        model.train(was_training)
+    ours = nn.functional.linear(hidden, head.weight, head.bias).float() * scale
+    rel = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    worst = float((own - ours).abs().max())
+    if not worst <= rel * max(1.0, float(own.abs().max())):
+        raise ConfigError(f"model {name!r}: its logits are not {scale:g} * (hidden @ lm_head.weight.T + bias) (off by "
+                          f"up to {worst:.3g} on a probe): a transform the fused log-prob kernels do not compute; "
+                          "refusing to train on wrong log-probs")  # fmt: skip

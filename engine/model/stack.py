@@ -11,7 +11,10 @@ field of every LoRA layer, never by copying weights:
                             policy's hidden state when value_mode="policy_head" (no extra base forward)
     reward      reward      scores (B,): scalar head on the hidden state of the last real token
 
-The lm_head is never adapted: every role shares `stack.lm_head_weight` (V, H).
+The lm_head is never adapted: every role shares `stack.lm_head_weight` (V, H) and `stack.lm_head_bias` (V,)
+or None; a model that multiplies its logits by a constant (Cohere's logit_scale, Granite's logits_scaling)
+has it in `stack.logit_scale`, folded into the temperature (`stack.head`); any other transform of the logits
+(a soft-cap) is refused when the stack loads (model.loading.logit_scale).
 
 Letters: B batch, T time, H hidden, V vocab.
 
@@ -40,7 +43,7 @@ from ..core.device import resolve_device, resolve_dtype
 from ..core.tensors import last_token_index
 from ..errors import ConfigError
 from .config import MODEL_PRESETS, STACK_FILE, StackConfig, read_stack_meta
-from .loading import load_causal_lm
+from .loading import load_causal_lm, logit_scale
 
 ROLES_WITH_HEADS = ("value", "reward")
 HEADS_FILE = "heads.safetensors"
@@ -65,8 +68,10 @@ class ModelStack:
     Build with `ModelStack.build(StackConfig(...))`; reload saved adapters and heads with
     `ModelStack.from_saved(dir)` (the base is rebuilt from the name stored in stack.json)."""
 
-    def __init__(self, config: StackConfig, model, tokenizer, heads: nn.ModuleDict, device: torch.device):
+    def __init__(self, config: StackConfig, model, tokenizer, heads: nn.ModuleDict, device: torch.device,
+                 scale: float = 1.0):  # fmt: skip
         self.config = config
+        self.logit_scale = scale  # the model's logits = logit_scale * (hidden @ lm_head_weight.T + lm_head_bias)
         self.model = model  # peft PeftModel around the causal LM
         self.tokenizer = tokenizer
         self.heads = heads  # "value" and/or "reward" ScalarHead
@@ -92,6 +97,7 @@ class ModelStack:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.compute_dtype, device)
         base, tokenizer = load_causal_lm(config, device, dtype)
+        scale = logit_scale(base, config.model)  # refuses logits the fused kernels would get wrong
         target = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -110,7 +116,7 @@ class ModelStack:
             if config.value_mode == "policy_head" and "policy" in config.adapters:
                 heads["value"] = ScalarHead(hidden)
         heads.to(device)
-        stack = cls(config, model, tokenizer, heads, device)
+        stack = cls(config, model, tokenizer, heads, device, scale)
         stack.set_trainable(*[r for r in ("policy", "value") if r in stack.roles])
         return stack
 
@@ -209,8 +215,24 @@ class ModelStack:
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """(V, H), shared by every role: logits = hidden @ lm_head_weight.T."""
+        """(V, H), shared by every role: logits = logit_scale * (hidden @ lm_head_weight.T + lm_head_bias)."""
         return self._lm_head.weight
+
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        """(V,) the lm_head's bias (Phi, GPT-J), or None."""
+        return self._lm_head.bias
+
+    def head(self, temperature: float = 1.0) -> dict:
+        """Keyword arguments of rlhf_kernels.linear_logprobs / linear_token_stats for softmax(logits / T) with
+        the model's logits: the bias, and the logit scale s folded into the temperature,
+        softmax(s x / T) = softmax(x / (T / s))."""
+        return {"bias": self.lm_head_bias, "temperature": temperature / self.logit_scale}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states -> (..., V) fp32 logits as the model computes them (generation's
+        next-token distribution; nothing else materialises logits)."""
+        return nn.functional.linear(hidden, self.lm_head_weight, self.lm_head_bias).float() * self.logit_scale
 
     def policy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H) hidden states of the policy adapter."""

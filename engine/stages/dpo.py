@@ -65,7 +65,8 @@ def load_pairs(config: DPOConfig):
     check_completions(records, config.data)
     pairs, reports = build_pairs(records, config.agreement_threshold, config.exclude_flagged)
     if not pairs:
-        raise ConfigError(f"{config.data}: no preference pairs (every ranked record's completions tie)")
+        raise ConfigError(f"{config.data}: no preference pairs (every ranked record's consensus is a tie and "
+                          "no thumbs record has both an up and a down)")  # fmt: skip
     return pairs, reports
 
 
@@ -78,7 +79,7 @@ def reference_logps(stack, batch, backend: str) -> torch.Tensor:
     frozen "reference" adapter: stack.reference)."""
     with stack.evaluating():
         hidden = stack.reference(batch.input_ids, batch.attention_mask)
-    logp, rows = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, backend)
+    logp, rows = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, backend, **stack.head())
     return sequence_logps(logp, rows, batch.input_ids.shape[0])
 
 
@@ -89,7 +90,8 @@ def pair_forward(stack, pairs: list, config: DPOConfig, ref: torch.Tensor | None
     b = len(pairs)
     batch = collate_pairs(pairs, stack.tokenizer.pad_token_id).to(stack.device)
     hidden = stack.policy(batch.input_ids, batch.attention_mask)  # (2b, T, H)
-    logp, rows = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, config.backend)  # (N,)
+    logp, rows = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, config.backend,
+                                     **stack.head())  # (N,)  # fmt: skip
     policy = sequence_logps(logp, rows, 2 * b)  # (2b,)
     if ref is None:
         ref = reference_logps(stack, batch, config.backend)

@@ -38,7 +38,7 @@ import torch
 import rlhf_kernels as kernels
 
 from ..algos.advantages import estimate_advantages, explained_variance
-from ..algos.kl import KLController, assign_rewards, mean_penalty_kl
+from ..algos.kl import KL_LOG_RATIO_CLAMP, KLController, assign_rewards, mean_penalty_kl
 from ..algos.losses import minibatch_weights, ppo_micro_loss
 from ..algos.rewards import ClassifierReward, FunctionReward, RunningMoments, StackReward
 from ..algos.rollout import Trajectory, forward_stats, rollout, row_offset, score
@@ -160,7 +160,8 @@ def optimise(stack, traj: Trajectory, config: PPOConfig, beta: float, run: Run, 
 def rollout_metrics(traj: Trajectory, config: PPOConfig, dist: Dist) -> dict:
     """Global means over the step's sequences and tokens (sums and counts reduced over ranks)."""
     m = traj.mask.float()
-    k3 = kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind="k3", backend=config.backend) * m
+    k3 = kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind="k3", clamp=KL_LOG_RATIO_CLAMP,
+                            backend=config.backend) * m  # fmt: skip
     raw = traj.raw_scores.double()
     n, tokens, s, s2, kl, kl3, ent, eos = dist.sum_floats(
         float(len(raw)), float(m.sum()), float(raw.sum()), float((raw**2).sum()), float(traj.kl_exact.sum()),

@@ -69,7 +69,7 @@ def evaluate_sft(stack, data: list[tuple[list[int], int]], batch_size: int, back
     for idx in fixed_batches([len(ids) for ids, _ in data], batch_size):
         batch = collate([data[i] for i in idx], stack.tokenizer.pad_token_id).to(stack.device)
         hidden = stack.policy(batch.input_ids, batch.attention_mask)
-        logp, _ = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, backend)
+        logp, _ = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, backend, **stack.head())
         total -= float(logp.double().sum())
         n += logp.numel()
     stack.train(True)
@@ -133,7 +133,8 @@ def train_sft(config: SFTConfig) -> SFTResult:
             for micro in chunks(idx, config.micro_batch_size):
                 batch = collate([train_data[i] for i in micro], pad_id).to(device)
                 hidden = stack.policy(batch.input_ids, batch.attention_mask)  # (b, T, H)
-                logp, _ = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, config.backend)  # (n,)
+                logp, _ = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, config.backend,
+                                              **stack.head())  # (n,)  # fmt: skip
                 loss = sft_loss(logp, n_tokens)
                 run.check_finite(loss=loss.detach())
                 loss.backward()
