@@ -16,9 +16,10 @@ and `sampling` as nested objects), then the flags given (an explicit `none` incl
 its input files are checked before torch and a model load (pure Python until a stage runs).
 
 Every error a user can act on prints one `error: ...` line, never a traceback. Exit status: 0 done;
-2 a bad option, path, config, data line or checkpoint, or OUT in use by another run; 3 the run
-stopped on a non-finite loss, gradient norm or weight (the last good checkpoint is kept); 130
-interrupted (Ctrl-C).
+2 a bad option, path, config, data line or checkpoint, an OUT that cannot be written, or OUT in use
+by another run; 3 the run stopped on a non-finite loss, gradient norm or weight (the last good
+checkpoint is kept); 4 the run stopped because its file system refused a write (disk full: every
+file written before is intact, and the same command resumes); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations

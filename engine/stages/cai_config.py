@@ -10,9 +10,9 @@ import os
 from dataclasses import dataclass, field
 
 from ..core.config import Command, RunConfig
-from ..datasets.constitution import label_inputs, revise_inputs
+from ..datasets.constitution import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATES, label_inputs, revise_inputs
 from ..errors import ConfigError
-from ..model.config import MODEL_PRESETS, SamplingConfig, StackConfig, check_init_adapter
+from ..model.config import MODEL_PRESETS, SamplingConfig, StackConfig, adapter_inputs, check_init_adapter, check_model_dir
 
 
 
@@ -47,6 +47,14 @@ class CAIConfig(RunConfig):
     @property
     def INPUT_FILES(self) -> tuple[str, ...]:  # noqa: N802 (the RunConfig attribute)
         return tuple(name for name in ("prompts", "constitution", *self.TEMPLATE_FIELDS) if getattr(self, name))
+
+    def input_paths(self) -> dict[str, str]:
+        """The prompts, the constitution and the templates (the shipped ones when not given: an upgrade
+        that edits them changes the data) and the answering policy's adapter files."""
+        shipped = {"constitution": DEFAULT_CONSTITUTION,
+                   **{f: DEFAULT_TEMPLATES[f.removesuffix("_template")] for f in self.TEMPLATE_FIELDS}}  # fmt: skip
+        paths = {name: getattr(self, name) or default for name, default in shipped.items()}
+        return {**super().input_paths(), **paths, **adapter_inputs("init_adapter", self.init_adapter, ("policy",))}
 
     def validate(self) -> CAIConfig:
         super().validate()
@@ -108,6 +116,8 @@ class CAILabelConfig(CAIConfig):
         if self.judge and self.judge not in MODEL_PRESETS and not judge_dir:
             raise ConfigError(f"judge {self.judge!r}: not a preset ({', '.join(MODEL_PRESETS)}) and no "
                               "save_pretrained directory (no config.json)")  # fmt: skip
+        if judge_dir and self.judge not in MODEL_PRESETS:
+            check_model_dir(self.judge, "judge", "causal LM")
         if self.samples_per_prompt < 2:
             raise ConfigError(f"samples_per_prompt={self.samples_per_prompt}: the judge compares at least 2")
         if len(self.choices) != 2 or len(set(self.choices)) != 2 or not all(self.choices):
