@@ -197,7 +197,9 @@ def stage_config(args):
     if args.config:
         data = merge(data, read_config_file(args.config))
     data = merge(data, given(args, args.flags["top"]))
-    data = merge(data, {group: given(args, dests) for group, dests in args.flags.items() if group != "top"})
+    # only the groups with a flag given: an empty {} would replace a config file's (bad) non-object "stack"
+    groups = {group: given(args, dests) for group, dests in args.flags.items() if group != "top"}
+    data = merge(data, {group: flags for group, flags in groups.items() if flags})
     if command.adjust is not None:
         command.adjust(args, data)
     if isinstance(data.get("stack"), dict) and "seed" in data:

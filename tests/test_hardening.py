@@ -1,0 +1,448 @@
+"""Hardening of inputs, files and the run machinery (issue 21, part A): a bad config value, a damaged
+safetensors file, a model directory of the wrong kind, an OUT that cannot be written and a user's reward
+function that misbehaves are each one `error:` line on EVERY stage; a full disk mid-run keeps the last
+checkpoint and the rerun repeats the uninterrupted run; a resume checks every input it reads; a refused
+rerun leaves OUT as it was; final saves are atomic.
+
+The tables run `rlhf_engine.cli.main` in this process on errors found before a model loads (a few ms a
+case); the cases that need a model (the reward function, a full disk, a resume) run the tiny presets for a
+few steps. Each stage of the table is named as the CLI names it; "grpo" is `ppo --advantage grpo`."""
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import rlhf_engine as rl
+from rlhf_engine.cli import main
+from rlhf_engine.core.config import short_repr
+from rlhf_engine.errors import ConfigError
+from util import REWARD, ROOT, rows, untimed
+
+EXAMPLES = os.path.join(ROOT, "examples", "feedback_ranked.jsonl")
+STAGES = ("rm", "sft", "dpo", "ppo", "grpo", "eval", "revise", "label", "pipeline")
+WITH_MODEL = tuple(s for s in STAGES if s != "eval")  # the stages that take --model
+WITH_INIT = ("sft", "dpo", "ppo", "grpo", "revise", "label")  # ... and --init-adapter
+WITH_RUN = tuple(s for s in STAGES if s not in ("eval", "pipeline"))  # the stages that are a core.run.Run
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def fake_stack(path, roles=("policy",), model="tiny-llama", tensors=None):
+    """A saved stack directory as far as the checks before a model load see it: stack.json and one small
+    safetensors file per role (and heads for value / reward)."""
+    os.makedirs(path, exist_ok=True)
+    stack = dataclasses.asdict(rl.StackConfig(model=model, adapters=tuple(roles)))
+    with open(os.path.join(path, "stack.json"), "w") as f:
+        json.dump({"stack": stack, "roles": list(roles)}, f)
+    for role in roles:
+        save_file(tensors or {"w": torch.zeros(4)}, os.path.join(path, f"adapter_{role}.safetensors"))
+    if set(roles) & {"value", "reward"}:
+        save_file({"heads.reward.proj.weight": torch.zeros(1, 4)}, os.path.join(path, "heads.safetensors"))
+    return str(path)
+
+
+def stage_args(stage: str, tmp_path, out=None) -> list[str]:
+    """A valid command line of `stage` writing to `out` (default tmp_path/out)."""
+    out = str(out or tmp_path / "out")
+    common = ["--out", out, "--no-progress"]
+    if stage == "eval":
+        policy = fake_stack(tmp_path / "policy")
+        return ["eval", "--policy", policy, "--reward-fn", REWARD, "--out", os.path.join(out, "eval.json"),
+                "--no-progress"]  # fmt: skip
+    return {
+        "rm": ["rm", "--preset", "tiny", "--data", EXAMPLES],
+        "sft": ["sft", "--preset", "tiny"],
+        "dpo": ["dpo", "--preset", "tiny", "--data", EXAMPLES],
+        "ppo": ["ppo", "--preset", "tiny", "--reward-fn", REWARD],
+        "grpo": ["ppo", "--preset", "tiny", "--advantage", "grpo", "--group-size", "2", "--reward-fn", REWARD],
+        "revise": ["cai", "revise", "--preset", "tiny"],
+        "label": ["cai", "label", "--preset", "tiny"],
+        "pipeline": ["pipeline", "--quick"],
+    }[stage] + common
+
+
+def fails_with(args, capsys, status=2) -> str:
+    """Run the command in this process; it must exit with `status` (argparse's usage errors exit through
+    SystemExit) and print exactly one error line."""
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    assert code == status
+    return one_error_line(capsys.readouterr().err)
+
+
+# ---- 1. config values of the wrong type, in a config file (JSON and YAML), in flags, from Python ------------
+
+STACK = {"rm", "sft", "dpo", "ppo", "grpo", "revise", "label"}
+SAMPLING = {"ppo", "grpo", "eval", "revise", "label"}
+# an integer field and a float field of each stage's own config
+INT_FIELD = {"rm": "max_steps", "sft": "max_steps", "dpo": "max_steps", "ppo": "max_steps", "grpo": "max_steps",
+             "eval": "max_prompts", "revise": "rounds", "label": "samples_per_prompt", "pipeline": "sft_steps"}
+FLOAT_FIELD = {"rm": "lr", "sft": "lr", "dpo": "beta", "ppo": "lr", "grpo": "lr", "label": "margin_scale",
+               "pipeline": "sft_lr"}  # fmt: skip
+
+
+def type_cases(stage: str) -> dict[str, tuple[dict, str]]:
+    """case -> (config file data, the error line's start) for `stage`; a case the stage has no field for is
+    absent."""
+    i = INT_FIELD[stage]
+    cases = {
+        "float_for_int": ({i: 2.5}, f"{i}=2.5: expected an integer"),
+        "bool_for_int": ({i: True}, f"{i}=True: expected an integer"),
+    }
+    if stage in FLOAT_FIELD:
+        cases["string_for_float"] = ({FLOAT_FIELD[stage]: "fast"}, f"{FLOAT_FIELD[stage]}='fast': expected a number")
+    if stage in STACK:
+        cases["string_for_list"] = ({"stack": {"adapters": "policy"}}, "stack.adapters='policy': expected a list")
+        cases["nested_int"] = ({"stack": {"lora_r": "8"}}, "stack.lora_r='8': expected an integer")
+        cases["nested_not_an_object"] = ({"stack": "tiny-llama"}, "stack='tiny-llama': expected an object")
+    if stage in SAMPLING:
+        cases["nested_float"] = ({"sampling": {"temperature": "hot"}}, "sampling.temperature='hot': expected a number")
+        cases["string_for_nested_list"] = ({"sampling": {"stop_strings": "\n"}}, "sampling.stop_strings='\\n': "
+                                           "expected a list of strings")  # fmt: skip
+    if stage == "eval":
+        cases["int_for_string"] = ({"reward_classifier": 3}, "reward_classifier=3: expected a string")
+        cases["nested_not_an_object"] = ({"sampling": 3}, "sampling=3: expected an object")
+    if stage == "pipeline":
+        cases["string_for_float"] = ({"temperature": "hot"}, "temperature='hot': expected a number")
+        cases["nested_int"] = ({"lora_r": "8"}, "lora_r='8': expected an integer")
+        cases["bool_for_string"] = ({"model": False}, "model=False: expected a string")
+    return cases
+
+
+TYPE_TABLE = [(stage, case, fmt) for stage in STAGES for case in type_cases(stage) for fmt in ("json", "yaml")]
+
+
+@pytest.mark.parametrize("stage, case, fmt", TYPE_TABLE, ids=[f"{s}-{c}-{f}" for s, c, f in TYPE_TABLE])
+def test_a_config_value_of_the_wrong_type_is_one_line_naming_the_field(tmp_path, capsys, stage, case, fmt):
+    data, message = type_cases(stage)[case]
+    path = tmp_path / f"config.{fmt}"
+    if fmt == "json":
+        path.write_text(json.dumps(data))
+    else:
+        import yaml
+
+        path.write_text(yaml.safe_dump(data))
+    err = fails_with(stage_args(stage, tmp_path) + ["--config", str(path)], capsys)
+    assert err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "out").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_flag_of_the_wrong_type_is_one_line(tmp_path, capsys, stage):
+    field = INT_FIELD[stage]
+    err = fails_with(stage_args(stage, tmp_path) + ["--" + field.replace("_", "-"), "2.5"], capsys)
+    assert f"invalid int value: '2.5'" in err, err
+
+
+PRESETS = [("sft_preset", "max_steps"), ("reward_preset", "max_steps"), ("dpo_preset", "max_steps"),
+           ("ppo_preset", "max_steps")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, field", PRESETS)
+def test_python_callers_get_the_same_config_error(name, field):
+    with pytest.raises(ConfigError, match=rf"^{field}=2\.5: expected an integer"):
+        getattr(rl, name)("tiny", **{field: 2.5})
+    with pytest.raises(ConfigError, match=r"^stack\.lora_r='8': expected an integer$"):
+        getattr(rl, name)("tiny", stack={"lora_r": "8"})
+
+
+def test_python_callers_of_eval_cai_and_the_pipeline_get_the_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"^max_prompts=2\.5: expected an integer$"):
+        rl.evaluate(rl.EvalConfig(policy=fake_stack(tmp_path / "p"), reward_fn=(REWARD,), max_prompts=2.5))
+    config = dataclasses.replace(rl.CAI_PRESETS["revise"]["tiny"], out=str(tmp_path / "cai"), rounds=2.5)
+    with pytest.raises(ConfigError, match=r"^rounds=2\.5: expected an integer$"):
+        rl.cai_revise(config)
+    with pytest.raises(ConfigError, match=r"^sft_steps=2\.5: expected an integer$"):
+        rl.run_pipeline(rl.PipelineConfig(out=str(tmp_path / "pipe"), sft_steps=2.5))
+    with pytest.raises(ConfigError, match=r"^max_steps=2\.5: expected an integer$"):
+        rl.train_ppo(rl.PPOConfig(out=str(tmp_path / "ppo"), reward_fn=(REWARD,), max_steps=2.5))
+
+
+# ---- 2. a truncated or corrupt safetensors file: one line naming it ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Tiny model directories built from configs (no hub), each with the byte tokenizer: the tiny-llama
+    preset's, a BERT masked LM, a Llama sequence classifier (num_labels=1) and a copy of the first whose
+    weights are cut short."""
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_engine.model.loading import build_preset
+    from rlhf_engine.model.tokenizers import TOKENIZERS
+
+    root = tmp_path_factory.mktemp("models")
+    dirs = {name: str(root / name) for name in ("llama", "bert", "classifier", "truncated")}
+    build_preset("tiny-llama", 0, dirs["llama"])
+    tok = TOKENIZERS["byte"]()
+    bert = BertForMaskedLM(BertConfig(vocab_size=259, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, pad_token_id=tok.pad_token_id))  # fmt: skip
+    classifier = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id))  # fmt: skip
+    for name, model in (("bert", bert), ("classifier", classifier)):
+        model.save_pretrained(dirs[name])
+        tok.save_pretrained(dirs[name])
+    shutil.copytree(dirs["llama"], dirs["truncated"])
+    weights = os.path.join(dirs["truncated"], "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    return dirs
+
+
+def truncate(path, keep=0.5):
+    with open(path, "r+b") as f:
+        f.truncate(int(os.path.getsize(path) * keep))
+    return path
+
+
+@pytest.mark.parametrize("stage", WITH_MODEL)
+def test_a_truncated_model_directory_is_one_line_naming_the_file(tmp_path, capsys, model_dirs, stage):
+    err = fails_with(stage_args(stage, tmp_path) + ["--model", model_dirs["truncated"]], capsys)
+    weights = os.path.join(model_dirs["truncated"], "model.safetensors")
+    assert err.startswith(f"error: {weights}: truncated or corrupt safetensors file ("), err
+
+
+@pytest.mark.parametrize("stage", WITH_INIT)
+@pytest.mark.parametrize("keep", [0.5, 0.0005])  # the tensors cut short; the header itself cut short
+def test_a_truncated_init_adapter_is_one_line_naming_the_file(tmp_path, capsys, stage, keep):
+    adapter = fake_stack(tmp_path / "sft", tensors={"w": torch.zeros(4096)})
+    weights = truncate(os.path.join(adapter, "adapter_policy.safetensors"), keep)
+    err = fails_with(stage_args(stage, tmp_path) + ["--model", "tiny-llama", "--init-adapter", adapter], capsys)
+    assert err.startswith(f"error: {weights}: truncated or corrupt safetensors file ("), err
+
+
+@pytest.mark.parametrize("stage, file", [("ppo", "adapter_reward.safetensors"), ("grpo", "heads.safetensors"),
+                                         ("eval", "adapter_reward.safetensors"), ("eval", "heads.safetensors")])
+def test_a_truncated_reward_model_is_one_line_naming_the_file(tmp_path, capsys, stage, file):
+    rm_dir = fake_stack(tmp_path / "rm", roles=("reward",), tensors={"w": torch.zeros(4096)})
+    weights = truncate(os.path.join(rm_dir, file))
+    args = stage_args(stage, tmp_path) + ["--reward-model", rm_dir]
+    err = fails_with(args + (["--model", "tiny-llama"] if stage != "eval" else []), capsys)
+    assert err.startswith(f"error: {weights}: truncated or corrupt safetensors file ("), err
+
+
+def test_a_truncated_policy_for_eval_and_for_the_python_api(tmp_path, capsys, model_dirs):
+    policy = fake_stack(tmp_path / "ppo", tensors={"w": torch.zeros(4096)})
+    weights = truncate(os.path.join(policy, "adapter_policy.safetensors"))
+    err = fails_with(["eval", "--policy", policy, "--reward-fn", REWARD, "--no-progress"], capsys)
+    assert err.startswith(f"error: {weights}: truncated or corrupt safetensors file ("), err
+    with pytest.raises(ConfigError, match="truncated or corrupt safetensors file"):
+        rl.ModelStack.build(rl.StackConfig(model=model_dirs["truncated"]))
+
+
+# ---- 3. a model directory that is not a causal LM: one line naming what it holds ----------------------------
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+@pytest.mark.parametrize("stage", WITH_MODEL)
+def test_a_bert_model_directory_is_one_line(tmp_path, capsys, model_dirs, stage, quantization):
+    args = stage_args(stage, tmp_path) + ["--model", model_dirs["bert"], "--quantization", quantization]
+    err = fails_with(args, capsys)
+    assert err.startswith(f"error: model {model_dirs['bert']!r} holds BertForMaskedLM (config.json); this role "
+                          "needs a causal language model (...ForCausalLM)"), err  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", [s for s in WITH_MODEL if s != "rm"])
+def test_a_sequence_classifier_is_no_policy(tmp_path, capsys, model_dirs, stage):
+    err = fails_with(stage_args(stage, tmp_path) + ["--model", model_dirs["classifier"]], capsys)
+    assert err.startswith(f"error: model {model_dirs['classifier']!r} holds LlamaForSequenceClassification "
+                          "(config.json); this role needs a causal language model"), err  # fmt: skip
+    assert "--reward-classifier" in err
+
+
+def test_the_rm_stage_still_trains_a_classifier_directory(tmp_path, capsys, model_dirs):
+    out = tmp_path / "rm"
+    args = stage_args("rm", tmp_path, out) + ["--model", model_dirs["classifier"], "--max-steps", "1"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (out / "classifier" / "model.safetensors").is_file()
+    mode = os.stat(out / "classifier" / "model.safetensors").st_mode & 0o777
+    assert mode == 0o666 & ~current_umask()  # the usual mode, not safetensors' 0600
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "eval"])
+def test_a_causal_lm_is_no_reward_classifier(tmp_path, capsys, model_dirs, stage):
+    err = fails_with(stage_args(stage, tmp_path) + ["--reward-classifier", model_dirs["llama"]], capsys)
+    assert err.startswith(f"error: reward_classifier {model_dirs['llama']!r} holds LlamaForCausalLM (config.json); "
+                          "this role needs a sequence classifier"), err  # fmt: skip
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ---- 5. an OUT that cannot be written: one line before any work ---------------------------------------------
+
+
+def unwritable_outs(tmp_path) -> list[str]:
+    """Directories no run can write: one that cannot be created (under /proc), an existing one that takes
+    no file (/sys: sysfs, even for root), and, when not root (root ignores modes), a read-only one."""
+    outs = ["/proc/rlhf-engine-out", "/sys"]
+    if os.geteuid() != 0:
+        ro = tmp_path / "read-only"
+        ro.mkdir()
+        (ro / "run.lock").write_text("")  # the lock file alone would open: only a new file finds out
+        ro.chmod(0o555)
+        outs.append(str(ro))
+    return outs
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_an_unwritable_out_is_one_line_before_any_work(tmp_path, capsys, stage, monkeypatch):
+    import rlhf_engine.model.stack
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before OUT was checked")
+
+    monkeypatch.setattr(rlhf_engine.model.stack, "load_causal_lm", no_model)  # the name ModelStack.build calls
+    args = stage_args(stage, tmp_path)  # eval: its policy directory must exist, in a writable place
+    for out in unwritable_outs(tmp_path):
+        target = os.path.join(out, "eval.json") if stage == "eval" else out
+        err = fails_with([a if a != args[args.index("--out") + 1] else target for a in args], capsys)
+        assert err.startswith(f"error: out {out!r}: ") and ("cannot write there" in err or "cannot create" in err), err
+
+
+# ---- 7. an explicit `none` on the command line overrides the preset and the config file ---------------------
+
+NONE_CASES = [  # stage, config file data, flags, where in OUT/config.json's config the value must be None
+    ("sft", {}, ["--quantization", "none"], ("stack", "quantization")),
+    ("sft", {"max_steps": 3}, ["--max-steps", "none"], ("max_steps",)),
+    ("rm", {"max_steps": 3, "stack": {"quantization": "nf4"}}, ["--max-steps", "none", "--quantization", "none"],
+     ("stack", "quantization")),
+    ("dpo", {"max_steps": 3}, ["--max-steps", "none"], ("max_steps",)),
+    ("ppo", {"reward_threshold": 0.5}, ["--reward-threshold", "none"], ("reward_threshold",)),
+    ("ppo", {"missing_eos_penalty": -1.0}, ["--missing-eos-penalty", "null"], ("missing_eos_penalty",)),
+    ("grpo", {"kl_coef": 0.1, "reward_clip": 1.0}, ["--kl-coef", "none", "--reward-clip", "none"], ("kl_coef",)),
+    ("revise", {}, ["--quantization", "none"], ("stack", "quantization")),
+    ("label", {"stack": {"quantization": "nf4"}}, ["--quantization", "None"], ("stack", "quantization")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("stage, data, flags, key", NONE_CASES, ids=[f"{c[0]}-{c[2][0]}" for c in NONE_CASES])
+def test_an_explicit_none_flag_reaches_out_config_json(tmp_path, capsys, monkeypatch, stage, data, flags, key):
+    saved = run_until_model_load(tmp_path, capsys, monkeypatch, stage_args(stage, tmp_path), data, flags)
+    value = saved["config"]
+    for k in key:
+        value = value[k]
+    assert value is None, saved["config"]
+
+
+def test_an_explicit_none_reaches_every_pipeline_stage(tmp_path, capsys, monkeypatch):
+    run_until_model_load(tmp_path, capsys, monkeypatch, stage_args("pipeline", tmp_path), {}, ["--quantization", "none"])
+    with open(tmp_path / "out" / "sft" / "config.json") as f:
+        assert json.load(f)["config"]["stack"]["quantization"] is None
+
+
+def run_until_model_load(tmp_path, capsys, monkeypatch, args, data, flags) -> dict:
+    """Run the command until its first model load (OUT/config.json is written when the run opens, before
+    it), stop it there (a KeyboardInterrupt: exit 130) and return OUT/config.json."""
+    import rlhf_engine.model.stack
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rlhf_engine.model.stack, "load_causal_lm", interrupt)  # the name ModelStack.build calls
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(data))
+    assert main(args + ["--config", str(config)] + flags) == 130, capsys.readouterr().err
+    path = tmp_path / "out" / "config.json"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---- 9. a refused rerun leaves OUT as it was -----------------------------------------------------------------
+
+
+def snapshot(out) -> dict:
+    """name -> (bytes, mtime) of every file in OUT but the lock."""
+    return {n: ((out / n).read_bytes(), os.stat(out / n).st_mtime_ns) for n in sorted(os.listdir(out))
+            if (out / n).is_file() and n != "run.lock"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_rm(tmp_path_factory):
+    """A finished 2-step rm run (args, OUT) that tests copy before they change anything."""
+    root = tmp_path_factory.mktemp("finished")
+    out = root / "rm"
+    args = stage_args("rm", root, out) + ["--max-steps", "2", "--checkpoint-every", "1", "--eval-fraction", "0.25"]
+    assert main(args) == 0
+    return args, out
+
+
+def copy_run(finished, tmp_path):
+    args, out = finished
+    shutil.copytree(out, tmp_path / "rm")
+    return [str(tmp_path / "rm") if a == str(out) else a for a in args], tmp_path / "rm"
+
+
+@pytest.mark.parametrize("change, refusal", [
+    (["--lr", "0.5"], "written with a different config (lr 0.003 -> 0.5)"),
+    (["--data", "CHANGED"], "data file"),
+])  # fmt: skip
+def test_a_refused_rerun_of_a_finished_run_leaves_out_untouched(tmp_path, capsys, finished_rm, change, refusal):
+    args, out = copy_run(finished_rm, tmp_path)
+    if change[-1] == "CHANGED":
+        changed = tmp_path / "feedback.jsonl"
+        changed.write_text(open(EXAMPLES).read().replace("Gracias", "Muchas gracias"))
+        args, change = [str(changed) if a == EXAMPLES else a for a in args], []
+    before = snapshot(out)
+    assert {"result.json", "metrics.jsonl", "config.json", "checkpoint.pt", "adapter_reward.safetensors"} <= set(before)
+    err = fails_with(args + change, capsys)
+    assert refusal in err and "use another --out or --no-resume" in err, err
+    assert snapshot(out) == before
+
+
+# ---- 10. final adapters, heads and stack.json: atomic, with the usual mode ------------------------------------
+
+
+def test_the_final_save_is_atomic_with_the_usual_mode(tmp_path, monkeypatch):
+    from rlhf_engine.core import files
+    from rlhf_engine.model.stack import build_policy_stack
+
+    stack = rl.ModelStack.build(rl.StackConfig(model="tiny-llama", adapters=("policy", "reward")))
+    out = tmp_path / "saved"
+    written = stack.save(str(out))
+    assert sorted(os.path.basename(p) for p in written) == ["adapter_policy.safetensors",
+                                                            "adapter_reward.safetensors", "heads.safetensors",
+                                                            "stack.json"]  # fmt: skip
+    for path in written:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~current_umask(), path
+    before = snapshot(out)
+    with torch.no_grad():  # the next save has other weights, and the disk fills at its third file
+        for p in stack.role_parameters("policy") + stack.role_parameters("reward"):
+            p.add_(1.0)
+    real, calls = files._write_temp, []
+
+    def fill_up(path, write):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(files, "_write_temp", fill_up)
+    with pytest.raises(OSError, match="No space left"):
+        stack.save(str(out))
+    assert snapshot(out) == before and sorted(os.listdir(out)) == sorted(before)  # no temp file left either
+    monkeypatch.setattr(files, "_write_temp", real)
+    stack.save(str(out))
+    reloaded = build_policy_stack(rl.StackConfig(model="tiny-llama"), str(out))
+    for (name, p), q in zip(stack.named_role_parameters("policy"), reloaded.role_parameters("policy")):
+        assert torch.equal(p, q), name
