@@ -446,3 +446,305 @@ def test_the_final_save_is_atomic_with_the_usual_mode(tmp_path, monkeypatch):
     reloaded = build_policy_stack(rl.StackConfig(model="tiny-llama"), str(out))
     for (name, p), q in zip(stack.named_role_parameters("policy"), reloaded.role_parameters("policy")):
         assert torch.equal(p, q), name
+
+
+# ---- 4. the disk filling during a checkpoint or a metrics write ------------------------------------------------
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+RM_STEPS = ["--max-steps", "4", "--checkpoint-every", "2", "--eval-every", "2", "--eval-fraction", "0.25"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_rm(tmp_path_factory):
+    """The reference: the 4-step rm run without a full disk (its metrics rows and weights)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    assert main(stage_args("rm", root) + RM_STEPS) == 0
+    return untimed(rows(root / "out")), saved(root / "out")
+
+
+def saved(out) -> dict:
+    from util import saved_weights
+
+    return saved_weights(out, ("adapter_reward.safetensors", "heads.safetensors"))
+
+
+def assert_resumes_exactly(args, out, reference, capsys):
+    """The rerun with room on the disk resumes from the step-2 checkpoint and ends where the uninterrupted
+    run ended: the same metrics rows and bit-identical weights."""
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads((out / "result.json").read_text())["resumed_from"] == 2
+    ref_rows, ref_weights = reference
+    assert untimed(rows(out)) == ref_rows
+    weights = saved(out)
+    assert weights.keys() == ref_weights.keys() and all(torch.equal(weights[k], ref_weights[k]) for k in weights)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_last_one(tmp_path, capsys, monkeypatch, uninterrupted_rm):
+    from rlhf_engine.core import files
+
+    class FullFile:
+        """The checkpoint's temp file on a disk that fills after 4 KiB (torch.save turns the OSError of
+        its write into a RuntimeError; core.files.save_through must give the OSError back)."""
+
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, data):
+            self.n += len(data)
+            if self.n > 4096:
+                raise ENOSPC
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real, checkpoints = files._write_temp, []
+
+    def write_temp(path, write):
+        if os.path.basename(path) == "checkpoint.pt":
+            checkpoints.append(path)
+            if len(checkpoints) == 2:  # the step-4 checkpoint
+                return real(path, lambda f: write(FullFile(f)))
+        return real(path, write)
+
+    monkeypatch.setattr(files, "_write_temp", write_temp)
+    out = tmp_path / "out"
+    args = stage_args("rm", tmp_path) + RM_STEPS
+    err = fails_with(args, capsys, status=4)
+    assert err == (f"error: cannot write to {out}: No space left on device; stopped; the last good checkpoint is "
+                   f"{out / 'checkpoint.pt'} (step 2); the same command resumes once it can write")  # fmt: skip
+    assert len(checkpoints) == 2 and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")] and not (out / "result.json").exists()
+    monkeypatch.undo()
+    assert_resumes_exactly(args, out, uninterrupted_rm, capsys)
+
+
+def test_a_full_disk_during_a_metrics_write_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch,
+                                                                     uninterrupted_rm):  # fmt: skip
+    import rlhf_engine.core.run
+
+    class FullAtStep3:
+        """OUT/metrics.jsonl whose write fails once the step-3 row comes (the disk filled after step 2)."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            if text.startswith('{"step": 3'):
+                self.f.write(text[:10])  # a partial row reaches the disk, as a real ENOSPC can leave
+                self.f.flush()
+                raise ENOSPC
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def opener(path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        return FullAtStep3(f) if os.path.basename(path) == "metrics.jsonl" else f
+
+    monkeypatch.setattr(rlhf_engine.core.run, "open", opener, raising=False)  # core.run's own `open` only
+    out = tmp_path / "out"
+    args = stage_args("rm", tmp_path) + RM_STEPS
+    err = fails_with(args, capsys, status=4)
+    assert err.startswith(f"error: cannot write to {out}: No space left on device; stopped; the last good "
+                          f"checkpoint is {out / 'checkpoint.pt'} (step 2)"), err  # fmt: skip
+    monkeypatch.undo()
+    assert_resumes_exactly(args, out, uninterrupted_rm, capsys)
+
+
+# ---- 6. a user's reward function that raises or returns what is not one finite number per response -----------
+
+REWARD_FNS = '''
+import math
+
+CALLS = []
+
+
+def raises(prompts, responses):
+    return [1.0 / 0 for r in responses]
+
+
+def nan(prompts, responses):
+    return [math.nan] + [0.0] * (len(responses) - 1)
+
+
+def inf(prompts, responses):
+    return [0.0] * (len(responses) - 1) + [math.inf]
+
+
+def short(prompts, responses):
+    return [0.0] * (len(responses) - 1)
+
+
+def long(prompts, responses):
+    return [0.0] * (len(responses) + 1)
+
+
+def nothing(prompts, responses):
+    pass
+
+
+def text(prompts, responses):
+    return "0.5"
+
+
+def strings(prompts, responses):
+    return ["0.5"] * len(responses)
+
+
+def mapping(prompts, responses):
+    return {r: 0.0 for r in responses}
+
+
+def nan_from_the_second_step(prompts, responses):
+    CALLS.append(len(responses))  # call 1: the step-0 evaluation, 2: step 1's rollout, 3: step 2's
+    return [math.nan if len(CALLS) >= 3 else 0.5] * len(responses)
+'''
+
+REWARD_CASES = [  # function, the error line after "reward function PATH:FUNCTION "
+    ("raises", r"raised ZeroDivisionError: float division by zero \(at .*rewards_under_test\.py:\d+\)$"),
+    ("nan", r"returned a non-finite score nan for response 0 \(1 of \d+\); a reward must be a finite number$"),
+    ("inf", r"returned a non-finite score inf for response \d+ \(1 of \d+\)"),
+    ("short", r"returned (\d+) scores for (\d+) responses$"),
+    ("long", r"returned (\d+) scores for (\d+) responses$"),
+    ("nothing", r"returned None; expected a list of \d+ numbers, one per response$"),
+    ("text", r"returned str '0\.5'; expected a list of \d+ numbers, one per response$"),
+    ("strings", r"returned str '0\.5' for response 0; expected a number$"),
+    ("mapping", r"returned dict \{.*; expected a list of \d+ numbers, one per response$"),
+]
+PPO_SMALL = ["--max-steps", "2", "--rollout-batch-size", "2", "--minibatch-size", "2", "--micro-batch-size", "2",
+             "--max-new-tokens", "4", "--eval-prompts", "2", "--checkpoint-every", "1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("fn, message", REWARD_CASES, ids=[c[0] for c in REWARD_CASES])
+def test_a_bad_reward_function_is_one_line_naming_it(tmp_path, capsys, fn, message):
+    import re
+
+    path = tmp_path / "rewards_under_test.py"
+    path.write_text(REWARD_FNS)
+    spec = f"{path}:{fn}"
+    args = [a if a != REWARD else spec for a in stage_args("ppo", tmp_path)] + PPO_SMALL
+    err = fails_with(args, capsys)
+    assert err.startswith(f"error: reward function {spec} "), err
+    m = re.search(message, err[len(f"error: reward function {spec} "):])
+    assert m, err
+    if fn in ("short", "long"):
+        assert int(m.group(1)) == int(m.group(2)) + (1 if fn == "long" else -1)
+    out = tmp_path / "out"  # it failed on the step-0 evaluation: no update, no checkpoint, no adapter
+    assert not (out / "checkpoint.pt").exists() and not (out / "adapter_policy.safetensors").exists()
+
+
+def test_a_raise_keeps_the_users_traceback_for_python_callers(tmp_path):
+    from rlhf_engine.algos.rewards import FunctionReward
+    from rlhf_engine.errors import RewardError
+
+    path = tmp_path / "rewards_under_test.py"
+    path.write_text(REWARD_FNS)
+    with pytest.raises(RewardError, match="raised ZeroDivisionError") as info:
+        FunctionReward(f"{path}:raises").score(["p"], ["r"])
+    cause = info.value.__cause__
+    assert isinstance(cause, ZeroDivisionError) and cause.__traceback__ is not None
+    frames = []
+    tb = cause.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert frames[-1] == "<listcomp>" or frames[-1] == "raises", frames  # the user's own frame is kept
+
+
+def test_a_nan_reward_never_reaches_an_update(tmp_path, capsys):
+    path = tmp_path / "rewards_under_test.py"
+    path.write_text(REWARD_FNS)
+    spec = f"{path}:nan_from_the_second_step"
+    args = [a if a != REWARD else spec for a in stage_args("ppo", tmp_path)] + PPO_SMALL
+    err = fails_with(args, capsys)
+    assert err.startswith(f"error: reward function {spec} returned a non-finite score nan for response 0"), err
+    out = tmp_path / "out"
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 1  # step 1 trained on finite rewards; step 2 stopped before its update
+    assert all(torch.isfinite(t).all() for t in checkpoint["state"]["weights"].values())
+    assert [r["step"] for r in rows(out)] == [0, 1]
+
+
+# ---- 8. a resume checks every input the stage reads ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_sft(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    assert main(stage_args("sft", root) + ["--max-steps", "1"]) == 0
+    return root / "out"
+
+
+def perturb(path):
+    """Other weights in the same safetensors file (what a longer upstream run leaves)."""
+    from safetensors.torch import load_file
+
+    save_file({k: v + 1 for k, v in load_file(path).items()}, path)
+
+
+def append(text):
+    def change(path):
+        with open(path, "a") as f:
+            f.write(text)
+
+    return change
+
+
+def constitution_copy(tmp_path):
+    from rlhf_engine.datasets.constitution import DEFAULT_CONSTITUTION
+
+    return str(shutil.copy(DEFAULT_CONSTITUTION, tmp_path / "constitution.jsonl"))
+
+
+def template_copy(tmp_path):
+    from rlhf_engine.datasets.constitution import DEFAULT_TEMPLATES
+
+    return str(shutil.copy(DEFAULT_TEMPLATES["judge"], tmp_path / "judge.txt"))
+
+
+def edit_principle(path):
+    text = open(path).read()
+    with open(path, "w") as f:
+        f.write(text.replace("harmful", "hurtful", 1))
+
+
+CAI_SMALL = ["--max-prompts", "2", "--batch-size", "2", "--max-new-tokens", "2"]
+INPUT_CASES = {  # stage -> (flags(tmp_path, fixtures) -> (flags, the changed file), how it changes, its label)
+    "ppo-init_adapter": ("ppo", lambda t, f: (["--init-adapter", f["sft"]], os.path.join(f["sft"], "adapter_policy.safetensors")),
+                         perturb, "init_adapter/adapter_policy.safetensors"),
+    "ppo-reward_model": ("ppo", lambda t, f: (["--reward-model", f["rm"]], os.path.join(f["rm"], "heads.safetensors")),
+                         perturb, "reward_model/heads.safetensors"),
+    "ppo-reward_fn": ("ppo", lambda t, f: (["--reward-fn", f["fn"]], f["fn"].split(":")[0]), append("\n# edited\n"),
+                      "reward_fn[0]"),
+    "grpo-reward_classifier": ("grpo", lambda t, f: (["--reward-classifier", f["classifier"]],
+                                                     os.path.join(f["classifier"], "model.safetensors")),
+                               perturb, "reward_classifier/model.safetensors"),
+    "dpo-init_adapter": ("dpo", lambda t, f: (["--init-adapter", f["sft"]], os.path.join(f["sft"], "adapter_policy.safetensors")),
+                         perturb, "init_adapter/adapter_policy.safetensors"),
+    "revise-constitution": ("revise", lambda t, f: (["--constitution", constitution_copy(t)] + CAI_SMALL,
+                                                    str(t / "constitution.jsonl")), edit_principle, "constitution"),
+    "label-judge_template": ("label", lambda t, f: (["--judge-template", template_copy(t)] + CAI_SMALL,
+                                                    str(t / "judge.txt")), append("\n"), "judge_template"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", INPUT_CASES)
+def test_a_resume_refuses_any_changed_input(tmp_path, capsys, case, trained_sft, finished_rm, model_dirs):
+    stage, flags, change, label = INPUT_CASES[case]
+    fixtures = {"sft": str(shutil.copytree(trained_sft, tmp_path / "sft")),
+                "rm": str(shutil.copytree(finished_rm[1], tmp_path / "rm")),
+                "classifier": str(shutil.copytree(model_dirs["classifier"], tmp_path / "classifier")),
+                "fn": str(shutil.copy(REWARD.split(":")[0], tmp_path / "fns.py")) + ":lowercase_share"}  # fmt: skip
+    extra, changed = flags(tmp_path, fixtures)
+    small = {"ppo": PPO_SMALL, "grpo": PPO_SMALL, "dpo": ["--max-steps", "2", "--checkpoint-every", "1"]}.get(stage, [])
+    args = stage_args(stage, tmp_path) + extra + small
+    if stage in ("ppo", "grpo", "dpo"):
+        args += ["--model", "tiny-llama"]
+    first = [a if a != "2" or args[i - 1] != "--max-steps" else "1" for i, a in enumerate(args)]
+    assert main(first) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    change(changed)
+    err = fails_with(args, capsys)
+    assert f": {label} file {changed!r} changed since the checkpoint" in err, err

@@ -39,18 +39,18 @@ def check_scores(name: str, values, n: int, what: str = "reward") -> torch.Tenso
     if isinstance(values, torch.Tensor) or hasattr(values, "tolist"):  # a tensor or a numpy array
         values = values.tolist() if getattr(values, "ndim", 1) else values
     if not isinstance(values, (list, tuple)):
-        raise RewardError(f"{shown}: returned {_describe(values)}; expected a list of {n} numbers, one per response")
+        raise RewardError(f"{shown} returned {_describe(values)}; expected a list of {n} numbers, one per response")
     if len(values) != n:
-        raise RewardError(f"{shown}: returned {len(values)} scores for {n} responses")
+        raise RewardError(f"{shown} returned {len(values)} scores for {n} responses")
     floats = [_number(v) for v in values]
     for i, (v, x) in enumerate(zip(values, floats)):
         if x is None:
-            raise RewardError(f"{shown}: returned {_describe(v)} for response {i}; expected a number")
+            raise RewardError(f"{shown} returned {_describe(v)} for response {i}; expected a number")
     scores = torch.tensor(floats, dtype=torch.float32)
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if bad.numel():
         i = int(bad[0])
-        raise RewardError(f"{shown}: returned a non-finite score {float(scores[i])} for response {i} "
+        raise RewardError(f"{shown} returned a non-finite score {float(scores[i])} for response {i} "
                           f"({bad.numel()} of {n}); a reward must be a finite number")  # fmt: skip
     return scores
 
