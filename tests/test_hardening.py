@@ -748,3 +748,25 @@ def test_a_resume_refuses_any_changed_input(tmp_path, capsys, case, trained_sft,
     change(changed)
     err = fails_with(args, capsys)
     assert f": {label} file {changed!r} changed since the checkpoint" in err, err
+
+
+# ---- 13. the README's Python API block runs as written from any directory -------------------------------------
+
+
+def readme_python_api_block() -> str:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("## Python API", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_python_api_block_runs_from_another_directory(tmp_path, monkeypatch, capsys):
+    block = readme_python_api_block()
+    lines = block.splitlines()
+    assert lines[-1].startswith("rl.run_pipeline(")  # the quick pipeline is test_pipeline.py's
+    outs = [line.split('out="', 1)[1].split('"', 1)[0] for line in lines if 'out="' in line]
+    assert len(outs) == len(set(outs)) == 7 and all(o.startswith("runs/api/") for o in outs)  # one OUT per run
+    monkeypatch.chdir(tmp_path)  # not the checkout: nothing may be read relative to it
+    namespace = {}
+    exec(compile("\n".join(lines[:-1]), "README.md (Python API)", "exec"), namespace)
+    assert namespace["report"]["after"] and "base" in namespace["stack"].memory_report()
+    assert (tmp_path / "runs" / "api" / "eval.json").is_file()
