@@ -727,12 +727,23 @@ INPUT_CASES = {  # stage -> (flags(tmp_path, fixtures) -> (flags, the changed fi
                                                     str(t / "constitution.jsonl")), edit_principle, "constitution"),
     "label-judge_template": ("label", lambda t, f: (["--judge-template", template_copy(t)] + CAI_SMALL,
                                                     str(t / "judge.txt")), append("\n"), "judge_template"),
+    # no --constitution: the shipped one (here a copy the test may edit, as a package upgrade would)
+    "revise-shipped_constitution": ("revise", lambda t, f: (CAI_SMALL, str(t / "constitution.jsonl")),
+                                    edit_principle, "constitution"),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", INPUT_CASES)
-def test_a_resume_refuses_any_changed_input(tmp_path, capsys, case, trained_sft, finished_rm, model_dirs):
+def test_a_resume_refuses_any_changed_input(tmp_path, capsys, monkeypatch, case, trained_sft, finished_rm,
+                                            model_dirs):  # fmt: skip
     stage, flags, change, label = INPUT_CASES[case]
+    if case == "revise-shipped_constitution":
+        import rlhf_engine.datasets.constitution
+        import rlhf_engine.stages.cai_config
+
+        shipped = constitution_copy(tmp_path)
+        monkeypatch.setattr(rlhf_engine.datasets.constitution, "DEFAULT_CONSTITUTION", shipped)
+        monkeypatch.setattr(rlhf_engine.stages.cai_config, "DEFAULT_CONSTITUTION", shipped)
     fixtures = {"sft": str(shutil.copytree(trained_sft, tmp_path / "sft")),
                 "rm": str(shutil.copytree(finished_rm[1], tmp_path / "rm")),
                 "classifier": str(shutil.copytree(model_dirs["classifier"], tmp_path / "classifier")),
