@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from ..core.config import Command, RunConfig
 from ..datasets.constitution import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATES, label_inputs, revise_inputs
 from ..errors import ConfigError
-from ..model.config import MODEL_PRESETS, SamplingConfig, StackConfig, adapter_inputs, check_init_adapter, check_model_dir
+from ..model.config import (
+    MODEL_PRESETS, SamplingConfig, StackConfig, adapter_inputs, check_init_adapter, check_model_dir,
+)  # fmt: skip
 
 
 
