@@ -244,6 +244,25 @@ def test_a_truncated_policy_for_eval_and_for_the_python_api(tmp_path, capsys, mo
         rl.ModelStack.build(rl.StackConfig(model=model_dirs["truncated"]))
 
 
+def test_a_corrupt_resume_checkpoint_is_one_line(tmp_path, capsys, finished_rm):
+    # torch.load reads a zip member whose bytes were flipped without noticing (no CRC check): the weights
+    # would resume silently wrong
+    args, out = copy_run(finished_rm, tmp_path)
+    checkpoint = out / "checkpoint.pt"
+    with zipfile.ZipFile(checkpoint) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)  # the largest tensor's storage
+    with open(checkpoint, "r+b") as f:
+        f.seek(member.header_offset + 26)  # the local header: name and extra-field lengths, then the data
+        n, m = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(member.header_offset + 30 + n + m + member.file_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    err = fails_with(args + ["--max-steps", "3"], capsys)
+    assert err == (f"error: {checkpoint}: corrupt checkpoint ({member.filename} fails its CRC check); delete it "
+                   "or rerun with --no-resume"), err  # fmt: skip
+
+
 # ---- 3. a model directory that is not a causal LM: one line naming what it holds ----------------------------
 
 
