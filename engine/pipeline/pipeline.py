@@ -346,7 +346,7 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     files = [os.path.join(d, n) for d, names in ((paths.ppo, ("adapter_policy.safetensors",
              "adapter_reference.safetensors", "stack.json")), (paths.rm, ("adapter_reward.safetensors",
              "heads.safetensors", "stack.json"))) for n in names] + [paths.heldout]  # fmt: skip
-    key = input_key(files, dataclasses.asdict(ev_config))
+    key = input_key(files, {k: v for k, v in dataclasses.asdict(ev_config).items() if k != "progress"})  # bars only
     stored = state.reusable("eval", key) if os.path.isfile(paths.eval) else None
     if stored is not None:
         with open(paths.eval, encoding="utf-8") as f:
