@@ -524,3 +524,41 @@ def test_metrics_also_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
     losses = [(v, s) for tag, *rest in written[1:-1] if tag == "toy/loss" for v, s in [rest]]
     rows = read_metrics(tmp_path / "out" / METRICS_FILE)
     assert losses == [(r["loss"], r["step"]) for r in rows]
+
+
+def tensorboard_steps(out) -> dict[str, list[int]]:
+    """tag -> the steps of its scalars, over every event file in OUT/tensorboard, as TensorBoard's own
+    reader gives them (every event, so an old run's or a repeated step shows)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps: dict[str, list[int]] = {}
+    directory = os.path.join(out, "tensorboard")
+    for name in sorted(os.listdir(directory)):
+        for event in EventFileLoader(os.path.join(directory, name)).Load():
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return {tag: sorted(s) for tag, s in steps.items()}
+
+
+def test_tensorboard_events_follow_metrics_jsonl_across_a_resume_and_a_fresh_start(tmp_path, monkeypatch):
+    # issue 21: a resumed run repeated the steps past its checkpoint in the curves, and --no-resume kept the
+    # old run's event files beside the new ones
+    pytest.importorskip("tensorboard")
+    real_end_step = Run.end_step
+
+    def crash_after_step_5(self, step, row=None, **kw):
+        real_end_step(self, step, row, **kw)
+        if step == 5:  # rows 1-5 logged, the last checkpoint at step 3
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "end_step", crash_after_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_toy(toy(tmp_path, steps=6, checkpoint_every=3))
+    assert tensorboard_steps(tmp_path / "out")["toy/loss"] == [1, 2, 3, 4, 5]
+    monkeypatch.undo()
+    train_toy(toy(tmp_path, steps=6, checkpoint_every=3))  # resumes at 3
+    steps = tensorboard_steps(tmp_path / "out")
+    assert steps["toy/loss"] == [r["step"] for r in read_metrics(tmp_path / "out" / METRICS_FILE)] == [1, 2, 3, 4, 5, 6]
+    assert all(s == [1, 2, 3, 4, 5, 6] for s in steps.values()), steps
+    train_toy(toy(tmp_path, steps=2, resume=False))  # a fresh start: the old curves are gone
+    assert tensorboard_steps(tmp_path / "out")["toy/loss"] == [1, 2]

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..core.config import from_data
 from ..core.device import resolve_device, resolve_dtype
+from ..core.files import atomic_write_files, check_safetensors
 from ..core.tensors import last_token_index
 from ..errors import ConfigError
 from .config import MODEL_PRESETS, STACK_FILE, StackConfig, read_stack_meta
@@ -306,31 +307,28 @@ class ModelStack:
         """Write the roles' adapters and heads (not the base) to out_dir; returns the files written.
 
         stack.json names the base (preset name or path) and the LoRA config, so `from_saved` can
-        rebuild it; adapters are `adapter_<role>.safetensors`, heads `heads.safetensors`."""
-        from safetensors.torch import save_file
+        rebuild it; adapters are `adapter_<role>.safetensors`, heads `heads.safetensors`. The files are
+        written together and atomically (core.files.atomic_write_files: every temp file first, then
+        the renames, stack.json last), with the usual mode: a kill or a full disk mid-save leaves the
+        previous files whole."""
+        from safetensors.torch import save
 
         roles = tuple(roles or self.roles)
         os.makedirs(out_dir, exist_ok=True)
-        written = []
+        files = {}
         heads = {}
         for role in roles:
             state = self.role_state_dict(role)
             heads.update({n: t for n, t in state.items() if n.startswith("heads.")})
             lora = {n: t for n, t in state.items() if not n.startswith("heads.")}
             if lora:
-                path = os.path.join(out_dir, f"adapter_{role}.safetensors")
-                save_file(lora, path)
-                written.append(path)
+                files[os.path.join(out_dir, f"adapter_{role}.safetensors")] = save(lora)
         if heads:
-            path = os.path.join(out_dir, HEADS_FILE)
-            save_file(heads, path)
-            written.append(path)
+            files[os.path.join(out_dir, HEADS_FILE)] = save(heads)
         meta = {"stack": dataclasses.asdict(self.config), "roles": list(roles)}
-        path = os.path.join(out_dir, STACK_FILE)
-        with open(path, "w") as f:
-            json.dump(meta, f, indent=2)
-        written.append(path)
-        return written
+        files[os.path.join(out_dir, STACK_FILE)] = (json.dumps(meta, indent=2) + "\n").encode()
+        atomic_write_files([(path, lambda f, data=data: f.write(data)) for path, data in files.items()])
+        return list(files)
 
     def load_roles(self, saved_dir: str, roles: tuple[str, ...] | None = None) -> None:
         """Load adapters and heads written by `save` into this stack (weights copied in place)."""
@@ -353,9 +351,11 @@ class ModelStack:
             if role in self.config.adapters:
                 if not os.path.isfile(path):
                     raise ConfigError(f"{path}: missing (the saved stack has roles {meta['roles']})")
+                check_safetensors(path)  # a truncated copy is one line naming it, not a loader traceback
                 state.update(load_file(path))
         heads_path = os.path.join(saved_dir, HEADS_FILE)
         if os.path.isfile(heads_path):
+            check_safetensors(heads_path)
             state.update({n: t for n, t in load_file(heads_path).items() if n.split(".")[1] in roles})
         params = dict(p for role in roles for p in self.named_role_parameters(role))
         missing = sorted(set(params) - set(state))

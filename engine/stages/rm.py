@@ -21,6 +21,7 @@ from torch import nn
 from ..algos.losses import reward_loss
 from ..algos.rewards import load_classifier
 from ..core.config import FLOAT32_MAX
+from ..core.files import atomic_write_dir
 from ..core.run import Run, StageResult
 from ..datasets.batching import TokenBatch, collate_pairs
 from ..datasets.feedback import LABELERS_FILE, build_pairs, labeler_reports, load_feedback
@@ -80,9 +81,14 @@ class ClassifierRewardModel:
         self.model.train(mode)
 
     def save(self, out_dir: str) -> list[str]:
+        """OUT/classifier, written whole or not at all (core.files.atomic_write_dir)."""
         path = os.path.join(out_dir, CLASSIFIER_DIR)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+
+        def write(directory: str) -> None:
+            self.model.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+
+        atomic_write_dir(path, write)
         return [path]
 
 
