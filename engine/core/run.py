@@ -54,12 +54,13 @@ import os
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import CheckpointError, ConfigError, NonFiniteError
 from .config import RunConfig, short_repr
+from .device import PeakWindow
 from .files import (
     CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULT_FILE, TENSORBOARD_DIR, atomic_write, dumps, is_temp_file, plain,
     read_metrics, sha256_file, write_json,
@@ -80,6 +81,9 @@ class StageResult:
     steps: int  # steps done in total (resumed ones included)
     resumed_from: int  # step the run resumed from (0: fresh)
     files: list[str]  # what the stage's final save wrote
+    # the run's memory peaks (Run.finish: core.device.PeakWindow, every step's peak and the setup's):
+    peak_mem_mib: float | None = field(default=None, kw_only=True)  # the device's, as the rows' peak_mem_mib
+    peak_rss_mib: float | None = field(default=None, kw_only=True)  # the process's resident set (host memory)
 
 
 # ---- tracked state ----------------------------------------------------------------------------
@@ -183,6 +187,7 @@ class Run:
         self._bar = None
         self._stack = contextlib.ExitStack()
         self._t0 = time.perf_counter()
+        self._peak: PeakWindow | None = None
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -202,6 +207,8 @@ class Run:
 
     def _open(self) -> None:
         self.config.validate()
+        self._peak = PeakWindow()
+        self._stack.callback(self._peak.close)
         if not self.main:
             self._open_follower()
             return
@@ -482,5 +489,11 @@ class Run:
         return path
 
     def finish(self, result) -> str:
-        """OUT/result.json (a dict or dataclass), the mark of a completed run; returns its path."""
+        """OUT/result.json (a dict or dataclass), the mark of a completed run; returns its path. A
+        StageResult gets the run's memory peaks (peak_mem_mib: CUDA's when the run used CUDA, else the
+        resident set's; peak_rss_mib), which the per-step resets of the rows' peaks do not lose."""
+        if isinstance(result, StageResult) and self._peak is not None:
+            rss, cuda = self._peak.peak_mib("cpu"), self._peak.peak_mib("cuda")
+            result.peak_rss_mib = rss
+            result.peak_mem_mib = cuda if cuda is not None else rss
         return self.write_json(RESULT_FILE, result)
