@@ -148,17 +148,20 @@ def ppo_micro_loss(stack, mb: dict, P: int, config, beta: float, weights: torch.
     hidden = stack.policy(mb["input_ids"], mb["attention_mask"], mb.get("prompt_lengths"))  # a prompt once
     h = hidden[:, P - 1 : -1]
     kl = None
-    if config.kl_in == "loss" and config.kl_estimator == "exact":
+    exact = config.kl_estimator == "exact"
+    # the KL term needs the reference, which step 4 skips when nothing reads it (beta = 0, no target_kl:
+    # algos.rollout.step_forwards); the term is beta * KL = 0 then
+    in_loss = config.kl_in == "loss" and mb["ref_hidden" if exact else "ref_logprobs"] is not None
+    if in_loss and exact:
         logp, ent, kl = kernels.linear_token_stats(h, mb["ref_hidden"], weight, mb["labels"], temperature=T,
                                                    ignore_index=IGNORE_INDEX, backend=b)  # fmt: skip
     else:
         logp, ent = kernels.linear_logprobs(h, weight, mb["labels"], temperature=T, ignore_index=IGNORE_INDEX,
                                             entropy=True, backend=b)  # fmt: skip
-        if config.kl_in == "loss":
+        if in_loss:
             kl = kernels.kl_penalty(logp, mb["ref_logprobs"], kind=config.kl_estimator, backend=b)
     if tokens is not None:
-        tokens.update(logp=logp.detach(), ent=ent.detach(), kl=None if kl is None or config.kl_estimator != "exact"
-                      else kl.detach())  # fmt: skip
+        tokens.update(logp=logp.detach(), ent=ent.detach(), kl=kl.detach() if kl is not None and exact else None)
     old = mb["old_logprobs"] if mb["old_logprobs"] is not None else logp.detach()
     n = mask.sum().float()
     pg_mean, pst = kernels.ppo_loss(logp, old, mb["advantages"] * weights, mask,
