@@ -386,3 +386,16 @@ def test_reward_from_the_rm_stage_loads_into_a_full_ppo_stack(tmp_path):
     assert torch.equal(ppo_stack.reward(input_ids, mask), rm_stack.reward(input_ids, mask))
     # the reward stays frozen in the PPO stack: only policy and value train
     assert not any(p.requires_grad for p in ppo_stack.role_parameters("reward"))
+
+
+def test_a_reward_only_stack_frees_the_lm_head():
+    # The reward model reads hidden states only: its (V, H) lm_head weight (259 x 64 fp32 here, untied) is
+    # freed, and the scores are those of the stack that kept it.
+    keep = ModelStack.build(StackConfig(model="tiny-llama", adapters=("reward",)))
+    freed = ModelStack.build(StackConfig(model="tiny-llama", adapters=("reward",)))
+    assert freed.release_lm_head() == 259 * 64 * 4 and freed.lm_head_weight.numel() == 0
+    assert freed.release_lm_head() == 0  # nothing left to free
+    input_ids, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(freed.reward(input_ids, mask), keep.reward(input_ids, mask))
+    assert freed.memory_report()["base"]["bytes"] == keep.memory_report()["base"]["bytes"] - 259 * 64 * 4

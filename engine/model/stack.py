@@ -222,6 +222,17 @@ class ModelStack:
         """(V, H), shared by every role: logits = hidden @ lm_head_weight.T."""
         return self._lm_head.weight
 
+    def release_lm_head(self) -> int:
+        """Free the (V, H) lm_head weight of a stack that never computes log-probs (the reward model's
+        training stack: TRL's sequence classifier has no lm_head either); returns the bytes freed, 0
+        when the weight is the input embedding's (tied). lm_head_weight is empty afterwards."""
+        weight = self._lm_head.weight
+        if weight is self._decoder.get_input_embeddings().weight or weight.numel() == 0:
+            return 0
+        freed = weight.numel() * weight.element_size()
+        self._lm_head.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
+        return freed
+
     def policy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """(B, T, H) hidden states of the policy adapter (prefix_lengths: hidden_states)."""

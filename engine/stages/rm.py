@@ -45,6 +45,7 @@ class StackRewardModel:
         self.tokenizer = stack.tokenizer
         self.device = stack.device
         stack.set_trainable("reward")
+        stack.release_lm_head()  # scores read hidden states only: the (V, H) head is dead weight here
 
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return self.stack.named_role_parameters("reward")
