@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 
 import rlhf_engine as rl
 from rlhf_engine.cli import main
-from rlhf_engine.core.config import short_repr
 from rlhf_engine.errors import ConfigError
 from util import REWARD, ROOT, rows, untimed
 
@@ -144,7 +143,7 @@ def test_a_config_value_of_the_wrong_type_is_one_line_naming_the_field(tmp_path,
 def test_a_flag_of_the_wrong_type_is_one_line(tmp_path, capsys, stage):
     field = INT_FIELD[stage]
     err = fails_with(stage_args(stage, tmp_path) + ["--" + field.replace("_", "-"), "2.5"], capsys)
-    assert f"invalid int value: '2.5'" in err, err
+    assert "invalid int value: '2.5'" in err, err
 
 
 PRESETS = [("sft_preset", "max_steps"), ("reward_preset", "max_steps"), ("dpo_preset", "max_steps"),

@@ -562,3 +562,27 @@ def test_tensorboard_events_follow_metrics_jsonl_across_a_resume_and_a_fresh_sta
     assert all(s == [1, 2, 3, 4, 5, 6] for s in steps.values()), steps
     train_toy(toy(tmp_path, steps=2, resume=False))  # a fresh start: the old curves are gone
     assert tensorboard_steps(tmp_path / "out")["toy/loss"] == [1, 2]
+
+
+# ---- memory peaks ---------------------------------------------------------------------------------
+
+
+def test_a_peak_window_keeps_the_run_peak_across_step_resets():
+    # A step's peak restarts at reset_peak_memory (the rows' peak_mem_mib), the run's must not: a
+    # 256 MiB spike in one "step" stays in the window after the next step's reset. (256 MiB: far
+    # above glibc's largest mmap threshold, 32 MiB, so the free returns it to the kernel at once.)
+    from rlhf_engine.core.device import PeakWindow, peak_memory_mib, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    window = PeakWindow()
+    try:
+        start = window.peak_mib("cpu")
+        reset_peak_memory(cpu)
+        spike = torch.ones(256 * 2**20 // 4)  # written: resident
+        del spike
+        assert peak_memory_mib(cpu) >= start + 250
+        reset_peak_memory(cpu)  # the next step
+        assert peak_memory_mib(cpu) < start + 100
+        assert window.peak_mib("cpu") >= start + 250
+    finally:
+        window.close()

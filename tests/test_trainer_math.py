@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import rlhf_kernels as kernels
 from rlhf_engine.algos.advantages import GROUP_STD_EPS, estimate_advantages
 from rlhf_engine.algos.kl import assign_rewards
 from rlhf_engine.algos.losses import minibatch_weights, ppo_micro_loss

@@ -48,18 +48,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import CheckpointError, ConfigError, NonFiniteError, StaleCheckpointError
 from .config import RunConfig, short_repr
+from .device import PeakWindow
 from .events import Events
+from .state import as_tracked, first_non_finite
 from .files import (
     CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULT_FILE, TENSORBOARD_DIR, atomic_write, dumps, is_temp_file, plain,
     probe_writable, read_metrics, remove_temp, save_through, sha256_file, write_error, write_json,
@@ -80,58 +81,9 @@ class StageResult:
     steps: int  # steps done in total (resumed ones included)
     resumed_from: int  # step the run resumed from (0: fresh)
     files: list[str]  # what the stage's final save wrote
-
-
-# ---- tracked state ----------------------------------------------------------------------------
-
-
-class Weights:
-    """Named tensors (the trainable parameters) as a tracked state: saved as CPU copies, restored in
-    place, so the optimizer keeps pointing at the same parameters."""
-
-    def __init__(self, named: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]):
-        self.named = dict(named.items() if isinstance(named, Mapping) else named)
-
-    def state_dict(self) -> dict:
-        return {n: t.detach().cpu().clone() for n, t in self.named.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing, unexpected = sorted(set(self.named) - set(state)), sorted(set(state) - set(self.named))
-        if missing or unexpected:
-            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        with torch.no_grad():
-            for n, t in self.named.items():
-                if state[n].shape != t.shape:
-                    raise ValueError(f"{n} has shape {tuple(state[n].shape)}, expected {tuple(t.shape)}")
-                t.copy_(state[n])
-
-
-def _as_tracked(name: str, obj):
-    if isinstance(obj, (Mapping, list, tuple)) or (isinstance(obj, Iterator) and not hasattr(obj, "state_dict")):
-        return Weights(obj)
-    if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
-        raise TypeError(f"track({name}=...): expected named tensors or an object with state_dict/load_state_dict")
-    return obj
-
-
-def _first_non_finite(state, path: str = "") -> str | None:
-    """Dotted path of the first floating tensor or float in `state` holding a NaN or inf."""
-    if isinstance(state, torch.Tensor):
-        ok = not state.is_floating_point() or bool(torch.isfinite(state).all())
-        return None if ok else path
-    if isinstance(state, float):
-        return None if math.isfinite(state) else path
-    if isinstance(state, Mapping):
-        items = state.items()
-    elif isinstance(state, (list, tuple)):
-        items = enumerate(state)
-    else:
-        return None
-    for k, v in items:
-        bad = _first_non_finite(v, f"{path}.{k}" if path else str(k))
-        if bad is not None:
-            return bad
-    return None
+    # the run's memory peaks (Run.finish: core.device.PeakWindow, every step's peak and the setup's):
+    peak_mem_mib: float | None = field(default=None, kw_only=True)  # the device's, as the rows' peak_mem_mib
+    peak_rss_mib: float | None = field(default=None, kw_only=True)  # the process's resident set (host memory)
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict:
@@ -187,6 +139,7 @@ class Run:
         self._bar = None
         self._stack = contextlib.ExitStack()
         self._t0 = time.perf_counter()
+        self._peak: PeakWindow | None = None
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -216,6 +169,8 @@ class Run:
 
     def _open(self) -> None:
         self.config.validate()
+        self._peak = PeakWindow()
+        self._stack.callback(self._peak.close)
         if not self.main:
             self._open_follower()
             return
@@ -330,7 +285,7 @@ class Run:
         saved as copies and restored in place) or anything with state_dict / load_state_dict
         (optimizer, scheduler, KL controller, reward normaliser, an nn.Module)."""
         for name, obj in objects.items():
-            self._tracked[name] = _as_tracked(name, obj)
+            self._tracked[name] = as_tracked(name, obj)
 
     def data_order(self, n: int, batch_size: int, name: str = "data") -> DataOrder:
         """The seeded order of n items in batches; its size and position go into the checkpoint."""
@@ -374,7 +329,7 @@ class Run:
         """Write OUT/checkpoint.pt for `step` steps done, atomically. Refuses (NonFiniteError) when a
         tracked tensor holds a NaN or inf: the last good checkpoint stays."""
         state = {name: obj.state_dict() for name, obj in self._tracked.items()}
-        bad = _first_non_finite(state)
+        bad = first_non_finite(state)
         if bad is not None:
             raise NonFiniteError(f"step {step}: {bad} is not finite; {self._last_good()}")
         if not self.main:
@@ -422,7 +377,7 @@ class Run:
             if value is None:
                 continue
             v = float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-            bad = _first_non_finite(v)
+            bad = first_non_finite(v)
             if bad is not None:
                 shown = v if isinstance(v, float) else "a NaN or inf entry"
                 raise NonFiniteError(f"step {self.step + 1}: {name} is {shown}; {self._last_good()}")
@@ -495,5 +450,11 @@ class Run:
         return path
 
     def finish(self, result) -> str:
-        """OUT/result.json (a dict or dataclass), the mark of a completed run; returns its path."""
+        """OUT/result.json (a dict or dataclass), the mark of a completed run; returns its path. A
+        StageResult gets the run's memory peaks (peak_mem_mib: CUDA's when the run used CUDA, else the
+        resident set's; peak_rss_mib), which the per-step resets of the rows' peaks do not lose."""
+        if isinstance(result, StageResult) and self._peak is not None:
+            rss, cuda = self._peak.peak_mib("cpu"), self._peak.peak_mib("cuda")
+            result.peak_rss_mib = rss
+            result.peak_mem_mib = cuda if cuda is not None else rss
         return self.write_json(RESULT_FILE, result)

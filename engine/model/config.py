@@ -81,6 +81,7 @@ class StackConfig:
     # weights (stack.reference() then uses it instead of the bare base)
     adapters: tuple[str, ...] = ("policy", "value", "reward")
     seed: int = 0  # seeds the random init of a preset base and of the adapters and heads
+    shared_prefix: bool = True  # rows that share a prompt run it once (model/prefix.py); False: every row whole
 
     def validate(self, *, classifier_ok: bool = False) -> StackConfig:
         """The checks of every field; `classifier_ok`: the model may be a ...ForSequenceClassification

@@ -160,9 +160,13 @@ def _sample(stack, prompts, config: SamplingConfig, adapter, samples_per_prompt:
         raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     device = stack.device
     encoded = [list(p)[-config.max_prompt_length :] for p in prompts]
-    ids, mask = pad([e for e in encoded for _ in range(k)], tokenizer.pad_token_id, side="left")
+    # A prompt's k samples share its prefill: the prompts run once and each one's KV cache is copied to its
+    # k rows (a dynamic cache; the static one is allocated for all B rows). Prefill was k times the work.
+    share = k > 1 and config.cache == "dynamic"
+    ids, mask = pad(encoded if share else [e for e in encoded for _ in range(k)], tokenizer.pad_token_id,
+                    side="left")  # fmt: skip
     ids, mask = ids.to(device), mask.to(device)
-    B, P = ids.shape
+    B, P = len(prompts) * k, ids.shape[1]
     R = config.max_new_tokens
     row_keys = torch.tensor([key * k + j for key in keys for j in range(k)], dtype=torch.long)
     streams = row_streams(seed, row_keys).to(device)
@@ -171,6 +175,10 @@ def _sample(stack, prompts, config: SamplingConfig, adapter, samples_per_prompt:
     cache, step_fn = _decoder_cache(stack, config, B, P + R)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = step_fn(adapter, ids, mask, positions, cache, torch.arange(P, device=device))
+    if share:
+        rows = torch.arange(len(prompts), device=device).repeat_interleave(k)  # row = prompt * k + sample
+        cache.batch_select_indices(rows)
+        ids, mask, positions, hidden = ids[rows], mask[rows], positions[rows], hidden[rows]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, R), tokenizer.pad_token_id, dtype=torch.long, device=device)

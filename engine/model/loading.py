@@ -8,6 +8,7 @@ quantised to 4-bit NF4 through bitsandbytes or left in full precision; every bas
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import tempfile
@@ -20,6 +21,7 @@ from .config import MODEL_PRESETS, PRESET_TOKENIZERS, StackConfig
 from .named import is_named, resolve_named
 from .tokenizers import TOKENIZERS
 
+MADV_DONTNEED = 4  # Linux madvise advice: drop these pages (a clean file mapping reads them back on access)
 LM_HEAD_ROW_NORM = 2.0  # preset bases: |logit| <= 2 |h| with |h| ~ sqrt(H) after the final RMSNorm
 # Config fields of a constant factor on the logits, and whether the model divides by it: Cohere's logit_scale,
 # Granite's (and MiniCPM3's) logits_scaling, Falcon-H1's lm_head_multiplier.
@@ -97,6 +99,60 @@ def route_nf4_through_kernels(model: nn.Module) -> int:
     return n
 
 
+def _checkpoint_mappings() -> list[tuple[int, int, bool]]:
+    """(start, end, clean) of every memory-mapped safetensors file of this process (Linux:
+    /proc/self/smaps; [] elsewhere); clean: no page of it was ever written (no anonymous copy-on-write
+    page), so its pages can be dropped and read again from the file."""
+    out = []
+    with contextlib.suppress(OSError):
+        with open("/proc/self/smaps") as f:
+            current = None
+            for line in f:
+                head = line.split(maxsplit=5)
+                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                    current = None
+                    if len(head) == 6 and ".safetensors" in head[5]:
+                        start, end = (int(x, 16) for x in head[0].split("-"))
+                        current = [start, end, True]
+                        out.append(current)
+                elif current is not None and line.startswith("Anonymous:") and int(line.split()[1]) > 0:
+                    current[2] = False
+    return [tuple(m) for m in out]
+
+
+def copy_off_checkpoint_file(model: nn.Module) -> int:
+    """Copy every parameter and buffer that still reads the memory-mapped checkpoint into process memory;
+    returns the bytes copied.
+
+    from_pretrained maps the safetensors file and hands out tensors that view it where no conversion
+    was needed (with NF4: the embeddings and the norms); while one of them lives, the whole mapping
+    stays, with every page the quantiser read still resident. Measured on SmolLM2-135M (fp32 file,
+    538 MB): 405 MiB of the file resident after loading, for 108 MiB of tensors that still read it;
+    after the copy the mapping closes and the resident set is 300 MiB smaller for the rest of the run.
+    The resident pages are dropped first (madvise DONTNEED on a mapping nobody wrote: they read back
+    from the file), so the copy itself raises the peak by its own bytes, not the mapping's."""
+    mappings = _checkpoint_mappings()
+    if not mappings:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    for start, end, clean in mappings:
+        if clean:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+    copied, seen = 0, set()
+    with torch.no_grad():
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for t in table.values():
+                    if t is None or t.device.type != "cpu" or id(t) in seen:
+                        continue
+                    seen.add(id(t))  # a tied weight is one Parameter in two modules: copied once
+                    ptr = t.untyped_storage().data_ptr()
+                    if any(start <= ptr < end for start, end, _ in mappings):
+                        t.data = t.data.clone()  # in place: the Parameter (and whoever holds it) stays
+                        copied += t.numel() * t.element_size()
+    return copied
+
+
 def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer) for config.model, quantized as configured, every base weight frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -131,6 +187,7 @@ def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype
         disable_bnb_cpu_repack(model)
         if device.type == "cpu":
             route_nf4_through_kernels(model)
+    copy_off_checkpoint_file(model)
     model.requires_grad_(False)
     return model, tokenizer
 

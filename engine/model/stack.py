@@ -45,6 +45,7 @@ from ..core.tensors import last_token_index
 from ..errors import ConfigError
 from .config import MODEL_PRESETS, STACK_FILE, StackConfig, read_stack_meta
 from .loading import load_causal_lm, logit_scale
+from .prefix import plan_prefixes, prefix_hidden
 
 ROLES_WITH_HEADS = ("value", "reward")
 HEADS_FILE = "heads.safetensors"
@@ -199,14 +200,23 @@ class ModelStack:
     # ---- roles -------------------------------------------------------------------------------
 
     def hidden_states(
-        self, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, **cache
-    ) -> torch.Tensor:
+        self, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        prefix_lengths: torch.Tensor | None = None, **cache,
+    ) -> torch.Tensor:  # fmt: skip
         """(B, T) token ids -> (B, T, H) last hidden state (final norm applied, lm_head not).
 
         Positions count real tokens only (cumsum of the mask), so a left-padded prompt sits at the
         positions it had alone, as in generation. `cache` passes position_ids / past_key_values /
         cache_position through for KV-cached decoding (model.generation); with past_key_values,
-        attention_mask covers the cached tokens too."""
+        attention_mask covers the cached tokens too.
+
+        prefix_lengths (B,): how many leading real tokens of each row are its prompt; rows whose prompts
+        are equal then run them once (model.prefix, when config.shared_prefix), and positions inside a
+        shared prompt but its last come back as zeros (nothing reads them: prompt tokens carry no label)."""
+        if prefix_lengths is not None and self.config.shared_prefix:
+            plan = plan_prefixes(input_ids, attention_mask, prefix_lengths)
+            if plan is not None:
+                return prefix_hidden(self, adapter, plan)
         if "position_ids" not in cache:
             cache["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with self._active(adapter):
@@ -235,16 +245,29 @@ class ModelStack:
         next-token distribution; nothing else materialises logits)."""
         return nn.functional.linear(hidden, self.lm_head_weight, self.lm_head_bias).float() * self.logit_scale
 
-    def policy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) hidden states of the policy adapter."""
-        return self.hidden_states("policy", input_ids, attention_mask)
+    def release_lm_head(self) -> int:
+        """Free the (V, H) lm_head weight of a stack that never computes log-probs (the reward model's
+        training stack: TRL's sequence classifier has no lm_head either); returns the bytes freed, 0
+        when the weight is the input embedding's (tied). lm_head_weight is empty afterwards."""
+        weight = self._lm_head.weight
+        if weight is self._decoder.get_input_embeddings().weight or weight.numel() == 0:
+            return 0
+        freed = weight.numel() * weight.element_size()
+        self._lm_head.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
+        return freed
+
+    def policy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """(B, T, H) hidden states of the policy adapter (prefix_lengths: hidden_states)."""
+        return self.hidden_states("policy", input_ids, attention_mask, prefix_lengths)
 
     @torch.no_grad()
-    def reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """(B, T, H) hidden states of the reference policy; never has a grad. The reference is the
         frozen "reference" adapter when the stack has one (a copy of a policy that started from a
         trained adapter: there the bare base would be the wrong reference), else the bare base."""
-        return self.hidden_states(self.reference_adapter, input_ids, attention_mask)
+        return self.hidden_states(self.reference_adapter, input_ids, attention_mask, prefix_lengths)
 
     @property
     def reference_adapter(self) -> str | None:
@@ -275,15 +298,16 @@ class ModelStack:
             self.copy_adapter("policy", "reference")
 
     def values(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policy_hidden: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policy_hidden: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """(B, T) value per position. value_mode="policy_head" reads `policy_hidden` (B, T, H) when
         given (no second base forward); value_mode="adapter" always runs the value adapter."""
         if self.config.value_mode == "policy_head":
             if policy_hidden is None:
-                policy_hidden = self.policy(input_ids, attention_mask)
+                policy_hidden = self.policy(input_ids, attention_mask, prefix_lengths)
             return self.heads["value"](policy_hidden)
-        return self.heads["value"](self.hidden_states("value", input_ids, attention_mask))
+        return self.heads["value"](self.hidden_states("value", input_ids, attention_mask, prefix_lengths))
 
     def policy_and_values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -292,9 +316,11 @@ class ModelStack:
         hidden = self.policy(input_ids, attention_mask)
         return hidden, self.values(input_ids, attention_mask, policy_hidden=hidden)
 
-    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) reward-model score read at the last real token of each sequence."""
-        hidden = self.hidden_states("reward", input_ids, attention_mask)  # (B, T, H)
+    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """(B,) reward-model score read at the last real token of each sequence (prefix_lengths:
+        hidden_states; the last real token is never inside a shared prompt)."""
+        hidden = self.hidden_states("reward", input_ids, attention_mask, prefix_lengths)  # (B, T, H)
         last = last_token_index(attention_mask)
         return self.heads["reward"](hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
