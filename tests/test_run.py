@@ -569,17 +569,25 @@ def test_tensorboard_events_follow_metrics_jsonl_across_a_resume_and_a_fresh_sta
 
 def test_a_peak_window_keeps_the_run_peak_across_step_resets():
     # A step's peak restarts at reset_peak_memory (the rows' peak_mem_mib), the run's must not: a
-    # 256 MiB spike in one "step" stays in the window after the next step's reset. (256 MiB: far
-    # above glibc's largest mmap threshold, 32 MiB, so the free returns it to the kernel at once.)
+    # 256 MiB spike in one "step" stays in the window after the next step's reset. The spike is an
+    # anonymous mapping written page by page and unmapped: fresh resident pages whatever an allocator
+    # kept from earlier tests (a torch tensor could reuse memory already resident in a long session).
+    import ctypes
+    import mmap
+
     from rlhf_engine.core.device import PeakWindow, peak_memory_mib, reset_peak_memory
 
     cpu = torch.device("cpu")
     window = PeakWindow()
     try:
-        start = window.peak_mib("cpu")
         reset_peak_memory(cpu)
-        spike = torch.ones(256 * 2**20 // 4)  # written: resident
-        del spike
+        start = peak_memory_mib(cpu)  # the resident size now
+        n = 256 * 2**20
+        spike = mmap.mmap(-1, n)
+        buf = (ctypes.c_char * n).from_buffer(spike)
+        ctypes.memset(buf, 1, n)  # written: resident
+        del buf
+        spike.close()
         assert peak_memory_mib(cpu) >= start + 250
         reset_peak_memory(cpu)  # the next step
         assert peak_memory_mib(cpu) < start + 100
