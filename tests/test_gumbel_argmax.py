@@ -44,7 +44,8 @@ def _old_mix(x):
 
 
 def old_row_streams(seed, keys):
-    base = _old_mix(torch.tensor([_old_i64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64)], dtype=torch.long))
+    seeded = _old_i64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64)
+    base = _old_mix(torch.tensor([seeded], dtype=torch.long))
     return _old_mix(base ^ _old_mix(keys.long().cpu() * _OLD_GOLDEN + 1)).to(keys.device)
 
 
