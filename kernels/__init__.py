@@ -36,6 +36,7 @@ else:
     from rlhf_kernels._dispatch import BACKENDS, backends
     from rlhf_kernels.full_kl import full_kl, full_kl_ref
     from rlhf_kernels.gae import gae, gae_ref
+    from rlhf_kernels.gumbel_argmax import gumbel_argmax, gumbel_argmax_ref, gumbel_noise, gumbel_streams
     from rlhf_kernels.kl_penalty import kl_penalty, kl_penalty_ref
     from rlhf_kernels.linear_logprobs import linear_logprobs, linear_logprobs_ref
     from rlhf_kernels.linear_token_stats import linear_token_stats, linear_token_stats_ref
@@ -50,4 +51,4 @@ else:
                "token_stats_ref", "gae", "gae_ref", "ppo_loss", "ppo_loss_ref", "PPOStats", "value_loss",
                "value_loss_ref", "ValueStats", "masked_whiten", "masked_whiten_ref", "kl_penalty", "kl_penalty_ref",
                "linear_logprobs", "linear_logprobs_ref", "linear_token_stats", "linear_token_stats_ref", "nf4_linear",
-               "nf4_linear_ref"]
+               "nf4_linear_ref", "gumbel_argmax", "gumbel_argmax_ref", "gumbel_noise", "gumbel_streams"]

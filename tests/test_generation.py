@@ -121,6 +121,19 @@ def test_gumbel_draw_follows_the_softmax():
     assert abs(float((draws == draws1).double().mean()) - float((p**2).sum())) < 0.02
 
 
+def test_next_tokens_draw_what_the_noise_says():
+    # next_tokens runs rlhf_kernels.gumbel_argmax (C++ on CPU): the same draws as adding `gumbel`'s (B, V)
+    # noise to the filtered, scaled logits and taking the argmax, for every sampling setting
+    B, V = 48, 1531
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(1)) * 4
+    streams = row_streams(9, torch.arange(B))
+    for cfg in (SamplingConfig(), SamplingConfig(temperature=0.7, top_k=50), SamplingConfig(temperature=1.3, top_p=0.9)):
+        for step in (0, 1, 30):
+            scaled = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+            want = (scaled.double() + gumbel(streams, step, V)).argmax(-1)
+            assert torch.equal(next_tokens(logits, cfg, streams, step), want), (cfg, step)
+
+
 def test_top_k_and_top_p():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     assert torch.isinf(filter_logits(logits, 2, 1.0)[0, 2:]).all() and torch.isfinite(filter_logits(logits, 2, 1.0)[0, :2]).all()

@@ -10,7 +10,8 @@ distribution of the next token, and nothing else in the engine materialises logi
 
 Randomness. A row's sample is a function of (seed, the row's key, the step) alone: the next token is
 the Gumbel-max draw argmax_v(logits_v / T + g_v) (Gumbel 1954; it draws from softmax(logits / T)
-exactly), with g_v = -log(-log(u_v)) and u_v a counter-based hash of (seed, key, step, v). So a
+exactly), with g_v = -log(-log(u_v)) and u_v a counter-based hash of (seed, key, step, v)
+(rlhf_kernels.gumbel_argmax: on CPU one C++ pass per row that never materialises the (B, V) noise). So a
 prompt gets the same response whatever else is in its batch or on which data-parallel rank it runs,
 and a resumed run samples what the uninterrupted run sampled, with no generator state to carry.
 Top-k / top-p set the logits outside the kept set to -inf before the draw.
@@ -23,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+import rlhf_kernels as kernels
 
 from ..core.tensors import pad
 from .config import SamplingConfig
@@ -49,43 +52,16 @@ class Samples:
 
 # ---- the draw ------------------------------------------------------------------------------------
 
-_MASK64 = (1 << 64) - 1
-
-
-def _i64(c: int) -> int:
-    """A 64-bit constant as the signed value torch's int64 holds."""
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-_GOLDEN, _C1, _C2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser (Steele et al. 2014): a bijection of 64-bit words that scrambles every bit;
-    int64 arithmetic wraps."""
-    x = (x ^ _shr(x, 30)) * _C1
-    x = (x ^ _shr(x, 27)) * _C2
-    return x ^ _shr(x, 31)
-
 
 def row_streams(seed: int, keys: torch.Tensor) -> torch.Tensor:
-    """(B,) int64 stream ids, one per row key, for `gumbel`."""
-    base = _mix(torch.tensor([_i64((seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64)], dtype=torch.long))
-    return _mix(base ^ _mix(keys.long().cpu() * _GOLDEN + 1)).to(keys.device)
+    """(B,) int64 stream ids, one per row key, for `next_tokens` (rlhf_kernels.gumbel_streams)."""
+    return kernels.gumbel_streams(seed, keys)
 
 
 def gumbel(streams: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(B, V) float64 standard Gumbel noise, a pure function of (stream, step, v)."""
-    at_step = _mix(streams ^ _i64(((step + 1) * 0xD1B54A32D192ED03) & _MASK64))  # (B,)
-    v = torch.arange(vocab, device=streams.device, dtype=torch.long)
-    bits = _mix(at_step[:, None] + v[None, :] * _GOLDEN)  # (B, V)
-    u = (_shr(bits, 11).double() + 0.5) * 2.0**-53  # in (0, 1)
-    return -torch.log(-torch.log(u))
+    """(B, V) float64 standard Gumbel noise, a pure function of (stream, step, v): the noise `next_tokens`
+    adds (rlhf_kernels.gumbel_noise; the draw itself never materialises it)."""
+    return kernels.gumbel_noise(streams, step, vocab)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -109,7 +85,7 @@ def next_tokens(logits: torch.Tensor, config: SamplingConfig, streams: torch.Ten
     if config.temperature == 0:
         return logits.argmax(dim=-1)
     scaled = filter_logits(logits / config.temperature, config.top_k, config.top_p)
-    return (scaled.double() + gumbel(streams, step, logits.shape[-1])).argmax(dim=-1)
+    return kernels.gumbel_argmax(scaled, streams, step)
 
 
 # ---- decoding ------------------------------------------------------------------------------------
