@@ -17,7 +17,9 @@ builds both and runs this. Both sides get:
     (TRL: per-device batch x gradient accumulation), lengths, generations, new tokens, loss aggregation;
   - the same synthetic data: JSONL for us, read into a datasets.Dataset for TRL (prompt + "\\n", our
     layout: rlhf_engine.datasets.layout.format_sample);
-  - the same threads: --threads N sets torch.set_num_threads(N) and OMP/MKL_NUM_THREADS in the child.
+  - the same threads: --threads N sets torch.set_num_threads(N) and OMP/MKL_NUM_THREADS in the child
+    (each side with its own OpenMP wait policy: ours passive, rlhf_engine.core.threads; TRL's libgomp's
+    default, unless the environment sets OMP_WAIT_POLICY for both).
 
 Kinds (--kinds, all by default):
   dpo              DPO (sigmoid, beta 0.1), reference forward every step (the base: adapters off)
@@ -35,9 +37,12 @@ Timing: each repeat is a fresh process per side, paired and interleaved (ours, T
 the ends of consecutive optimizer steps (ours: the metrics rows' elapsed_s; TRL: a TrainerCallback's
 on_step_end), so data collation and logging count on both sides. Reported: min and median s/step over
 every timed step of every repeat, samples/s at the median, TRL / ours, the peak resident memory of each
-process (VmHWM of the child, polled by this process every 50 ms) and of a step (VmHWM reset at the step
-start: our metrics' peak_mem_mib, TRL's on_step_begin; the RM stage logs none), and for GRPO / PPO the
-generation time and the rest.
+process and of a step, and for GRPO / PPO the generation time and the rest (ours also split into the
+old-log-prob and reference forwards). A step's peak: VmHWM reset at the step start (our metrics'
+peak_mem_mib, every stage; TRL's on_step_begin). The process's: the larger of VmHWM polled by this
+process every 50 ms and the peak the child reports, which folds every step's peak in before the next
+reset (ours: result.json's peak_rss_mib, rlhf_engine.core.device.PeakWindow; TRL's: trl_peer), so a
+spike between two polls is not lost.
 
 Like-for-like check: the first step's loss of both sides on the same batch from the same initial weights
 (every step of DPO / SFT / RM sees the whole data set, so step 1 is the same batch on both sides); GRPO's
@@ -216,8 +221,12 @@ def run_ours(spec: dict) -> dict:
         wall = row["elapsed_s"] - rows[k - 1]["elapsed_s"] if k - 1 in rows else None  # step 1: no earlier row
         steps.append({"step": k, "wall_s": wall, "peak_mib": row.get("peak_mem_mib"),
                       "generate_s": row.get("time_generate_s"), "loss": row.get("loss"),
-                      "response_length": row.get("response_length")})  # fmt: skip
-    return {"status": "ok", "steps": steps}
+                      "response_length": row.get("response_length"), "engine_step_s": row.get("step_s"),
+                      "old_logprobs_s": row.get("time_old_logprobs_s"),
+                      "ref_logprobs_s": row.get("time_ref_logprobs_s")})  # fmt: skip
+    with open(os.path.join(spec["out"], "result.json")) as f:
+        peak = json.load(f).get("peak_rss_mib")  # the whole run's, every step's peak folded in
+    return {"status": "ok", "steps": steps, "reported_peak_mib": peak}
 
 
 def versions_ours() -> dict:
@@ -303,7 +312,9 @@ def run_child(python: str, spec: dict, work: str, name: str, timeout: float, kee
         why = "timed out" if rc is None else f"exit {rc}: {lines[-1] if lines else 'no output'}"
         where = f"log: {log_path}" if keep else "--workdir DIR keeps the logs"
         result = {"status": f"error: {why} ({where})"}
-    result["process_peak_mib"] = peak[0] / 1024 if peak[0] else None
+    polled = peak[0] / 1024 if peak[0] else None
+    reported = result.get("reported_peak_mib")
+    result["process_peak_mib"] = max((v for v in (polled, reported) if v), default=None)
     return result
 
 
@@ -347,6 +358,10 @@ def summarize(kind: str, side: str, threads: int, results: list[dict], shape: di
                                     default=None),
                step_peak_mib=max((s["peak_mib"] for s in timed if s["peak_mib"] is not None),
                                  default=None))  # fmt: skip
+    for key in ("engine_step_s", "old_logprobs_s", "ref_logprobs_s"):  # ours: the engine's own split
+        values = [s[key] for s in timed if s.get(key) is not None]
+        if values:
+            row[f"{key}_median"] = statistics.median(values)
     gens = [s["generate_s"] for s in timed if s.get("generate_s") is not None]
     if gens:
         row["generate_s_median"] = statistics.median(gens)
@@ -549,6 +564,10 @@ def worker(argv: list[str]) -> int:
         return 0
     with open(argv[1]) as f:
         spec = json.load(f)
+    if spec["side"] == "ours":
+        # before torch, as the engine's own command line does: it sets its OpenMP wait policy while
+        # libgomp is not yet loaded (rlhf_engine.core.threads); TRL's side runs with the library default
+        import rlhf_engine  # noqa: F401
     import torch
 
     torch.set_num_threads(spec["threads"])

@@ -49,7 +49,11 @@ def trl_reward(prompts, completions, **kwargs):
     return reward(prompts, completions)
 
 
+_FOLDED_MIB = [0.0]  # the largest VmHWM seen before a reset: the process's peak survives the step resets
+
+
 def _reset_hwm() -> None:
+    _FOLDED_MIB[0] = max(_FOLDED_MIB[0], _hwm_mib() or 0.0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -256,4 +260,6 @@ def run_trl(spec: dict) -> dict:
 
         trainer._generate = timed_generate
     trainer.train()
-    return {"status": "ok", "steps": clock.steps, "notes": notes, "trainable_params": trainable}
+    peak = max(_FOLDED_MIB[0], _hwm_mib() or 0.0) or None  # as ours: every step's peak and the setup's
+    return {"status": "ok", "steps": clock.steps, "notes": notes, "trainable_params": trainable,
+            "reported_peak_mib": peak}  # fmt: skip

@@ -25,6 +25,9 @@ if __name__ != "rlhf_engine":
     # package, so that one copy of every module and class exists.
     sys.modules[__name__] = importlib.import_module("rlhf_engine")
 else:
+    from .core.threads import prefer_passive_openmp
+
+    prefer_passive_openmp()  # before anything imports torch (core/threads.py: 2 threads under load)
     _EXPORTS = {
         "EngineError": "errors", "ConfigError": "errors", "DataError": "errors", "FeedbackError": "errors",
         "RunLockedError": "errors", "CheckpointError": "errors", "NonFiniteError": "errors",

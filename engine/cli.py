@@ -16,9 +16,10 @@ and `sampling` as nested objects), then the flags given (an explicit `none` incl
 its input files are checked before torch and a model load (pure Python until a stage runs).
 
 Every error a user can act on prints one `error: ...` line, never a traceback. Exit status: 0 done;
-2 a bad option, path, config, data line or checkpoint, or OUT in use by another run; 3 the run
-stopped on a non-finite loss, gradient norm or weight (the last good checkpoint is kept); 130
-interrupted (Ctrl-C).
+2 a bad option, path, config, data line or checkpoint, an OUT that cannot be written, or OUT in use
+by another run; 3 the run stopped on a non-finite loss, gradient norm or weight (the last good
+checkpoint is kept); 4 the run stopped because its file system refused a write (disk full: every
+file written before is intact, and the same command resumes); 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -197,7 +198,9 @@ def stage_config(args):
     if args.config:
         data = merge(data, read_config_file(args.config))
     data = merge(data, given(args, args.flags["top"]))
-    data = merge(data, {group: given(args, dests) for group, dests in args.flags.items() if group != "top"})
+    # only the groups with a flag given: an empty {} would replace a config file's (bad) non-object "stack"
+    groups = {group: given(args, dests) for group, dests in args.flags.items() if group != "top"}
+    data = merge(data, {group: flags for group, flags in groups.items() if flags})
     if command.adjust is not None:
         command.adjust(args, data)
     if isinstance(data.get("stack"), dict) and "seed" in data:

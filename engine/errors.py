@@ -42,6 +42,19 @@ class CheckpointError(ConfigError):
     """OUT/checkpoint.pt cannot be read, or was written by a different stage, config or data."""
 
 
+class StaleCheckpointError(CheckpointError):
+    """OUT/checkpoint.pt was written with a different config or different input content: resuming it would
+    not repeat a run of this config (the pipeline starts such a stage over)."""
+
+
+class WriteError(EngineError):
+    """OUT could not be written mid-run (disk full, quota, a read-only remount): the run stopped; every file
+    it had written before is intact (each is written atomically), so the same command resumes from the
+    last good checkpoint once the disk has room."""
+
+    exit_status = 4  # the CLI's status for a run stopped by its file system (2: bad input, 3: diverged)
+
+
 class NonFiniteError(EngineError):
     """A non-finite loss, gradient norm or weight: the run stopped and kept its last good checkpoint."""
 

@@ -277,6 +277,16 @@ def test_bad_config_is_one_line(tmp_path, capsys, prefs, extra, message):
     assert len(err) == 1 and message in err[0], err
 
 
+def test_a_file_of_ties_has_no_pairs(tmp_path, capsys):
+    # every ranked record's consensus ties (two labelers voting [1, 2] and [2, 1]): no preference to learn
+    data = tmp_path / "ties.jsonl"
+    rows_ = [{"prompt": f"p{i}", "completions": ["a", "b"], "rankings": [[1, 2], [2, 1]]} for i in range(3)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    assert main(dpo_args(str(data), tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {data}: no preference pairs (every ranked record's"), err
+
+
 def test_dpo_needs_data(tmp_path, capsys):
     assert main(["dpo", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == "error: data: a feedback file is required (--data FILE)\n"

@@ -55,14 +55,16 @@ def test_consensus_mean_rank_hand_case():
     assert consensus_ranking(rankings) == [3, 2, 1, 4]
 
 
-def test_consensus_ties_break_stably_by_position():
-    # c0 and c1 both have mean rank 1.5: the one listed first wins, whatever the labeler order
-    assert consensus_ranking([(1, 2), (2, 1)]) == [1, 2]
-    assert consensus_ranking([(2, 1), (1, 2)]) == [1, 2]
-    # three-way tie on mean 2 (each labeler a rotation): positional order
-    assert consensus_ranking([(1, 2, 3), (2, 3, 1), (3, 1, 2)]) == [1, 2, 3]
-    # a tie below a clear winner: c2 best (mean 1), c0 and c1 tied at 2.5 -> c0 before c1
-    assert consensus_ranking([(2, 3, 1), (3, 2, 1)]) == [2, 3, 1]
+def test_consensus_ties_share_a_rank():
+    # c0 and c1 both have mean rank 1.5: a tie, whatever the labeler order (list position breaks nothing)
+    assert consensus_ranking([(1, 2), (2, 1)]) == [1, 1]
+    assert consensus_ranking([(2, 1), (1, 2)]) == [1, 1]
+    # three-way tie on mean 2 (each labeler a rotation)
+    assert consensus_ranking([(1, 2, 3), (2, 3, 1), (3, 1, 2)]) == [1, 1, 1]
+    # a tie below a clear winner: c2 best (mean 1), c0 and c1 tied at 2.5 -> both rank 2 (competition ranking)
+    assert consensus_ranking([(2, 3, 1), (3, 2, 1)]) == [2, 2, 1]
+    # a tie above a clear loser: c0, c1 at 1.5, c2 at 3 -> [1, 1, 3]
+    assert consensus_ranking([(1, 2, 3), (2, 1, 3)]) == [1, 1, 3]
 
 
 # ---- pairs ---------------------------------------------------------------------------------------
@@ -89,10 +91,17 @@ def test_issue_example_pairs_follow_the_consensus():
     assert [(p.chosen, p.rejected) for p in pairs] == [(ac, nothing), (ac, not_hot), (nothing, not_hot)]
 
 
-def test_tied_consensus_still_gives_all_pairs_in_stable_order():
-    rec = RankedFeedback("p", ("a", "b"), ((1, 2), (2, 1)), ("x", "y"), None, 3)
+def test_a_tie_in_the_consensus_gives_no_pair():
+    # two labelers voting [1, 2] and [2, 1]: no preference, no pair, in either vote order
+    for rankings in (((1, 2), (2, 1)), ((2, 1), (1, 2))):
+        pairs, _ = build_pairs([RankedFeedback("p", ("a", "b"), rankings, ("x", "y"), None, 3)])
+        assert pairs == []
+    # a partial order: c (mean 1) beats a and b, which tie (2.5): the two pairs c > a, c > b only
+    rec = RankedFeedback("p", ("a", "b", "c"), ((2, 3, 1), (3, 2, 1)), ("x", "y"), None, 3)
     pairs, _ = build_pairs([rec])
-    assert [(p.chosen, p.rejected) for p in pairs] == [("a", "b")]
+    assert [(p.chosen, p.rejected) for p in pairs] == [("c", "a"), ("c", "b")]
+    assert pairs_from_ranking("p", ["a", "b", "c"], [1, 1, 3]) == [PreferencePair("p", "a", "c"),
+                                                                   PreferencePair("p", "b", "c")]  # fmt: skip
 
 
 def test_thumbs_pairs():
@@ -115,6 +124,8 @@ def test_build_pairs_mixes_record_kinds():
 
 def test_kendall_tau_hand_cases():
     assert kendall_tau([1, 2, 3], [1, 2, 3]) == 1.0
+    # a tie in one ranking: pair (0, 1) counts in C(3, 2) = 3 but is neither concordant nor discordant
+    assert kendall_tau([1, 2, 3], [1, 1, 3]) == pytest.approx(2 / 3)
     assert kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
     # [2,1,3] vs [1,2,3]: pair (0,1) discordant, (0,2) and (1,2) concordant -> (2 - 1) / 3
     assert kendall_tau([2, 1, 3], [1, 2, 3]) == pytest.approx(1 / 3)
@@ -132,6 +143,20 @@ def test_disagreeing_labeler_of_the_issue_is_flagged():
     # still flagged at a lenient threshold; nobody is flagged at -1
     assert labeler_agreement([hot_record()], threshold=-0.5)["cy"].flagged
     assert not any(r.flagged for r in labeler_agreement([hot_record()], threshold=-1.0).values())
+
+
+def test_a_tie_counts_against_no_labeler():
+    # Two labelers voting [1, 2] and [2, 1]: the consensus ties, so neither disagrees with it (ordered by
+    # list position instead, one of them would be flagged, and the other once the votes are swapped).
+    for rankings in (((1, 2), (2, 1)), ((2, 1), (1, 2))):
+        rec = RankedFeedback("p", ("a", "b"), rankings, ("x", "y"), None, 1)
+        reports = labeler_agreement([rec], threshold=0.3)
+        assert [(r.concordant, r.discordant, r.tau, r.flagged) for r in reports.values()] == [(0, 0, 1.0, False)] * 2
+    # x [1, 2, 3], y [2, 1, 3]: totals 3, 3, 6 -> consensus [1, 1, 3]. Pair (a, b) is tied: neither's; pairs
+    # (a, c) and (b, c) both order as the consensus: 2 concordant, 0 discordant each, tau 1 for both.
+    rec = RankedFeedback("p", ("a", "b", "c"), ((1, 2, 3), (2, 1, 3)), ("x", "y"), None, 1)
+    reports = labeler_agreement([rec], threshold=0.3)
+    assert [(r.concordant, r.discordant, r.tau) for r in reports.values()] == [(2, 0, 1.0), (2, 0, 1.0)]
 
 
 def test_agreement_pools_a_named_labeler_over_prompts():
@@ -152,9 +177,9 @@ def test_excluding_flagged_labelers_changes_the_consensus():
     kept, reports = build_pairs([rec], threshold=0.3, exclude_flagged=False)
     assert reports["cy"].flagged and not reports["ana"].flagged
     assert [(p.chosen, p.rejected) for p in kept] == [("a", "c"), ("a", "b"), ("c", "b")]
-    # without cy: a = 1, b = 2.5, c = 2.5 -> tie b/c broken by position -> [1, 2, 3]
+    # without cy: a = 1, b = 2.5, c = 2.5 -> b and c tie: no pair between them
     excluded, _ = build_pairs([rec], threshold=0.3, exclude_flagged=True)
-    assert [(p.chosen, p.rejected) for p in excluded] == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert [(p.chosen, p.rejected) for p in excluded] == [("a", "b"), ("a", "c")]
 
 
 def test_issue_example_with_exclusion_keeps_the_two_agreeing_labelers():

@@ -91,6 +91,19 @@ def test_samples_per_prompt_are_grouped_and_distinct(stack):
     assert [response_tokens(solo, j) for j in range(3)] == [response_tokens(s, 3 + j) for j in range(3)]
 
 
+def test_k_samples_of_a_prompt_share_its_prefill_and_draw_what_separate_rows_draw(stack):
+    # k = 3 samples of two prompts (the prompts prefilled once, their caches copied to 3 rows each) against
+    # the same six rows as six one-sample prompts (each prefilled): row prompt * 3 + j draws from stream
+    # key * 3 + j, which the one-sample rows get with keys 3 * key + j. Same tokens, masks and lengths.
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0)
+    prompts = ids_of(stack, PROMPTS[1:])  # two prompts of different lengths: left padding in both
+    shared = sample(stack, prompts, cfg, samples_per_prompt=3, seed=5, keys=[4, 7])
+    rows = sample(stack, [p for p in prompts for _ in range(3)], cfg, seed=5, keys=[12, 13, 14, 21, 22, 23])
+    assert torch.equal(shared.input_ids, rows.input_ids) and torch.equal(shared.attention_mask, rows.attention_mask)
+    assert torch.equal(shared.response_length, rows.response_length) and shared.responses == rows.responses
+    assert len({tuple(response_tokens(shared, b)) for b in range(3)}) > 1  # three different draws
+
+
 def test_gumbel_draw_follows_the_softmax():
     # Gumbel-max over counter-based noise: 40000 rows drawing from softmax([2, 1, 0, -1, -inf]); each
     # frequency within 4 standard errors of its probability (the test is deterministic: fixed seed).

@@ -101,6 +101,34 @@ def test_groups_without_signal(tmp_path):
     assert r["frac_reward_zero_std"] == 1.0 and r["pg_loss"] == 0.0 and r["grad_norm"] == 0.0
 
 
+@pytest.mark.parametrize("estimator", ["k3", "exact"])
+def test_trls_default_grpo_step_runs_neither_no_grad_forward(tmp_path, monkeypatch, estimator):
+    # TRL's GRPO default: beta 0 with the KL in the loss, one update per rollout. Nothing reads the
+    # reference and the old log-probs are the training forward's: step 4 runs no forward (the only
+    # no-grad forwards left are generation's), the per-step KL metrics are None, the held-out
+    # evaluation still measures the KL, and the ratio is 1 (clipfrac 0).
+    from rlhf_engine.model.stack import ModelStack
+
+    forwards = []
+    real = ModelStack.hidden_states
+
+    def counted(self, adapter, input_ids, *a, **k):
+        if not torch.is_grad_enabled() and "past_key_values" not in k and input_ids.shape[1] > 1:
+            forwards.append(adapter)  # a whole-sequence no-grad forward (not a decode step)
+        return real(self, adapter, input_ids, *a, **k)
+
+    monkeypatch.setattr(ModelStack, "hidden_states", counted)
+    result = train_ppo(config(tmp_path, kl_in="loss", kl_coef=0.0, kl_estimator=estimator, ppo_epochs=1,
+                              minibatch_size=16, micro_batch_size=8, max_steps=2, eval_every=2))  # fmt: skip
+    rs = rows(result.out)
+    eval_forwards = 2 * 2  # evaluations at steps 0 and 2: the policy's and the reference's forward each
+    assert len(forwards) == eval_forwards, forwards
+    for r in rs[1:]:
+        assert r["kl"] is None and r["kl_k3"] is None and r["clipfrac"] == 0.0 and r["entropy"] > 0
+        assert r["time_old_logprobs_s"] < 0.01 and r["time_ref_logprobs_s"] < 0.01
+    assert rs[0]["eval_kl"] == 0.0 and rs[-1]["eval_kl"] > 0  # the fresh policy is the base, then it moves
+
+
 def test_grpo_learns_the_rule_based_reward(tmp_path):
     # 8 prompts x 4 responses per step, no critic: the held-out reward rises within 20 steps
     result = train_ppo(config(tmp_path, max_steps=20, eval_every=10, rollout_batch_size=8, minibatch_size=16,

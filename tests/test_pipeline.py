@@ -97,11 +97,15 @@ def test_rerun_on_the_same_out_reuses_every_stage_and_reproduces_the_report(quic
     printed = captured.out
     assert "Loading weights" not in captured.err  # transformers' bars stay off for a preset base
     assert [line[:5] for line in printed.splitlines() if line.startswith("[")] == [f"[{i}/6]" for i in range(1, 7)]
-    assert "| true score" in printed
+    assert "| true score" in printed and "held-out loss n/a" not in printed
     second = load(quick / "report.json")
-    assert second["feedback"]["reused"] and os.stat(quick / "feedback.jsonl").st_mtime_ns == mtime
-    assert (second["before"], second["after"]) == (first["before"], first["after"])
-    assert second["samples"] == first["samples"]
+    assert first["reused"] == [] and second["reused"] == ["sft", "feedback", "rm", "ppo", "eval"]
+    assert os.stat(quick / "feedback.jsonl").st_mtime_ns == mtime
+    # a reused stage reports the run that made it: its numbers (the SFT's step-0 held-out loss too) and seconds
+    assert first["sft"]["heldout_loss_start"] is not None
+    for key in ("before", "after", "change", "samples", "sft", "feedback", "rm", "ppo", "labelers", "memory",
+                "stage_seconds", "total_seconds"):  # fmt: skip
+        assert second[key] == first[key], key
 
 
 def test_user_data_and_model_directory(tmp_path, capsys):
@@ -124,6 +128,37 @@ def test_user_data_and_model_directory(tmp_path, capsys):
     assert report["model"] == str(model) and report["prompts"] == {"train": 4, "heldout": 2, "samples_per_heldout_prompt": 1}
     assert len(jsonl(out / "data" / "sft.jsonl")) == 12
     assert set(report["after"]) == set(KEYS)
+
+
+def small_pipeline(tmp_path, out, sft_steps) -> dict:
+    """A few-step pipeline on the tiny-llama preset and a small corpus; returns its report."""
+    data = tmp_path / "corpus.jsonl"
+    if not data.exists():
+        with open(data, "w") as f:
+            for i in range(8):
+                for reply in (f"You could try step {i}. Good luck!", "Nothing you can do.", "Stupid question."):
+                    f.write(json.dumps({"prompt": f"Help me with task {i}.", "completion": reply}) + "\n")
+    args = ["pipeline", "--data", str(data), "--model", "tiny-llama", "--out", str(out), "--no-progress",
+            "--heldout-prompts", "2", "--sft-steps", str(sft_steps), "--samples-per-prompt", "3", "--rm-epochs", "1",
+            "--ppo-steps", "1", "--rollout-batch-size", "4", "--max-new-tokens", "6", "--eval-samples", "1"]  # fmt: skip
+    assert main(args) == 0
+    return load(out / "report.json")
+
+
+def test_a_rerun_with_a_longer_sft_redoes_every_stage_downstream(tmp_path, capsys):
+    # issue 21: PPO used to resume on the old reward model and policy while its reference adapter changed
+    # under it. Now SFT resumes and trains on; the feedback (its key holds the SFT adapter's hash), the reward
+    # model (its data changed), PPO (its starting adapter and reward model changed) and the evaluation start
+    # over, and the rerun ends where a fresh run with the longer SFT ends.
+    first = small_pipeline(tmp_path, tmp_path / "out", sft_steps=10)
+    second = small_pipeline(tmp_path, tmp_path / "out", sft_steps=20)
+    printed = capsys.readouterr().out
+    assert "rm: " in printed and "starting it over" in printed
+    assert second["reused"] == [] and second["sft"]["steps"] == 20
+    assert second["before"] != first["before"] and second["after"] != first["after"]
+    fresh = small_pipeline(tmp_path, tmp_path / "fresh", sft_steps=20)
+    for key in ("before", "after", "samples", "sft", "feedback", "rm", "ppo"):
+        assert second[key] == fresh[key], key
 
 
 def bad_args(tmp_path, data):

@@ -102,6 +102,11 @@ def test_reward_model_learns_a_synthetic_preference(tmp_path):
     assert result.eval_loss < 0.5 * rows[0]["eval_loss"], rows
     assert result.eval_accuracy >= 0.9 and rows[-1]["eval_accuracy"] == result.eval_accuracy
     assert rows[-1]["loss"] < rows[1]["loss"]
+    # each step's time, tokens/s and memory peak, as the other stages log them; the run's peak survives
+    # their per-step resets (result.json)
+    assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_mib"] > 100 for r in rows[1:]), rows
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["peak_mem_mib"] == saved["peak_rss_mib"] >= max(r["peak_mem_mib"] for r in rows[1:])
 
     # the saved adapter + head reproduce the held-out accuracy on a freshly built base
     stack = ModelStack.from_saved(config.out)

@@ -36,7 +36,7 @@ def test_bad_function_specs(spec, match):
 
 @pytest.mark.parametrize(
     "name, match",
-    [("wrong_length", "returned 1 scores for 3 responses"), ("not_numbers", "expected one number per response"),
+    [("wrong_length", "returned 1 scores for 3 responses"), ("not_numbers", "returned str .high. for response 0; expected a number"),
      ("nan_for_second", "non-finite score nan for response 1")],
 )  # fmt: skip
 def test_bad_function_outputs(name, match):

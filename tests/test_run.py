@@ -524,3 +524,65 @@ def test_metrics_also_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
     losses = [(v, s) for tag, *rest in written[1:-1] if tag == "toy/loss" for v, s in [rest]]
     rows = read_metrics(tmp_path / "out" / METRICS_FILE)
     assert losses == [(r["loss"], r["step"]) for r in rows]
+
+
+def tensorboard_steps(out) -> dict[str, list[int]]:
+    """tag -> the steps of its scalars, over every event file in OUT/tensorboard, as TensorBoard's own
+    reader gives them (every event, so an old run's or a repeated step shows)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps: dict[str, list[int]] = {}
+    directory = os.path.join(out, "tensorboard")
+    for name in sorted(os.listdir(directory)):
+        for event in EventFileLoader(os.path.join(directory, name)).Load():
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return {tag: sorted(s) for tag, s in steps.items()}
+
+
+def test_tensorboard_events_follow_metrics_jsonl_across_a_resume_and_a_fresh_start(tmp_path, monkeypatch):
+    # issue 21: a resumed run repeated the steps past its checkpoint in the curves, and --no-resume kept the
+    # old run's event files beside the new ones
+    pytest.importorskip("tensorboard")
+    real_end_step = Run.end_step
+
+    def crash_after_step_5(self, step, row=None, **kw):
+        real_end_step(self, step, row, **kw)
+        if step == 5:  # rows 1-5 logged, the last checkpoint at step 3
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "end_step", crash_after_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_toy(toy(tmp_path, steps=6, checkpoint_every=3))
+    assert tensorboard_steps(tmp_path / "out")["toy/loss"] == [1, 2, 3, 4, 5]
+    monkeypatch.undo()
+    train_toy(toy(tmp_path, steps=6, checkpoint_every=3))  # resumes at 3
+    steps = tensorboard_steps(tmp_path / "out")
+    assert steps["toy/loss"] == [r["step"] for r in read_metrics(tmp_path / "out" / METRICS_FILE)] == [1, 2, 3, 4, 5, 6]
+    assert all(s == [1, 2, 3, 4, 5, 6] for s in steps.values()), steps
+    train_toy(toy(tmp_path, steps=2, resume=False))  # a fresh start: the old curves are gone
+    assert tensorboard_steps(tmp_path / "out")["toy/loss"] == [1, 2]
+
+
+# ---- memory peaks ---------------------------------------------------------------------------------
+
+
+def test_a_peak_window_keeps_the_run_peak_across_step_resets():
+    # A step's peak restarts at reset_peak_memory (the rows' peak_mem_mib), the run's must not: a
+    # 256 MiB spike in one "step" stays in the window after the next step's reset. (256 MiB: far
+    # above glibc's largest mmap threshold, 32 MiB, so the free returns it to the kernel at once.)
+    from rlhf_engine.core.device import PeakWindow, peak_memory_mib, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    window = PeakWindow()
+    try:
+        start = window.peak_mib("cpu")
+        reset_peak_memory(cpu)
+        spike = torch.ones(256 * 2**20 // 4)  # written: resident
+        del spike
+        assert peak_memory_mib(cpu) >= start + 250
+        reset_peak_memory(cpu)  # the next step
+        assert peak_memory_mib(cpu) < start + 100
+        assert window.peak_mib("cpu") >= start + 250
+    finally:
+        window.close()

@@ -325,6 +325,29 @@ def test_base_loaded_from_a_directory(tmp_path):
 # ---- memory --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("quantization", ["nf4", None])
+def test_a_loaded_base_reads_nothing_from_its_checkpoint_file(tmp_path, quantization):
+    # from_pretrained maps model.safetensors and hands out tensors that view it (the embeddings and norms
+    # with NF4, everything unquantised); a live view keeps the whole mapping resident (loading.py
+    # measures 300 MiB on SmolLM2). After loading, no parameter may point into a mapped safetensors
+    # file, the mapping is gone, and every value is still the file's.
+    from safetensors.torch import load_file
+
+    from rlhf_engine.model.loading import build_preset
+
+    build_preset("tiny-llama", seed=0, out_dir=str(tmp_path))
+    model, _ = load_causal_lm(StackConfig(model=str(tmp_path), quantization=quantization), torch.device("cpu"),
+                              torch.float32)  # fmt: skip
+    with open("/proc/self/maps") as f:
+        assert str(tmp_path) not in f.read()  # the file is mapped no more
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    params = dict(model.named_parameters())
+    unquantized = [n for n, p in params.items() if not isinstance(p, bnb.nn.Params4bit)]
+    assert "model.embed_tokens.weight" in unquantized and "model.norm.weight" in unquantized
+    for name in unquantized:
+        assert torch.equal(params[name], saved[name]), name
+
+
 def test_four_roles_add_only_adapter_sized_parameters():
     """small-llama (H=256, 4 layers, V=259): count parameters and bytes of the shared stack."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -366,3 +389,16 @@ def test_reward_from_the_rm_stage_loads_into_a_full_ppo_stack(tmp_path):
     assert torch.equal(ppo_stack.reward(input_ids, mask), rm_stack.reward(input_ids, mask))
     # the reward stays frozen in the PPO stack: only policy and value train
     assert not any(p.requires_grad for p in ppo_stack.role_parameters("reward"))
+
+
+def test_a_reward_only_stack_frees_the_lm_head():
+    # The reward model reads hidden states only: its (V, H) lm_head weight (259 x 64 fp32 here, untied) is
+    # freed, and the scores are those of the stack that kept it.
+    keep = ModelStack.build(StackConfig(model="tiny-llama", adapters=("reward",)))
+    freed = ModelStack.build(StackConfig(model="tiny-llama", adapters=("reward",)))
+    assert freed.release_lm_head() == 259 * 64 * 4 and freed.lm_head_weight.numel() == 0
+    assert freed.release_lm_head() == 0  # nothing left to free
+    input_ids, mask = batch()
+    with torch.no_grad():
+        assert torch.equal(freed.reward(input_ids, mask), keep.reward(input_ids, mask))
+    assert freed.memory_report()["base"]["bytes"] == keep.memory_report()["base"]["bytes"] - 259 * 64 * 4

@@ -131,7 +131,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REWARD = os.path.join(ROOT, "tests", "_reward_fns.py") + ":lowercase_share"  # a rule-based reward for PPO tests
 # metrics that depend on the machine's speed and memory, not on the run: left out where runs are compared
 TIMING = ("elapsed_s", "tokens_per_s", "step_s", "peak_mem_mib", "time_generate_s", "time_score_s", "time_logprobs_s",
-          "time_train_s")  # fmt: skip
+          "time_old_logprobs_s", "time_ref_logprobs_s", "time_train_s")  # fmt: skip
 
 
 def tiny(preset, tmp_path, name="out", **kw):

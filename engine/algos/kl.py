@@ -17,6 +17,12 @@ import rlhf_kernels as kernels
 
 from ..core.tensors import last_token_index
 
+# |log(pi / ref)| bound before a sampled KL estimate (k1 / k2 / k3), as verl and OpenRLHF bound their log-ratios:
+# k3 = e^{-x} - 1 + x at x = -20 is 4.9e8, finite with room for the squares of whitening in fp32, where an
+# unbounded x past -88 makes a reward inf and every whitened advantage NaN. A policy almost never draws a token
+# it gives e^-20 of the reference's probability; a rollout scored with the wrong log-probs can reach it.
+KL_LOG_RATIO_CLAMP = 20.0
+
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token rewards of RLHF's KL-shaped objective (Ziegler et al. 2019, eq. 2; Stiennon et al.
@@ -33,21 +39,30 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
     return rewards
 
 
-def penalty_kl(traj, config) -> torch.Tensor:
+def penalty_kl(traj, config) -> torch.Tensor | None:
     """The per-token KL the penalty uses: the exact one, or a sampled estimate (k1/k2/k3) of the rollout's
-    log-probs (rlhf_kernels.kl_penalty)."""
+    log-probs (rlhf_kernels.kl_penalty, the log-ratio clamped to +-KL_LOG_RATIO_CLAMP); None while what it
+    needs is not computed (algos.rollout step_forwards: no reference, or the policy's log-probs not yet read
+    from the training forward)."""
     if config.kl_estimator == "exact":
         return traj.kl_exact
-    return kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind=config.kl_estimator,
+    if traj.old_logprobs is None or traj.ref_logprobs is None:
+        return None
+    return kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind=config.kl_estimator, clamp=KL_LOG_RATIO_CLAMP,
                               backend=config.backend) * traj.mask  # fmt: skip
 
 
 def assign_rewards(traj, config, beta: float) -> None:
     """Step 5 of PPO: per-token rewards: the score at the last token minus beta * KL_t (kl_in="reward"),
-    or the score alone (kl_in="loss": the KL is a loss term then)."""
+    or the score alone (kl_in="loss": the KL is a loss term then, or beta = 0)."""
     traj.kl = penalty_kl(traj, config)
     in_reward = beta if config.kl_in == "reward" else 0.0
-    traj.rewards = token_rewards(traj.scores, traj.kl, traj.mask, in_reward)
+    kl = traj.kl
+    if kl is None:  # step 4 skipped the forwards a KL needs: only where no reward reads it
+        if in_reward:
+            raise ValueError("a KL penalty in the rewards needs step 4's policy and reference forwards")
+        kl = torch.zeros(traj.mask.shape, device=traj.mask.device)
+    traj.rewards = token_rewards(traj.scores, kl, traj.mask, in_reward)
 
 
 def mean_penalty_kl(traj, dist) -> float:

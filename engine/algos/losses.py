@@ -15,6 +15,7 @@ import rlhf_kernels as kernels
 
 from ..core.tensors import IGNORE_INDEX
 from .choices import DPO_LOSSES, LOSS_AGGREGATIONS
+from .kl import KL_LOG_RATIO_CLAMP
 from .rollout import logprob_temperature
 
 # ---- the reward model ---------------------------------------------------------------------------
@@ -152,8 +153,13 @@ def minibatch_weights(traj, idx: torch.Tensor, config, dist) -> tuple[torch.Tens
 
 
 def ppo_micro_loss(stack, mb: dict, P: int, config, beta: float, weights: torch.Tensor,
-               n_total: float) -> tuple[torch.Tensor, dict]:  # fmt: skip
+                   n_total: float, tokens: dict | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """One micro-batch's share of the minibatch loss and its token-weighted stats.
+
+    Without old log-probs (mb["old_logprobs"] None: step 4 skipped the policy's forward, one update per
+    rollout: algos.rollout.step_forwards) they are this forward's own, detached: ratio = 1 exactly and
+    the clipped term's gradient is -A grad logp (PPO at the sampling policy). `tokens`, when given,
+    receives the detached (b, R) "logp", "ent" and "kl" (the exact KL, or None) of this forward.
 
     loss = sum_t w_t (pg_t - ent_coef * entropy_t + beta * KL_t) + vf_coef * vf_loss, with w the
     aggregation weights over the minibatch of every rank (aggregation_weights); the value
@@ -162,19 +168,28 @@ def ppo_micro_loss(stack, mb: dict, P: int, config, beta: float, weights: torch.
     on advantages w_t A_t, times its token count, gives sum_t w_t pg_t exactly."""
     T, weight, b = logprob_temperature(config), stack.lm_head_weight, config.backend
     mask = mb["mask"]
-    hidden = stack.policy(mb["input_ids"], mb["attention_mask"])
+    hidden = stack.policy(mb["input_ids"], mb["attention_mask"], mb.get("prompt_lengths"))  # a prompt once
     h = hidden[:, P - 1 : -1]
     kl = None
-    if config.kl_in == "loss" and config.kl_estimator == "exact":
-        logp, ent, kl = kernels.linear_token_stats(h, mb["ref_hidden"], weight, mb["labels"], temperature=T,
+    head = stack.head(T)  # the lm_head's bias; the model's logit scale folded into the temperature
+    exact = config.kl_estimator == "exact"
+    # the KL term needs the reference, which step 4 skips when nothing reads it (beta = 0, no target_kl:
+    # algos.rollout.step_forwards); the term is beta * KL = 0 then
+    in_loss = config.kl_in == "loss" and mb["ref_hidden" if exact else "ref_logprobs"] is not None
+    if in_loss and exact:
+        logp, ent, kl = kernels.linear_token_stats(h, mb["ref_hidden"], weight, mb["labels"], **head,
                                                    ignore_index=IGNORE_INDEX, backend=b)  # fmt: skip
     else:
-        logp, ent = kernels.linear_logprobs(h, weight, mb["labels"], temperature=T, ignore_index=IGNORE_INDEX,
+        logp, ent = kernels.linear_logprobs(h, weight, mb["labels"], **head, ignore_index=IGNORE_INDEX,
                                             entropy=True, backend=b)  # fmt: skip
-        if config.kl_in == "loss":
-            kl = kernels.kl_penalty(logp, mb["ref_logprobs"], kind=config.kl_estimator, backend=b)
+        if in_loss:
+            kl = kernels.kl_penalty(logp, mb["ref_logprobs"], kind=config.kl_estimator, clamp=KL_LOG_RATIO_CLAMP,
+                                    backend=b)  # fmt: skip
+    if tokens is not None:
+        tokens.update(logp=logp.detach(), ent=ent.detach(), kl=kl.detach() if kl is not None and exact else None)
+    old = mb["old_logprobs"] if mb["old_logprobs"] is not None else logp.detach()
     n = mask.sum().float()
-    pg_mean, pst = kernels.ppo_loss(logp, mb["old_logprobs"], mb["advantages"] * weights, mask,
+    pg_mean, pst = kernels.ppo_loss(logp, old, mb["advantages"] * weights, mask,
                                     clip_low=config.clip_low, clip_high=config.clip_high, dual_clip=config.dual_clip,
                                     backend=b)  # fmt: skip
     loss = pg_mean * n - config.ent_coef * (weights * ent).sum()
@@ -185,7 +200,8 @@ def ppo_micro_loss(stack, mb: dict, P: int, config, beta: float, weights: torch.
              "approx_kl": float(pst.approx_kl) * share,
              "train_entropy": float((ent.detach() * mask).sum()) / max(n_total, 1.0)}  # fmt: skip
     if config.critic:
-        values = stack.values(mb["input_ids"], mb["attention_mask"], policy_hidden=hidden)[:, P - 1 : -1].float()
+        values = stack.values(mb["input_ids"], mb["attention_mask"], policy_hidden=hidden,
+                              prefix_lengths=mb.get("prompt_lengths"))[:, P - 1 : -1].float()  # fmt: skip
         vf_loss, vst = kernels.value_loss(values, mb["old_values"], mb["returns"], mask, clip=config.value_clip,
                                           backend=b)  # fmt: skip
         loss = loss + config.vf_coef * vf_loss * share

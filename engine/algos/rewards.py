@@ -21,12 +21,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..core.config import short_repr
 from ..core.order import epoch_seed
 from ..core.tensors import pad
 from ..datasets.layout import format_sample, sample_ids
@@ -34,19 +36,43 @@ from ..errors import ConfigError, RewardError
 from .choices import REWARD_ENSEMBLES, REWARD_NORMALIZATIONS
 
 
-def check_scores(name: str, values, n: int) -> torch.Tensor:
-    """A source's output -> (n,) fp32; anything else is one clear error."""
-    try:
-        scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise RewardError(f"reward {name}: expected one number per response, got {type(values).__name__} ({e})") from e
-    if scores.numel() != n:
-        raise RewardError(f"reward {name}: returned {scores.numel()} scores for {n} responses")
+def check_scores(name: str, values, n: int, what: str = "reward") -> torch.Tensor:
+    """A source's output -> (n,) fp32: a list (tuple, array, tensor) of n finite numbers; anything else
+    is one RewardError saying what `what name` returned, so a NaN never reaches an update and a string
+    "1.0" is not read as a number."""
+    shown = f"{what} {name}"
+    if isinstance(values, torch.Tensor) or hasattr(values, "tolist"):  # a tensor or a numpy array
+        values = values.tolist() if getattr(values, "ndim", 1) else values
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(f"{shown} returned {_describe(values)}; expected a list of {n} numbers, one per response")
+    if len(values) != n:
+        raise RewardError(f"{shown} returned {len(values)} scores for {n} responses")
+    floats = [_number(v) for v in values]
+    for i, (v, x) in enumerate(zip(values, floats)):
+        if x is None:
+            raise RewardError(f"{shown} returned {_describe(v)} for response {i}; expected a number")
+    scores = torch.tensor(floats, dtype=torch.float32)
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if bad.numel():
         i = int(bad[0])
-        raise RewardError(f"reward {name}: non-finite score {float(scores[i])} for response {i} ({bad.numel()} in all)")
+        raise RewardError(f"{shown} returned a non-finite score {float(scores[i])} for response {i} "
+                          f"({bad.numel()} of {n}); a reward must be a finite number")  # fmt: skip
     return scores
+
+
+def _number(v) -> float | None:
+    """A score as a float: a Python or numpy number, a 0-d tensor, an (n, 1) output's one-item row; None
+    for anything else (a string "1.0", None, a list)."""
+    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:
+        v = v.item()
+    if isinstance(v, list) and len(v) == 1:
+        v = v[0]
+    return float(v) if isinstance(v, numbers.Real) else None
+
+
+def _describe(value) -> str:
+    """What a reward source returned, for its error line: the type and a short repr."""
+    return f"{type(value).__name__} {short_repr(value)}" if value is not None else "None"
 
 
 class FunctionReward:
@@ -57,7 +83,19 @@ class FunctionReward:
         self.fn = load_function(spec)
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        return check_scores(self.name, self.fn(list(prompts), list(responses)), len(responses))
+        try:
+            values = self.fn(list(prompts), list(responses))
+        except Exception as e:  # the user's code: its traceback stays chained (__cause__) for Python callers
+            raise RewardError(f"reward function {self.name} raised {type(e).__name__}: {e}{_where(e)}") from e
+        return check_scores(self.name, values, len(responses), what="reward function")
+
+
+def _where(e: BaseException) -> str:
+    """ " (at FILE:LINE)" of the innermost frame of an exception's traceback, for the one-line error."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else ""
 
 
 def load_function(spec: str) -> Callable:
@@ -114,7 +152,8 @@ class StackReward:
             seqs = [sample_ids(tok, p, r, self.max_length)[0]
                     for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])]
             ids, mask = pad(seqs, tok.pad_token_id)
-            scores = self.stack.reward(ids.to(self.stack.device), mask.to(self.stack.device)).float().cpu()
+            with self.stack.evaluating():  # the frozen RM is a fixed function: no LoRA dropout in a training stack
+                scores = self.stack.reward(ids.to(self.stack.device), mask.to(self.stack.device)).float().cpu()
             out.append(scores.reshape(len(seqs), self.heads))
         heads = torch.cat(out) if out else torch.zeros(0, self.heads)
         for h in range(self.heads):  # each head's output is checked as a source's would be

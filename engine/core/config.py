@@ -43,6 +43,8 @@ def check_fields(config, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_fields(value, name + ".")
             continue
+        if nested_type(f) is not None:  # {"stack": "tiny-llama"}: a nested config given as a plain value
+            raise ConfigError(f"{name}={short_repr(value)}: expected an object of {name} fields")
         value = _typed(value, str(f.type), name)
         setattr(config, f.name, value)
         if isinstance(value, float) and not math.isfinite(value):
@@ -52,6 +54,7 @@ def check_fields(config, prefix: str = "") -> None:
 
 
 _KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+_PLURAL = {"bool": "true/false values", "int": "integers", "float": "numbers", "str": "strings"}
 
 
 def _typed(value, annotation: str, name: str):
@@ -72,7 +75,7 @@ def _typed(value, annotation: str, name: str):
             return value
         if a not in _KINDS and not a.startswith("tuple["):
             return value  # an annotation this check does not know (kept as it is)
-    kinds = [_KINDS.get(a, f"a list of {_KINDS.get(a[6:-1].split(',')[0].strip(), 'values')}") for a in options]
+    kinds = [_KINDS.get(a, f"a list of {_PLURAL.get(a[6:-1].split(',')[0].strip(), 'values')}") for a in options]
     raise ConfigError(f"{name}={short_repr(value)}: expected {' or '.join(kinds).replace('None', 'none')}")
 
 
@@ -176,7 +179,9 @@ def preset(presets: dict, name: str, **overrides):
     keys replace theirs. Unknown names are an error."""
     if name not in presets:
         raise ConfigError(f"preset {name!r}: expected one of {', '.join(presets)}")
-    return from_data(type(presets[name]), merge(dataclasses.asdict(presets[name]), overrides))
+    config = from_data(type(presets[name]), merge(dataclasses.asdict(presets[name]), overrides))
+    check_fields(config)  # a Python caller's max_steps=2.5 is the CLI's one error line, not a later TypeError
+    return config
 
 
 def read_config_file(path: str) -> dict:
@@ -207,7 +212,7 @@ def read_config_file(path: str) -> dict:
 class RunConfig:
     """What every training stage's config carries: where the run lives and how it is seeded, logged,
     checkpointed and resumed (`core.run.Run` reads these fields). A stage's config subclasses it, adds
-    its own fields, names its input files in INPUT_FILES and extends RESUMABLE_CHANGES."""
+    its own fields, names its input files in INPUT_FILES (and input_paths) and extends RESUMABLE_CHANGES."""
 
     out: str = ""  # output directory: checkpoint.pt, metrics.jsonl, result.json, the stage's files; locked in use
     seed: int = 0  # seeds python/numpy/torch when the run opens, the data order and the init; 0 <= seed < 2**63
@@ -218,9 +223,16 @@ class RunConfig:
 
     # Fields a resumed run may change; any other difference from the checkpoint's config is refused.
     RESUMABLE_CHANGES = ("out", "log_every", "checkpoint_every", "resume", "progress")
-    # Fields naming input files: their sha256 goes into the checkpoint, and a resumed run refuses a file
-    # whose content changed (the path itself may change: a moved file with the same bytes resumes).
+    # Fields naming required input files (each must exist); with everything else the run reads they make
+    # input_paths(), whose sha256 goes into the checkpoint (the path itself may change: a moved file with
+    # the same bytes resumes).
     INPUT_FILES = ()
+
+    def input_paths(self) -> dict[str, str]:
+        """Every file the run reads, label -> path: the INPUT_FILES fields, and what a stage adds (the files
+        of an adapter directory, a reward function's source, the shipped constitution). core.run hashes
+        them into the checkpoint, and a resume refuses any whose content changed."""
+        return {name: getattr(self, name) for name in self.INPUT_FILES}
 
     def validate(self) -> RunConfig:
         check_seed(self.seed)

@@ -15,7 +15,7 @@ Files, locking, resume, metrics, progress and the data order live here, once:
                         per row; a resumed run drops the rows past its checkpoint and a partial last line
     OUT/result.json     strict JSON, written atomically when the run finishes (so: the run completed)
     OUT/config.json     the stage and its whole config, written when the run opens
-    OUT/tensorboard/    the metrics rows as TensorBoard scalars, when tensorboard is installed
+    OUT/tensorboard/    the metrics rows as TensorBoard scalars, when tensorboard is installed (core.events)
 
 A stage opens a Run, builds its data and model, tracks what must survive a restart, and loops over
 numbered steps (`stages/rm.py` is a whole stage in ~60 lines; tests/test_run.py has a toy one):
@@ -47,22 +47,23 @@ Errors a user can act on are EngineError (one line on the CLI): RunLockedError, 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-import math
 import os
 import time
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, NonFiniteError
+from ..errors import CheckpointError, ConfigError, NonFiniteError, StaleCheckpointError
 from .config import RunConfig, short_repr
+from .device import PeakWindow
+from .events import Events
+from .state import as_tracked, first_non_finite
 from .files import (
     CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RESULT_FILE, TENSORBOARD_DIR, atomic_write, dumps, is_temp_file, plain,
-    read_metrics, sha256_file, write_json,
+    probe_writable, read_metrics, remove_temp, save_through, sha256_file, write_error, write_json,
 )  # fmt: skip
 from .lock import OutputLock
 from .order import DataOrder, rng_state, seed_everything, set_rng_state
@@ -80,58 +81,9 @@ class StageResult:
     steps: int  # steps done in total (resumed ones included)
     resumed_from: int  # step the run resumed from (0: fresh)
     files: list[str]  # what the stage's final save wrote
-
-
-# ---- tracked state ----------------------------------------------------------------------------
-
-
-class Weights:
-    """Named tensors (the trainable parameters) as a tracked state: saved as CPU copies, restored in
-    place, so the optimizer keeps pointing at the same parameters."""
-
-    def __init__(self, named: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]):
-        self.named = dict(named.items() if isinstance(named, Mapping) else named)
-
-    def state_dict(self) -> dict:
-        return {n: t.detach().cpu().clone() for n, t in self.named.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing, unexpected = sorted(set(self.named) - set(state)), sorted(set(state) - set(self.named))
-        if missing or unexpected:
-            raise ValueError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-        with torch.no_grad():
-            for n, t in self.named.items():
-                if state[n].shape != t.shape:
-                    raise ValueError(f"{n} has shape {tuple(state[n].shape)}, expected {tuple(t.shape)}")
-                t.copy_(state[n])
-
-
-def _as_tracked(name: str, obj):
-    if isinstance(obj, (Mapping, list, tuple)) or (isinstance(obj, Iterator) and not hasattr(obj, "state_dict")):
-        return Weights(obj)
-    if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
-        raise TypeError(f"track({name}=...): expected named tensors or an object with state_dict/load_state_dict")
-    return obj
-
-
-def _first_non_finite(state, path: str = "") -> str | None:
-    """Dotted path of the first floating tensor or float in `state` holding a NaN or inf."""
-    if isinstance(state, torch.Tensor):
-        ok = not state.is_floating_point() or bool(torch.isfinite(state).all())
-        return None if ok else path
-    if isinstance(state, float):
-        return None if math.isfinite(state) else path
-    if isinstance(state, Mapping):
-        items = state.items()
-    elif isinstance(state, (list, tuple)):
-        items = enumerate(state)
-    else:
-        return None
-    for k, v in items:
-        bad = _first_non_finite(v, f"{path}.{k}" if path else str(k))
-        if bad is not None:
-            return bad
-    return None
+    # the run's memory peaks (Run.finish: core.device.PeakWindow, every step's peak and the setup's):
+    peak_mem_mib: float | None = field(default=None, kw_only=True)  # the device's, as the rows' peak_mem_mib
+    peak_rss_mib: float | None = field(default=None, kw_only=True)  # the process's resident set (host memory)
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict:
@@ -152,11 +104,15 @@ class Run:
     """One training run of `stage` in config.out; use as a context manager (see the module docstring).
 
     Opening it validates the config (RunConfig.validate: every float finite, every int within int64,
-    the seed in range, OUT usable; plus the stage's own checks), creates and locks OUT, removes temp
-    files a crash left, hashes config.INPUT_FILES, seeds python/numpy/torch with config.seed and, when
-    config.resume and OUT/checkpoint.pt exists, reads and vets the checkpoint (stage, format, config,
-    input hashes) before any model is built; otherwise it starts over (the old checkpoint and metrics
-    removed). result.json is removed either way: it marks a completed run.
+    the seed in range, OUT usable; plus the stage's own checks), creates OUT and writes a probe file in it,
+    locks it, removes temp files a crash left, hashes config.input_paths(), seeds python/numpy/torch with
+    config.seed and, when config.resume and OUT/checkpoint.pt exists, reads and vets the checkpoint
+    (stage, format, config, input hashes) before any model is built; otherwise it starts over (the old
+    checkpoint, metrics and event files removed). A refused checkpoint leaves OUT as it was; past the
+    vetting, result.json is removed either way: it marks a completed run.
+
+    A file system that refuses a write inside the run (disk full, a read-only remount) stops it with one
+    WriteError line; every file written before is intact and the same command resumes.
     """
 
     def __init__(self, stage: str, config: RunConfig, progress_keys: tuple[str, ...] = ("loss",), *,
@@ -179,10 +135,11 @@ class Run:
         self._pending: dict | None = None  # a vetted checkpoint's metadata, restored by resume()
         self._lock = OutputLock(self.out)
         self._metrics = None
-        self._tb = None  # SummaryWriter once made; False when tensorboard is not installed
+        self._events = Events(self.path(TENSORBOARD_DIR), stage)
         self._bar = None
         self._stack = contextlib.ExitStack()
         self._t0 = time.perf_counter()
+        self._peak: PeakWindow | None = None
 
     def path(self, name: str) -> str:
         return os.path.join(self.out, name)
@@ -192,16 +149,28 @@ class Run:
     def __enter__(self) -> Run:
         try:
             self._open()
-        except BaseException:
+        except BaseException as e:
             self.close()
+            self._raise_write_error(e)
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except BaseException as e:  # the last metrics rows flushed into a full disk
+            self._raise_write_error(exc or e)
+            raise
+        self._raise_write_error(exc)
+
+    def _raise_write_error(self, e: BaseException | None) -> None:  # disk full, read-only: one line
+        if (err := write_error(e, self.out, f"{self._last_good()}; the same command resumes once it can write")):
+            raise err from e
 
     def _open(self) -> None:
         self.config.validate()
+        self._peak = PeakWindow()
+        self._stack.callback(self._peak.close)
         if not self.main:
             self._open_follower()
             return
@@ -209,39 +178,43 @@ class Run:
             os.makedirs(self.out, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"out {self.out!r}: cannot create the output directory ({e.strerror})") from e
+        probe_writable(self.out)  # a read-only OUT is one line now, not an error after the first steps
         self._lock.acquire()
         self._stack.callback(self._lock.release)
         for name in os.listdir(self.out):  # temp files of a writer that died (we hold the lock)
             if is_temp_file(name):
-                os.unlink(self.path(name))
-        for name in self.config.INPUT_FILES:
-            path = getattr(self.config, name)
-            try:
-                self.inputs[name] = {"path": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
-            except OSError as e:
-                raise ConfigError(f"{name} {path!r}: cannot read ({e.strerror})") from e
+                remove_temp(self.path(name))
+        self._hash_inputs()
         seed_everything(self.config.seed)
         ckpt, metrics = self.path(CHECKPOINT_FILE), self.path(METRICS_FILE)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path(RESULT_FILE))  # describes an earlier run
+        rows = []
         if self.config.resume and os.path.isfile(ckpt):
-            self._pending = self._vet(self._read_checkpoint(mmap=True))
+            self._pending = self._vet(self._read_checkpoint(mmap=True))  # a refusal leaves OUT untouched
             rows = [r for r in read_metrics(metrics) if r["step"] <= self._pending["step"]]
             atomic_write(metrics, lambda f: f.write("".join(dumps(r) + "\n" for r in rows).encode()))
         else:  # a fresh run: an old checkpoint must not be resumed if this one dies before its first
             for path in (ckpt, metrics):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path(RESULT_FILE))  # describes an earlier run
+        self._stack.callback(self._events.close)
+        self._events.restart(rows)
         self._metrics = open(metrics, "a", encoding="utf-8")
         self._stack.callback(self._metrics.close)
         write_json(self.path(CONFIG_FILE), {"stage": self.stage, "config": self.config.to_dict()})
         self._stack.enter_context(hub_progress(self.config.progress))
 
+    def _hash_inputs(self) -> None:
+        for label, path in self.config.input_paths().items():
+            try:
+                self.inputs[label] = {"path": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+            except OSError as e:
+                raise ConfigError(f"{label} {path!r}: cannot read ({e.strerror})") from e
+
     def _open_follower(self) -> None:
         """A non-main rank: hash the inputs, seed, and vet the checkpoint to resume (read-only)."""
-        for name in self.config.INPUT_FILES:
-            path = getattr(self.config, name)
-            self.inputs[name] = {"path": path, "sha256": sha256_file(path), "bytes": os.path.getsize(path)}
+        self._hash_inputs()
         seed_everything(self.config.seed)
         if self.config.resume and os.path.isfile(self.path(CHECKPOINT_FILE)):
             self._pending = self._vet(self._read_checkpoint(mmap=True))
@@ -263,7 +236,11 @@ class Run:
         if not zipfile.is_zipfile(path):
             raise CheckpointError(f"{path}: truncated or not a checkpoint; {advice}")
         try:
+            if mmap and (bad := zipfile.ZipFile(path).testzip()) is not None:  # torch.load checks no CRC
+                raise CheckpointError(f"{path}: corrupt checkpoint ({bad} fails its CRC check); {advice}")
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except CheckpointError:
+            raise
         except Exception as e:  # a damaged file can fail in many ways inside torch.load and pickle
             detail = (str(e).splitlines() or [""])[0][:120]
             raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {detail}); {advice}") from e
@@ -289,12 +266,12 @@ class Run:
         if changed:
             what = ", ".join(f"{k} {short_repr(saved.get(k))} -> {short_repr(current.get(k))}" for k in changed[:3])
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-            raise CheckpointError(f"{path}: written with a different config ({what}{more}); {advice}")
+            raise StaleCheckpointError(f"{path}: written with a different config ({what}{more}); {advice}")
         for name, now in self.inputs.items():
             then = state["inputs"].get(name)
             if then is None or then["sha256"] != now["sha256"]:
                 was = "absent" if then is None else f"sha256 {then['sha256'][:12]}..."
-                raise CheckpointError(
+                raise StaleCheckpointError(
                     f"{path}: {name} file {now['path']!r} changed since the checkpoint "
                     f"({was}, now {now['sha256'][:12]}...); {advice}"
                 )
@@ -308,7 +285,7 @@ class Run:
         saved as copies and restored in place) or anything with state_dict / load_state_dict
         (optimizer, scheduler, KL controller, reward normaliser, an nn.Module)."""
         for name, obj in objects.items():
-            self._tracked[name] = _as_tracked(name, obj)
+            self._tracked[name] = as_tracked(name, obj)
 
     def data_order(self, n: int, batch_size: int, name: str = "data") -> DataOrder:
         """The seeded order of n items in batches; its size and position go into the checkpoint."""
@@ -352,7 +329,7 @@ class Run:
         """Write OUT/checkpoint.pt for `step` steps done, atomically. Refuses (NonFiniteError) when a
         tracked tensor holds a NaN or inf: the last good checkpoint stays."""
         state = {name: obj.state_dict() for name, obj in self._tracked.items()}
-        bad = _first_non_finite(state)
+        bad = first_non_finite(state)
         if bad is not None:
             raise NonFiniteError(f"step {step}: {bad} is not finite; {self._last_good()}")
         if not self.main:
@@ -370,7 +347,7 @@ class Run:
         }
         self._metrics.flush()  # every row up to this step is on disk before the checkpoint is
         os.fsync(self._metrics.fileno())
-        atomic_write(self.path(CHECKPOINT_FILE), lambda f: torch.save(payload, f))
+        atomic_write(self.path(CHECKPOINT_FILE), lambda f: save_through(f, lambda g: torch.save(payload, g)))
         self.last_checkpoint = step
 
     def _last_good(self) -> str:
@@ -400,7 +377,7 @@ class Run:
             if value is None:
                 continue
             v = float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-            bad = _first_non_finite(v)
+            bad = first_non_finite(v)
             if bad is not None:
                 shown = v if isinstance(v, float) else "a NaN or inf entry"
                 raise NonFiniteError(f"step {self.step + 1}: {name} is {shown}; {self._last_good()}")
@@ -440,23 +417,14 @@ class Run:
         line = dumps({"step": step, **values, "elapsed_s": round(time.perf_counter() - self._t0, 3)})
         self._metrics.write(line + "\n")
         self._metrics.flush()
-        writer = self._tensorboard()
-        if writer is not None:
-            for k, v in json.loads(line).items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    writer.add_scalar(f"{self.stage}/{k}", v, step)
-            writer.flush()
+        self._events.add(json.loads(line))
 
-    def _tensorboard(self):
-        """A SummaryWriter on OUT/tensorboard, made at the first row, when tensorboard is installed."""
-        if self._tb is None:
-            self._tb = False
-            if importlib.util.find_spec("tensorboard") is not None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(self.path(TENSORBOARD_DIR))
-                self._stack.callback(self._tb.close)
-        return self._tb or None
+    def logged_rows(self) -> list[dict]:
+        """The metrics rows written so far (a resumed run's kept rows included), e.g. a step-0 baseline
+        that a resumed run did not compute again."""
+        if self._metrics is not None:
+            self._metrics.flush()
+        return read_metrics(self.path(METRICS_FILE))
 
     def end_step(self, step: int, row: Mapping | None = None, *, log: bool = False) -> None:
         """After the update that makes `step` steps done: the metrics row when `step` is a multiple
@@ -482,5 +450,11 @@ class Run:
         return path
 
     def finish(self, result) -> str:
-        """OUT/result.json (a dict or dataclass), the mark of a completed run; returns its path."""
+        """OUT/result.json (a dict or dataclass), the mark of a completed run; returns its path. A
+        StageResult gets the run's memory peaks (peak_mem_mib: CUDA's when the run used CUDA, else the
+        resident set's; peak_rss_mib), which the per-step resets of the rows' peaks do not lose."""
+        if isinstance(result, StageResult) and self._peak is not None:
+            rss, cuda = self._peak.peak_mib("cpu"), self._peak.peak_mib("cuda")
+            result.peak_rss_mib = rss
+            result.peak_mem_mib = cuda if cuda is not None else rss
         return self.write_json(RESULT_FILE, result)

@@ -22,9 +22,11 @@ class TokenBatch:
     input_ids: torch.Tensor  # (B, T) long
     attention_mask: torch.Tensor  # (B, T) long
     labels: torch.Tensor  # (B, T - 1) long: input_ids[:, 1:] where that token is a completion token, else IGNORE_INDEX
+    prompt_lengths: torch.Tensor  # (B,) long: each row's prompt tokens (rows with equal prompts share them: model.prefix)
 
     def to(self, device) -> TokenBatch:
-        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                          self.prompt_lengths.to(device))  # fmt: skip
 
 
 def collate(rows: list[tuple[list[int], int]], pad_id: int) -> TokenBatch:
@@ -34,7 +36,7 @@ def collate(rows: list[tuple[list[int], int]], pad_id: int) -> TokenBatch:
     for r, (ids, P) in enumerate(rows):
         first = max(P, 1)  # label j is token j + 1: completion tokens sit at labels [first - 1, len - 1)
         labels[r, first - 1 : len(ids) - 1] = input_ids[r, first : len(ids)]
-    return TokenBatch(input_ids, attention_mask, labels)
+    return TokenBatch(input_ids, attention_mask, labels, torch.tensor([P for _, P in rows], dtype=torch.long))
 
 
 def collate_pairs(pairs: list, pad_id: int) -> TokenBatch:

@@ -9,7 +9,9 @@ Two record kinds may be mixed in one JSONL file (README: "Feedback data"):
 
 A ranking gives each completion its rank, 1 = best, each of 1..n exactly once. A ranked record needs
 rankings or thumbs; with rankings, the pairs come from the consensus of the labelers; with thumbs
-only, every thumbs-up completion is preferred to every thumbs-down one.
+only, every thumbs-up completion is preferred to every thumbs-down one. The consensus may tie (two
+labelers ranking [1, 2] and [2, 1]): a tie is no preference, so it gives no pair and counts neither
+for nor against any labeler.
 
 Strict: any other field (a misspelled "labeller" would otherwise silently drop the labeler names) is an
 error listing the known ones; a key given as null is an error, not "absent" (leave the key out); a key
@@ -165,30 +167,31 @@ def _thumb(t) -> int | None:
 
 
 def consensus_ranking(rankings: Sequence[Sequence[int]]) -> list[int]:
-    """Rank per completion (1 = best) by mean rank across labelers.
+    """Rank per completion (1 = best) by mean rank across labelers: 1 + the number of completions with a
+    lower mean rank (competition ranking).
 
-    Ties in mean rank are broken stably: the completion listed first in the record ranks better,
-    so the same data always gives the same pairs."""
+    Completions with equal mean ranks share a rank ([1, 1, 3]): the consensus is then a partial order,
+    and a tie prefers neither completion (breaking it by list position would invent a preference that
+    nobody stated, and count it against whichever labeler disagreed with that arbitrary order). Without
+    ties this is a strict ranking of 1..n."""
     n = len(rankings[0])
-    mean = [sum(r[i] for r in rankings) / len(rankings) for i in range(n)]
-    order = sorted(range(n), key=lambda i: (mean[i], i))  # best first; index breaks ties
-    ranks = [0] * n
-    for position, i in enumerate(order):
-        ranks[i] = position + 1
-    return ranks
+    totals = [sum(r[i] for r in rankings) for i in range(n)]  # integer sums: equal means compare exactly
+    return [1 + sum(t < totals[i] for t in totals) for i in range(n)]
 
 
 def pairs_from_ranking(
     prompt: str, completions: Sequence[str], ranks: Sequence[int], line: int = 0
 ) -> list[PreferencePair]:
-    """All C(n, 2) pairs of a strict ranking, the better completion first.
+    """Every pair of completions with different ranks, the better completion first: the C(n, 2) pairs of
+    a strict ranking; two completions that share a rank (a tie in the consensus) give no pair.
 
-    Pairs come best-first: (1st, 2nd), (1st, 3rd), ..., (2nd, 3rd), ..."""
+    Pairs come best-first: (1st, 2nd), (1st, 3rd), ..., (2nd, 3rd), ... (tied completions in list order)."""
     order = sorted(range(len(ranks)), key=lambda i: ranks[i])
     return [
         PreferencePair(prompt, completions[order[a]], completions[order[b]], 0.0, line)
         for a in range(len(order))
         for b in range(a + 1, len(order))
+        if ranks[order[a]] < ranks[order[b]]
     ]
 
 
@@ -202,7 +205,8 @@ def pairs_from_thumbs(
 
 
 def concordance(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> tuple[int, int]:
-    """(concordant, discordant) pair counts of two strict rankings of the same items."""
+    """(concordant, discordant) pair counts of two rankings of the same items; a pair tied in either
+    ranking is neither."""
     concordant = discordant = 0
     n = len(ranks_a)
     for i in range(n):
@@ -214,9 +218,11 @@ def concordance(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> tuple[int, in
 
 
 def kendall_tau(ranks_a: Sequence[int], ranks_b: Sequence[int]) -> float:
-    """Kendall tau-a = (concordant - discordant) / C(n, 2), in [-1, 1] (Kendall 1938)."""
+    """Kendall tau-a = (concordant - discordant) / C(n, 2), in [-1, 1] (Kendall 1938); tied pairs count in
+    C(n, 2) but in neither count."""
     c, d = concordance(ranks_a, ranks_b)
-    return (c - d) / (c + d)
+    n = len(ranks_a)
+    return (c - d) / (n * (n - 1) // 2)
 
 
 @dataclass
@@ -226,7 +232,7 @@ class LabelerReport:
     labeler: str
     prompts: int = 0  # records this labeler ranked
     concordant: int = 0  # completion pairs ordered as the consensus orders them
-    discordant: int = 0  # completion pairs ordered the other way
+    discordant: int = 0  # completion pairs ordered the other way (pairs the consensus ties count as neither)
     flagged: bool = False  # tau below the threshold
     lines: list[int] = field(default_factory=list)  # source lines of the records they ranked
 
@@ -251,7 +257,8 @@ class LabelerReport:
 
 def labeler_agreement(records: Sequence[Record], threshold: float = 0.3) -> dict[str, LabelerReport]:
     """Per labeler: agreement with each record's consensus (all labelers included), flagged when
-    the pooled Kendall tau is below `threshold`. Records with one ranking carry no signal."""
+    the pooled Kendall tau is below `threshold`. Records with one ranking carry no signal; completion
+    pairs the consensus ties count for and against nobody (a labeler with no untied pair has tau 1)."""
     reports: dict[str, LabelerReport] = {}
     for rec in records:
         if not isinstance(rec, RankedFeedback) or len(rec.rankings) < 2:
@@ -274,9 +281,9 @@ def build_pairs(
 ) -> tuple[list[PreferencePair], dict[str, LabelerReport]]:
     """Records -> (preference pairs, labeler reports).
 
-    Pairwise records pass through; ranked records give the C(n, 2) pairs of their consensus
-    (mean rank over labelers, flagged labelers left out when `exclude_flagged` and someone is
-    left); thumbs-only records give up-vs-down pairs."""
+    Pairwise records pass through; ranked records give the pairs their consensus orders (mean rank
+    over labelers, flagged labelers left out when `exclude_flagged` and someone is left; a tie gives no
+    pair); thumbs-only records give up-vs-down pairs."""
     reports = labeler_agreement(records, threshold)
     excluded = {name for name, rep in reports.items() if rep.flagged} if exclude_flagged else set()
     pairs: list[PreferencePair] = []

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 from ..core.config import DEVICES, check_choice, check_fields, check_seed
+from ..core.files import check_safetensors
 from ..errors import ConfigError
 from .named import NAMED_BASES, is_named
 
@@ -81,10 +82,13 @@ class StackConfig:
     adapters: tuple[str, ...] = ("policy", "value", "reward")
     reward_heads: int = 1  # scalar heads on the reward adapter's hidden state: k > 1 is an ensemble (engine rm trains each on its own bootstrap of the pairs)
     seed: int = 0  # seeds the random init of a preset base and of the adapters and heads
+    shared_prefix: bool = True  # rows that share a prompt run it once (model/prefix.py); False: every row whole
 
-    def validate(self) -> StackConfig:
+    def validate(self, *, classifier_ok: bool = False) -> StackConfig:
+        """The checks of every field; `classifier_ok`: the model may be a ...ForSequenceClassification
+        directory (the rm stage trains one), else it must be a causal LM."""
         check_fields(self, "stack.")
-        check_model(self.model, "model")
+        check_model(self.model, "model", "causal LM" if not classifier_ok else "causal LM or classifier")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization {self.quantization!r}: expected 'nf4' or None")
         if self.compute_dtype not in DTYPES:
@@ -138,15 +142,59 @@ class SamplingConfig:
         return self
 
 
-def check_model(model: str, name: str) -> None:
-    """`model` is a preset, a named base (fetched when first loaded, not here) or a save_pretrained directory."""
+# ---- model directories --------------------------------------------------------------------------------
+
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers' names of decoder LMs (GPT2LMHeadModel)
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+
+
+def architectures(path: str) -> list[str]:
+    """The `architectures` of a save_pretrained directory's config.json ([] when it names none)."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            archs = json.load(f).get("architectures") or []
+    except OSError as e:
+        raise ConfigError(f"{path!r}: cannot read config.json ({e.strerror})") from e
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"{path!r}: config.json is not a JSON object of settings ({e})") from e
+    return [str(a) for a in archs] if isinstance(archs, list) else []
+
+
+def check_model_dir(path: str, name: str, need: str) -> None:
+    """A save_pretrained directory (field `name`) holding what the role needs (`need`: "causal LM",
+    "classifier" or "causal LM or classifier", read from config.json's architectures), every safetensors
+    file in it whole. A BERT checkpoint loads as a causal LM through transformers' auto classes, and a
+    ...ForSequenceClassification directory would train as a policy on a random output layer: both are
+    refused here, naming what the directory holds."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{name} {path!r}: no config.json (expected a save_pretrained directory)")
+    archs = architectures(path)
+    kinds = {"causal LM": archs and not any(a.endswith(CAUSAL_LM_SUFFIXES) for a in archs),
+             "classifier": not any(a.endswith(CLASSIFIER_SUFFIX) for a in archs)}  # fmt: skip
+    wrong = kinds["causal LM"] and kinds["classifier"] if need == "causal LM or classifier" else kinds[need]
+    if wrong:
+        wanted = {"causal LM": "a causal language model (...ForCausalLM)",
+                  "classifier": f"a sequence classifier (...{CLASSIFIER_SUFFIX})",
+                  "causal LM or classifier": f"a causal language model (...ForCausalLM) or a reward model "
+                                             f"(...{CLASSIFIER_SUFFIX}, num_labels=1)"}[need]  # fmt: skip
+        found = ", ".join(archs) or "no architectures"
+        hint = (" (a reward model: train it with `engine rm --model`, score with it through --reward-classifier)"
+                if need == "causal LM" and not kinds["classifier"] else "")  # fmt: skip
+        raise ConfigError(f"{name} {path!r} holds {found} (config.json); this role needs {wanted}{hint}")
+    for file in sorted(os.listdir(path)):
+        if file.endswith(".safetensors"):
+            check_safetensors(os.path.join(path, file))
+
+
+def check_model(model: str, name: str, need: str = "causal LM") -> None:
+    """`model` is a preset, a named base (fetched when first loaded, not here) or a save_pretrained directory
+    holding what the role needs (check_model_dir)."""
     if model in MODEL_PRESETS or is_named(model):
         return
     if not os.path.isdir(model):
         raise ConfigError(f"{name} {model!r}: not a preset ({', '.join(MODEL_PRESETS)}), not a named base "
                           f"({', '.join(NAMED_BASES)}) and no such directory")  # fmt: skip
-    if not os.path.isfile(os.path.join(model, "config.json")):
-        raise ConfigError(f"{name} {model!r}: no config.json (expected a save_pretrained directory)")
+    check_model_dir(model, name, need)
 
 
 # ---- saved stack directories ----------------------------------------------------------------------
@@ -167,6 +215,35 @@ def read_stack_meta(path: str, name: str = "saved stack") -> dict:
     return data
 
 
+def saved_stack_files(path: str, roles: tuple[str, ...]) -> dict[str, str]:
+    """The files of a saved stack directory that a run reads for `roles`, name -> path: stack.json, each
+    role's adapter and the heads file, where they exist (a run's input_paths: their hashes vet a resume).
+    Each safetensors file must be whole (check_safetensors)."""
+    names = [STACK_FILE] + [f"adapter_{role}.safetensors" for role in roles]
+    if set(roles) & {"value", "reward"}:
+        names.append("heads.safetensors")
+    files = {n: os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))}
+    for n, file in files.items():
+        if n.endswith(".safetensors"):
+            check_safetensors(file)
+    return files
+
+
+def adapter_inputs(field: str, path: str, roles: tuple[str, ...]) -> dict[str, str]:
+    """A config's input_paths() entries for the saved stack directory in `field` ("" = none):
+    "<field>/<file>" -> path for each file a run reads (saved_stack_files)."""
+    return {f"{field}/{name}": file for name, file in saved_stack_files(path, roles).items()} if path else {}
+
+
+def directory_inputs(field: str, path: str) -> dict[str, str]:
+    """input_paths() entries for every file of a save_pretrained directory in `field` ("" = none): a
+    reward classifier's weights, config and tokenizer."""
+    if not path or not os.path.isdir(path):
+        return {}
+    names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+    return {f"{field}/{n}": os.path.join(path, n) for n in names}
+
+
 def saved_base(path: str, name: str) -> str:
     """The base model named in a saved stack directory's stack.json."""
     return read_stack_meta(path, name)["stack"]["model"]
@@ -181,6 +258,7 @@ def check_init_adapter(path: str, model: str) -> None:
     if not os.path.isfile(os.path.join(path, "adapter_policy.safetensors")):
         raise ConfigError(f"init_adapter {path!r}: has no policy adapter (adapter_policy.safetensors); "
                           "expected an `engine sft`, `dpo` or `ppo` output")  # fmt: skip
+    saved_stack_files(path, ("policy",))
 
 
 def check_same_base(path: str, name: str, model: str) -> None:

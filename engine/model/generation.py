@@ -141,8 +141,15 @@ def sample(
     keys[i] names prompt i's randomness (default: its position); row i * k + j draws from stream
     (seed, keys[i] * k + j), so the same (seed, key) gives the same responses in any batch. A response
     ends at EOS, config.stop_token_ids, `stop_ids` (the layout's end of turn: datasets.layout.stop_token_ids)
-    or a stop string.
+    or a stop string. The stack samples in eval mode whatever its mode (no LoRA dropout: a fixed policy is
+    a fixed distribution).
     """
+    with stack.evaluating():
+        return _sample(stack, prompts, config, adapter, samples_per_prompt, seed, keys, stop_ids)
+
+
+def _sample(stack, prompts, config: SamplingConfig, adapter, samples_per_prompt: int, seed: int, keys,
+            stop_ids: tuple[int, ...]) -> Samples:  # fmt: skip
     config.validate()
     tokenizer = stack.tokenizer
     k = samples_per_prompt
@@ -153,18 +160,25 @@ def sample(
         raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
     device = stack.device
     encoded = [list(p)[-config.max_prompt_length :] for p in prompts]
-    ids, mask = pad([e for e in encoded for _ in range(k)], tokenizer.pad_token_id, side="left")
+    # A prompt's k samples share its prefill: the prompts run once and each one's KV cache is copied to its
+    # k rows (a dynamic cache; the static one is allocated for all B rows). Prefill was k times the work.
+    share = k > 1 and config.cache == "dynamic"
+    ids, mask = pad(encoded if share else [e for e in encoded for _ in range(k)], tokenizer.pad_token_id,
+                    side="left")  # fmt: skip
     ids, mask = ids.to(device), mask.to(device)
-    B, P = ids.shape
+    B, P = len(prompts) * k, ids.shape[1]
     R = config.max_new_tokens
     row_keys = torch.tensor([key * k + j for key in keys for j in range(k)], dtype=torch.long)
     streams = row_streams(seed, row_keys).to(device)
     stops = torch.tensor(sorted({tokenizer.eos_token_id, *config.stop_token_ids, *stop_ids} - {None}), device=device)
-    weight = stack.lm_head_weight
 
     cache, step_fn = _decoder_cache(stack, config, B, P + R)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     hidden = step_fn(adapter, ids, mask, positions, cache, torch.arange(P, device=device))
+    if share:
+        rows = torch.arange(len(prompts), device=device).repeat_interleave(k)  # row = prompt * k + sample
+        cache.batch_select_indices(rows)
+        ids, mask, positions, hidden = ids[rows], mask[rows], positions[rows], hidden[rows]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, R), tokenizer.pad_token_id, dtype=torch.long, device=device)
@@ -173,7 +187,7 @@ def sample(
     n_tokens = len(tokenizer)  # ids past the tokenizer's (a padded embedding matrix) name no token
     for step in range(R):
         # step 1. the next-token distribution from the last position only: (B, H) @ (H, V)
-        logits = torch.nn.functional.linear(hidden[:, -1], weight).float()
+        logits = stack.logits(hidden[:, -1])
         if logits.shape[-1] > n_tokens:
             logits[:, n_tokens:] = float("-inf")
         # step 2. draw, and record it in rows that are still going

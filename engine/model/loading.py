@@ -8,6 +8,7 @@ quantised to 4-bit NF4 through bitsandbytes or left in full precision; every bas
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import tempfile
@@ -20,7 +21,14 @@ from .config import MODEL_PRESETS, PRESET_TOKENIZERS, StackConfig
 from .named import is_named, resolve_named
 from .tokenizers import TOKENIZERS
 
+MADV_DONTNEED = 4  # Linux madvise advice: drop these pages (a clean file mapping reads them back on access)
 LM_HEAD_ROW_NORM = 2.0  # preset bases: |logit| <= 2 |h| with |h| ~ sqrt(H) after the final RMSNorm
+# Config fields of a constant factor on the logits, and whether the model divides by it: Cohere's logit_scale,
+# Granite's (and MiniCPM3's) logits_scaling, Falcon-H1's lm_head_multiplier.
+LOGIT_SCALES = (("logit_scale", False), ("logits_scaling", True), ("lm_head_multiplier", False))
+# Config fields of a final logit soft-cap c * tanh(logits / c) (Gemma 2 and 3), which no fused kernel computes
+LOGIT_SOFTCAPS = ("final_logit_softcapping",)
+PROBE_TOKENS = 8  # tokens of the load-time check that the model's logits are what the engine computes
 
 # On an avx512_bf16 CPU, importing bitsandbytes (peft and transformers do) warns that the hub's
 # "kernels-community" fused CPU gemm could not load; the stack switches that path off on every
@@ -91,6 +99,60 @@ def route_nf4_through_kernels(model: nn.Module) -> int:
     return n
 
 
+def _checkpoint_mappings() -> list[tuple[int, int, bool]]:
+    """(start, end, clean) of every memory-mapped safetensors file of this process (Linux:
+    /proc/self/smaps; [] elsewhere); clean: no page of it was ever written (no anonymous copy-on-write
+    page), so its pages can be dropped and read again from the file."""
+    out = []
+    with contextlib.suppress(OSError):
+        with open("/proc/self/smaps") as f:
+            current = None
+            for line in f:
+                head = line.split(maxsplit=5)
+                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                    current = None
+                    if len(head) == 6 and ".safetensors" in head[5]:
+                        start, end = (int(x, 16) for x in head[0].split("-"))
+                        current = [start, end, True]
+                        out.append(current)
+                elif current is not None and line.startswith("Anonymous:") and int(line.split()[1]) > 0:
+                    current[2] = False
+    return [tuple(m) for m in out]
+
+
+def copy_off_checkpoint_file(model: nn.Module) -> int:
+    """Copy every parameter and buffer that still reads the memory-mapped checkpoint into process memory;
+    returns the bytes copied.
+
+    from_pretrained maps the safetensors file and hands out tensors that view it where no conversion
+    was needed (with NF4: the embeddings and the norms); while one of them lives, the whole mapping
+    stays, with every page the quantiser read still resident. Measured on SmolLM2-135M (fp32 file,
+    538 MB): 405 MiB of the file resident after loading, for 108 MiB of tensors that still read it;
+    after the copy the mapping closes and the resident set is 300 MiB smaller for the rest of the run.
+    The resident pages are dropped first (madvise DONTNEED on a mapping nobody wrote: they read back
+    from the file), so the copy itself raises the peak by its own bytes, not the mapping's."""
+    mappings = _checkpoint_mappings()
+    if not mappings:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    for start, end, clean in mappings:
+        if clean:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+    copied, seen = 0, set()
+    with torch.no_grad():
+        for module in model.modules():
+            for table in (module._parameters, module._buffers):
+                for t in table.values():
+                    if t is None or t.device.type != "cpu" or id(t) in seen:
+                        continue
+                    seen.add(id(t))  # a tied weight is one Parameter in two modules: copied once
+                    ptr = t.untyped_storage().data_ptr()
+                    if any(start <= ptr < end for start, end, _ in mappings):
+                        t.data = t.data.clone()  # in place: the Parameter (and whoever holds it) stays
+                        copied += t.numel() * t.element_size()
+    return copied
+
+
 def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer) for config.model, quantized as configured, every base weight frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -125,5 +187,57 @@ def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype
         disable_bnb_cpu_repack(model)
         if device.type == "cpu":
             route_nf4_through_kernels(model)
+    copy_off_checkpoint_file(model)
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def logit_scale(model, name: str) -> float:
+    """The constant s with the model's logits = s * (hidden @ lm_head.weight.T + lm_head.bias), checked.
+
+    The engine never materialises logits: log-probs, entropy and KL come from hidden states and the lm_head
+    weight (and bias) through rlhf_kernels, and s folds into the temperature (softmax(s x / T) =
+    softmax(x / (T / s))). Any other transform of the logits would make every log-prob and sample silently
+    wrong, so it is refused here: a soft-cap by name (LOGIT_SOFTCAPS), anything else by a probe that
+    compares the model's own logits on PROBE_TOKENS tokens with that formula."""
+    config = model.config
+    for field in LOGIT_SOFTCAPS:
+        cap = getattr(config, field, None)
+        if cap:
+            raise ConfigError(f"model {name!r}: {field}={cap} soft-caps its logits (c * tanh(logits / c)), which the "
+                              "fused log-prob kernels and the sampler do not compute; refusing to train on wrong "
+                              "log-probs")  # fmt: skip
+    scale = 1.0
+    for field, divides in LOGIT_SCALES:
+        value = getattr(config, field, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 1:
+            if not value > 0:
+                raise ConfigError(f"model {name!r}: {field}={value}; expected a positive logit scale")
+            scale = scale / value if divides else scale * value
+    check_logits(model, name, scale)
+    return float(scale)
+
+
+@torch.no_grad()
+def check_logits(model, name: str, scale: float) -> None:
+    """ConfigError unless the model's own logits on a probe equal scale * (hidden @ W.T + b) up to rounding
+    (1e-4 relative in fp32; 16-bit logits round to 2^-8 relative, so 2e-2 there)."""
+    decoder = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    ids = (torch.arange(1, PROBE_TOKENS + 1, device=device) % head.weight.shape[0])[None, :]
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        own = model(input_ids=ids, attention_mask=mask).logits.float()  # (1, PROBE_TOKENS, V)
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        model.train(was_training)
+    ours = nn.functional.linear(hidden, head.weight, head.bias).float() * scale
+    rel = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    worst = float((own - ours).abs().max())
+    if not worst <= rel * max(1.0, float(own.abs().max())):
+        raise ConfigError(f"model {name!r}: its logits are not {scale:g} * (hidden @ lm_head.weight.T + bias) (off by "
+                          f"up to {worst:.3g} on a probe): a transform the fused log-prob kernels do not compute; "
+                          "refusing to train on wrong log-probs")  # fmt: skip

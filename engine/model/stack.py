@@ -12,7 +12,10 @@ field of every LoRA layer, never by copying weights:
     reward      reward      scores (B,): scalar head on the hidden state of the last real token; (B, k)
                             with StackConfig.reward_heads = k > 1 (an ensemble of heads on one adapter)
 
-The lm_head is never adapted: every role shares `stack.lm_head_weight` (V, H).
+The lm_head is never adapted: every role shares `stack.lm_head_weight` (V, H) and `stack.lm_head_bias` (V,)
+or None; a model that multiplies its logits by a constant (Cohere's logit_scale, Granite's logits_scaling)
+has it in `stack.logit_scale`, folded into the temperature (`stack.head`); any other transform of the logits
+(a soft-cap) is refused when the stack loads (model.loading.logit_scale).
 
 Letters: B batch, T time, H hidden, V vocab.
 
@@ -38,10 +41,12 @@ from torch import nn
 
 from ..core.config import from_data
 from ..core.device import resolve_device, resolve_dtype
+from ..core.files import atomic_write_files, check_safetensors
 from ..core.tensors import last_token_index
 from ..errors import ConfigError
 from .config import MODEL_PRESETS, STACK_FILE, StackConfig, read_stack_meta
-from .loading import load_causal_lm
+from .loading import load_causal_lm, logit_scale
+from .prefix import plan_prefixes, prefix_hidden
 
 ROLES_WITH_HEADS = ("value", "reward")
 HEADS_FILE = "heads.safetensors"
@@ -68,8 +73,10 @@ class ModelStack:
     Build with `ModelStack.build(StackConfig(...))`; reload saved adapters and heads with
     `ModelStack.from_saved(dir)` (the base is rebuilt from the name stored in stack.json)."""
 
-    def __init__(self, config: StackConfig, model, tokenizer, heads: nn.ModuleDict, device: torch.device):
+    def __init__(self, config: StackConfig, model, tokenizer, heads: nn.ModuleDict, device: torch.device,
+                 scale: float = 1.0):  # fmt: skip
         self.config = config
+        self.logit_scale = scale  # the model's logits = logit_scale * (hidden @ lm_head_weight.T + lm_head_bias)
         self.model = model  # peft PeftModel around the causal LM
         self.tokenizer = tokenizer
         self.heads = heads  # "value" and/or "reward" ScalarHead
@@ -95,6 +102,7 @@ class ModelStack:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.compute_dtype, device)
         base, tokenizer = load_causal_lm(config, device, dtype)
+        scale = logit_scale(base, config.model)  # refuses logits the fused kernels would get wrong
         target = config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -114,7 +122,7 @@ class ModelStack:
             if config.value_mode == "policy_head" and "policy" in config.adapters:
                 heads["value"] = ScalarHead(hidden)
         heads.to(device)
-        stack = cls(config, model, tokenizer, heads, device)
+        stack = cls(config, model, tokenizer, heads, device, scale)
         stack.set_trainable(*[r for r in ("policy", "value") if r in stack.roles])
         return stack
 
@@ -196,14 +204,23 @@ class ModelStack:
     # ---- roles -------------------------------------------------------------------------------
 
     def hidden_states(
-        self, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, **cache
-    ) -> torch.Tensor:
+        self, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        prefix_lengths: torch.Tensor | None = None, **cache,
+    ) -> torch.Tensor:  # fmt: skip
         """(B, T) token ids -> (B, T, H) last hidden state (final norm applied, lm_head not).
 
         Positions count real tokens only (cumsum of the mask), so a left-padded prompt sits at the
         positions it had alone, as in generation. `cache` passes position_ids / past_key_values /
         cache_position through for KV-cached decoding (model.generation); with past_key_values,
-        attention_mask covers the cached tokens too."""
+        attention_mask covers the cached tokens too.
+
+        prefix_lengths (B,): how many leading real tokens of each row are its prompt; rows whose prompts
+        are equal then run them once (model.prefix, when config.shared_prefix), and positions inside a
+        shared prompt but its last come back as zeros (nothing reads them: prompt tokens carry no label)."""
+        if prefix_lengths is not None and self.config.shared_prefix:
+            plan = plan_prefixes(input_ids, attention_mask, prefix_lengths)
+            if plan is not None:
+                return prefix_hidden(self, adapter, plan)
         if "position_ids" not in cache:
             cache["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         with self._active(adapter):
@@ -213,19 +230,48 @@ class ModelStack:
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """(V, H), shared by every role: logits = hidden @ lm_head_weight.T."""
+        """(V, H), shared by every role: logits = logit_scale * (hidden @ lm_head_weight.T + lm_head_bias)."""
         return self._lm_head.weight
 
-    def policy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, H) hidden states of the policy adapter."""
-        return self.hidden_states("policy", input_ids, attention_mask)
+    @property
+    def lm_head_bias(self) -> torch.Tensor | None:
+        """(V,) the lm_head's bias (Phi, GPT-J), or None."""
+        return self._lm_head.bias
+
+    def head(self, temperature: float = 1.0) -> dict:
+        """Keyword arguments of rlhf_kernels.linear_logprobs / linear_token_stats for softmax(logits / T) with
+        the model's logits: the bias, and the logit scale s folded into the temperature,
+        softmax(s x / T) = softmax(x / (T / s))."""
+        return {"bias": self.lm_head_bias, "temperature": temperature / self.logit_scale}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states -> (..., V) fp32 logits as the model computes them (generation's
+        next-token distribution; nothing else materialises logits)."""
+        return nn.functional.linear(hidden, self.lm_head_weight, self.lm_head_bias).float() * self.logit_scale
+
+    def release_lm_head(self) -> int:
+        """Free the (V, H) lm_head weight of a stack that never computes log-probs (the reward model's
+        training stack: TRL's sequence classifier has no lm_head either); returns the bytes freed, 0
+        when the weight is the input embedding's (tied). lm_head_weight is empty afterwards."""
+        weight = self._lm_head.weight
+        if weight is self._decoder.get_input_embeddings().weight or weight.numel() == 0:
+            return 0
+        freed = weight.numel() * weight.element_size()
+        self._lm_head.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
+        return freed
+
+    def policy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """(B, T, H) hidden states of the policy adapter (prefix_lengths: hidden_states)."""
+        return self.hidden_states("policy", input_ids, attention_mask, prefix_lengths)
 
     @torch.no_grad()
-    def reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """(B, T, H) hidden states of the reference policy; never has a grad. The reference is the
         frozen "reference" adapter when the stack has one (a copy of a policy that started from a
         trained adapter: there the bare base would be the wrong reference), else the bare base."""
-        return self.hidden_states(self.reference_adapter, input_ids, attention_mask)
+        return self.hidden_states(self.reference_adapter, input_ids, attention_mask, prefix_lengths)
 
     @property
     def reference_adapter(self) -> str | None:
@@ -256,15 +302,16 @@ class ModelStack:
             self.copy_adapter("policy", "reference")
 
     def values(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policy_hidden: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, policy_hidden: torch.Tensor | None = None,
+        prefix_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """(B, T) value per position. value_mode="policy_head" reads `policy_hidden` (B, T, H) when
         given (no second base forward); value_mode="adapter" always runs the value adapter."""
         if self.config.value_mode == "policy_head":
             if policy_hidden is None:
-                policy_hidden = self.policy(input_ids, attention_mask)
+                policy_hidden = self.policy(input_ids, attention_mask, prefix_lengths)
             return self.heads["value"](policy_hidden)
-        return self.heads["value"](self.hidden_states("value", input_ids, attention_mask))
+        return self.heads["value"](self.hidden_states("value", input_ids, attention_mask, prefix_lengths))
 
     def policy_and_values(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -273,9 +320,11 @@ class ModelStack:
         hidden = self.policy(input_ids, attention_mask)
         return hidden, self.values(input_ids, attention_mask, policy_hidden=hidden)
 
-    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B,) reward-model score read at the last real token of each sequence; (B, k) for k reward heads."""
-        hidden = self.hidden_states("reward", input_ids, attention_mask)  # (B, T, H)
+    def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """(B,) reward-model score read at the last real token of each sequence; (B, k) for k reward heads
+        (prefix_lengths: hidden_states; the last real token is never inside a shared prompt)."""
+        hidden = self.hidden_states("reward", input_ids, attention_mask, prefix_lengths)  # (B, T, H)
         last = last_token_index(attention_mask)
         return self.heads["reward"](hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
 
@@ -288,31 +337,28 @@ class ModelStack:
         """Write the roles' adapters and heads (not the base) to out_dir; returns the files written.
 
         stack.json names the base (preset name or path) and the LoRA config, so `from_saved` can
-        rebuild it; adapters are `adapter_<role>.safetensors`, heads `heads.safetensors`."""
-        from safetensors.torch import save_file
+        rebuild it; adapters are `adapter_<role>.safetensors`, heads `heads.safetensors`. The files are
+        written together and atomically (core.files.atomic_write_files: every temp file first, then
+        the renames, stack.json last), with the usual mode: a kill or a full disk mid-save leaves the
+        previous files whole."""
+        from safetensors.torch import save
 
         roles = tuple(roles or self.roles)
         os.makedirs(out_dir, exist_ok=True)
-        written = []
+        files = {}
         heads = {}
         for role in roles:
             state = self.role_state_dict(role)
             heads.update({n: t for n, t in state.items() if n.startswith("heads.")})
             lora = {n: t for n, t in state.items() if not n.startswith("heads.")}
             if lora:
-                path = os.path.join(out_dir, f"adapter_{role}.safetensors")
-                save_file(lora, path)
-                written.append(path)
+                files[os.path.join(out_dir, f"adapter_{role}.safetensors")] = save(lora)
         if heads:
-            path = os.path.join(out_dir, HEADS_FILE)
-            save_file(heads, path)
-            written.append(path)
+            files[os.path.join(out_dir, HEADS_FILE)] = save(heads)
         meta = {"stack": dataclasses.asdict(self.config), "roles": list(roles)}
-        path = os.path.join(out_dir, STACK_FILE)
-        with open(path, "w") as f:
-            json.dump(meta, f, indent=2)
-        written.append(path)
-        return written
+        files[os.path.join(out_dir, STACK_FILE)] = (json.dumps(meta, indent=2) + "\n").encode()
+        atomic_write_files([(path, lambda f, data=data: f.write(data)) for path, data in files.items()])
+        return list(files)
 
     def load_roles(self, saved_dir: str, roles: tuple[str, ...] | None = None) -> None:
         """Load adapters and heads written by `save` into this stack (weights copied in place)."""
@@ -335,9 +381,11 @@ class ModelStack:
             if role in self.config.adapters:
                 if not os.path.isfile(path):
                     raise ConfigError(f"{path}: missing (the saved stack has roles {meta['roles']})")
+                check_safetensors(path)  # a truncated copy is one line naming it, not a loader traceback
                 state.update(load_file(path))
         heads_path = os.path.join(saved_dir, HEADS_FILE)
         if os.path.isfile(heads_path):
+            check_safetensors(heads_path)
             state.update({n: t for n, t in load_file(heads_path).items() if n.split(".")[1] in roles})
         params = dict(p for role in roles for p in self.named_role_parameters(role))
         missing = sorted(set(params) - set(state))

@@ -25,24 +25,33 @@ on) and watches for over-optimisation (--on-overoptimization, algos.overoptimiza
 
 OUT/data/ holds what the stages read: sft.jsonl, prompts.jsonl (training prompts), heldout.jsonl.
 Rerunning on the same OUT resumes: each stage resumes from its own checkpoint, or returns at once
-when it is done; OUT itself is locked while a pipeline uses it.
+when it is done; OUT itself is locked while a pipeline uses it. A stage whose inputs changed starts
+over, and so does everything downstream of it: a training stage's checkpoint records the hashes of
+its inputs (its data, the starting adapter, the reward model) and refuses a resume when they differ
+(StaleCheckpointError, caught here), and the feedback and the evaluation, which are not runs, are
+reused only when the key of their inputs (OUT/pipeline.json) is the same. OUT/pipeline.json also keeps
+each stage's seconds, so a rerun that reuses a stage reports the run that made it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..core.files import write_jsonl
+from ..core.files import dumps, probe_writable, sha256_file, write_json, write_jsonl, writing
 from ..core.lock import OutputLock
 from ..core.order import epoch_seed, seeded_permutation
 from ..core.progress import bar, hub_progress
 from ..datasets.feedback import consensus_ranking, load_feedback
 from ..datasets.layout import prompt_ids, stop_token_ids
-from ..errors import ConfigError
+from ..errors import ConfigError, StaleCheckpointError
 from ..model.config import MODEL_PRESETS, SamplingConfig
 from ..stages.eval_config import EvalConfig
 from ..stages.ppo_config import PPOConfig
@@ -53,6 +62,7 @@ from .pipeline_config import PipelineConfig, corpus_records, distinct_prompts, s
 
 DATA_DIR = "data"
 FEEDBACK_FILE = "feedback.jsonl"
+STATE_FILE = "pipeline.json"  # each stage's seconds, and the input keys of the feedback and the evaluation
 
 
 @dataclass
@@ -223,12 +233,13 @@ def favourite_reward(config: PipelineConfig, paths: Paths) -> float:
 def run_pipeline(config: PipelineConfig) -> dict:
     """Every stage in order; returns the report (also written to OUT/report.json, .md and curves.png)."""
     config.validate()
-    os.makedirs(config.out, exist_ok=True)
+    probe_writable(config.out)  # under /proc or read-only: one line before any stage starts
     lock = OutputLock(config.out)
     lock.acquire()
     try:
         # transformers' own bars (each stage writes and loads a preset base) only for a user's model, whose load is long
-        with hub_progress(config.progress and config.model not in MODEL_PRESETS):
+        with hub_progress(config.progress and config.model not in MODEL_PRESETS), \
+                writing(config.out, "every finished stage is kept; the same command goes on once it can write"):
             return _run(config, Paths.under(config.out))
     finally:
         lock.release()
@@ -238,6 +249,60 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+# ---- reruns: which stage starts over, and what a reused stage reports -------------------------------------
+
+
+def input_key(files: list[str], settings: dict) -> str:
+    """sha256 of the content of `files` and of `settings` (plain data): what a stage that is not a run
+    (the feedback, the evaluation) was made from."""
+    h = hashlib.sha256(dumps(settings, sort_keys=True).encode())
+    for path in files:
+        h.update(f"{os.path.basename(path)}:{sha256_file(path) if os.path.isfile(path) else 'absent'};".encode())
+    return h.hexdigest()
+
+
+class State:
+    """OUT/pipeline.json: per stage its seconds (the run that made its current output) and, for the
+    feedback and the evaluation, the key of their inputs and their summary."""
+
+    def __init__(self, path: str, resume: bool):
+        self.path, self.stages = path, {}
+        if resume and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    self.stages = json.load(f)["stages"]
+            except (OSError, ValueError, KeyError, TypeError):
+                self.stages = {}  # unreadable: every stage is timed (and keyed) anew
+
+    def reusable(self, name: str, key: str) -> dict | None:
+        """The stored summary of `name` when it was made from inputs with this key."""
+        entry = self.stages.get(name)
+        return entry if entry is not None and entry.get("key") == key else None
+
+    def record(self, name: str, seconds: float, **entry) -> float:
+        self.stages[name] = {"seconds": seconds, **entry}
+        write_json(self.path, {"stages": self.stages})
+        return seconds
+
+
+def train_stage(name: str, train: Callable, config):
+    """A training stage, resumed from its checkpoint; started over when the checkpoint was written with
+    another config or other inputs (an upstream stage changed)."""
+    try:
+        return train(config)
+    except StaleCheckpointError as e:
+        _say(f"      {name}: {str(e).split('; ')[0]}; starting it over")
+        return train(dataclasses.replace(config, resume=False))
+
+
+def stage_seconds(state: State, name: str, result, seconds: float) -> float:
+    """This run's seconds for a stage that trained, else (reused: it resumed at its end) those of the
+    run that made it."""
+    if result.resumed_from == result.steps and name in state.stages:
+        return state.stages[name]["seconds"]
+    return state.record(name, seconds)
+
+
 def _run(config: PipelineConfig, paths: Paths) -> dict:
     from ..stages.eval import evaluate
     from ..stages.ppo import train_ppo
@@ -245,7 +310,9 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     from ..stages.sft import train_sft
     from .report import build_report, number, side, write_report
 
+    state = State(os.path.join(paths.out, STATE_FILE), config.resume)
     seconds: dict[str, float] = {}
+    reused: list[str] = []
     t = time.perf_counter()
     # step 0. the corpus, split once into training and held-out prompts
     corpus = split_corpus(corpus_records(config), config.heldout_prompts, config.seed)
@@ -254,45 +321,64 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     # step 1. SFT: the policy adapter learns every register of reply (none for an instruct model: sft_steps 0)
     sft = None
     if config.sft_steps:
-        sft = train_sft(sft_config(config, paths))
+        sft = train_stage("sft", train_sft, sft_config(config, paths))
+        seconds["sft"] = stage_seconds(state, "sft", sft, time.perf_counter() - t)
         _say(f"[1/6] sft: {sft.steps} steps on {sft.train_examples} examples, held-out loss "
-             f"{number(sft.eval_loss_start)} -> {number(sft.eval_loss)} ({time.perf_counter() - t:.1f} s)")  # fmt: skip
+             f"{number(sft.eval_loss_start)} -> {number(sft.eval_loss)} ({seconds['sft']:.1f} s)")  # fmt: skip
     else:
+        seconds["sft"] = 0.0
         _say(f"[1/6] sft: none, {config.model} is the starting policy")
-    seconds["sft"] = time.perf_counter() - t
 
-    # step 2. the labelers rank n completions of the starting policy per training prompt
+    # step 2. the labelers rank n completions of the starting policy per training prompt (reused while the
+    # starting policy and the sampling settings are the same)
     t = time.perf_counter()
-    if config.resume and os.path.isfile(paths.feedback):  # written atomically: complete, from this SFT run
-        records = load_feedback(paths.feedback)
-        feedback = {"records": len(records), "completions": sum(len(r.completions) for r in records), "reused": True}
+    settings = {k: getattr(config, k) for k in ("seed", "samples_per_prompt", "labeler_noise", "max_new_tokens",
+                                                 "temperature", "model", "quantization")}  # fmt: skip
+    train = corpus.train_prompts[: config.feedback_prompts or None]
+    sft_files = [os.path.join(paths.sft, n) for n in ("adapter_policy.safetensors", "stack.json")] if sft else []
+    key = input_key(sft_files, {**settings, "prompts": train})
+    stored = state.reusable("feedback", key) if os.path.isfile(paths.feedback) else None
+    if stored is not None:
+        feedback, seconds["feedback"] = stored["summary"], stored["seconds"]
+        reused.append("feedback")
     else:
-        train = corpus.train_prompts[: config.feedback_prompts or None]
         feedback = collect_feedback(config, paths, train)
-    seconds["feedback"] = time.perf_counter() - t
+        seconds["feedback"] = state.record("feedback", time.perf_counter() - t, key=key, summary=feedback)
     _say(f"[2/6] feedback: {len(world.LABELERS)} labelers ranked {feedback['completions']} completions of "
          f"{feedback['records']} prompts -> {paths.feedback} ({seconds['feedback']:.1f} s)")  # fmt: skip
 
     # step 3. the reward model on the consensus pairs
     t = time.perf_counter()
-    rm = train_reward_model(rm_config(config, paths))
+    rm = train_stage("rm", train_reward_model, rm_config(config, paths))
     threshold = favourite_reward(config, paths)
-    seconds["rm"] = time.perf_counter() - t
+    seconds["rm"] = stage_seconds(state, "rm", rm, time.perf_counter() - t)
     _say(f"[3/6] rm: {rm.steps} steps on {rm.train_pairs} pairs, held-out accuracy {number(rm.eval_accuracy)}; "
          f"flagged labelers: {', '.join(rm.flagged_labelers) or 'none'} ({seconds['rm']:.1f} s)")  # fmt: skip
 
     # step 4. PPO against the RM, KL to the starting policy (a frozen copy of the SFT adapter, or the base)
     t = time.perf_counter()
-    ppo = train_ppo(ppo_config(config, paths, threshold))
-    seconds["ppo"] = time.perf_counter() - t
+    ppo = train_stage("ppo", train_ppo, ppo_config(config, paths, threshold))
+    seconds["ppo"] = stage_seconds(state, "ppo", ppo, time.perf_counter() - t)
     stop = "reward threshold reached" if ppo.stopped_at_threshold else "step cap"
     _say(f"[4/6] ppo: {ppo.steps} steps ({stop}; threshold {threshold:.3f}), held-out RM reward "
          f"{number(ppo.eval_reward_mean)} ({seconds['ppo']:.1f} s)")  # fmt: skip
+    reused += [name for name, r in (("sft", sft), ("rm", rm), ("ppo", ppo)) if r and r.resumed_from == r.steps]
 
-    # step 5. before / after on the held-out prompts
+    # step 5. before / after on the held-out prompts (reused while the policies, the RM and the prompts are)
     t = time.perf_counter()
-    ev = evaluate(eval_config(config, paths))
-    seconds["eval"] = time.perf_counter() - t
+    ev_config = eval_config(config, paths)
+    files = [os.path.join(d, n) for d, names in ((paths.ppo, ("adapter_policy.safetensors",
+             "adapter_reference.safetensors", "stack.json")), (paths.rm, ("adapter_reward.safetensors",
+             "heads.safetensors", "stack.json"))) for n in names] + [paths.heldout]  # fmt: skip
+    key = input_key(files, {k: v for k, v in dataclasses.asdict(ev_config).items() if k != "progress"})  # bars only
+    stored = state.reusable("eval", key) if os.path.isfile(paths.eval) else None
+    if stored is not None:
+        with open(paths.eval, encoding="utf-8") as f:
+            ev, seconds["eval"] = json.load(f), stored["seconds"]
+        reused.append("eval")
+    else:
+        ev = evaluate(ev_config)
+        seconds["eval"] = state.record("eval", time.perf_counter() - t, key=key)
     _say(f"[5/6] eval: {ev['prompts']} held-out prompts x {ev['samples_per_prompt']} samples, "
          f"{'SFT' if sft else 'base'} vs PPO ({seconds['eval']:.1f} s)")  # fmt: skip
     sweep = None
@@ -305,9 +391,9 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
         seconds["sweep"] = time.perf_counter() - t
 
     # step 6. the report
+    reused = [name for name in seconds if name in reused]  # in stage order
     report = build_report(config, ev, sft=sft, rm=rm, ppo=ppo, feedback=feedback, threshold=threshold,
-                          seconds=seconds, corpus=corpus, paths=paths, sweep=sweep)  # fmt: skip
+                          seconds=seconds, corpus=corpus, paths=paths, reused=reused, sweep=sweep)  # fmt: skip
     files = write_report(report, paths)
     _say(f"[6/6] report: {', '.join(files)}")
     return report
-

@@ -55,8 +55,10 @@ def memory_line(memory: dict) -> dict:
 
 
 def build_report(config, ev: dict, *, sft, rm, ppo, feedback: dict, threshold: float, seconds: dict, corpus,
-                 paths, sweep: dict | None = None) -> dict:  # fmt: skip
-    """The report as plain data (what report.json holds); `sweep`: the KL sweep's rows (pipeline.sweep)."""
+                 paths, reused: list[str] = (), sweep: dict | None = None) -> dict:  # fmt: skip
+    """The report as plain data (what report.json holds); `reused`: the stages this run took as they were
+    (their numbers and seconds are those of the run that made them); `sweep`: the KL sweep's rows
+    (pipeline.sweep)."""
     import torch
 
     from ..core.device import resolve_device
@@ -72,6 +74,7 @@ def build_report(config, ev: dict, *, sft, rm, ppo, feedback: dict, threshold: f
         "prompts": {"train": len(corpus.train_prompts), "heldout": len(corpus.heldout_prompts),
                     "samples_per_heldout_prompt": ev["samples_per_prompt"]},  # fmt: skip
         "stage_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "reused": list(reused),
         "total_seconds": round(sum(seconds.values()), 2),
         "sft": None if sft is None else {"steps": sft.steps, "train_examples": sft.train_examples,
                                          "heldout_loss_start": sft.eval_loss_start, "heldout_loss": sft.eval_loss},

@@ -242,10 +242,13 @@ class ModelJudge:
         out: list[tuple[float, ...]] = []
         for start in range(0, len(rows), self.batch_size):
             ids, mask = pad(rows[start : start + self.batch_size], tokenizer.pad_token_id, side="left")
-            # left-padded, so every question ends at the last column, whose hidden state predicts the answer
-            hidden = self.stack.hidden_states(self.adapter, ids.to(device), mask.to(device))[:, -1]  # (Q, H)
+            # left-padded, so every question ends at the last column, whose hidden state predicts the answer;
+            # eval mode: a judge is a fixed function (no LoRA dropout)
+            with self.stack.evaluating():
+                hidden = self.stack.hidden_states(self.adapter, ids.to(device), mask.to(device))[:, -1]  # (Q, H)
             logp = kernels.linear_logprobs(hidden.repeat_interleave(C, dim=0), self.stack.lm_head_weight,
-                                           choices.repeat(hidden.shape[0]))  # (Q * C,)  # fmt: skip
+                                           choices.repeat(hidden.shape[0]),
+                                           **self.stack.head())  # (Q * C,)  # fmt: skip
             out += [tuple(row) for row in logp.view(-1, C).double().tolist()]
         return out
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..core.config import Command, RunConfig
-from ..datasets.constitution import label_inputs, revise_inputs
+from ..datasets.constitution import DEFAULT_CONSTITUTION, DEFAULT_TEMPLATES, label_inputs, revise_inputs
 from ..errors import ConfigError
-from ..model.config import SamplingConfig, StackConfig, check_init_adapter, check_model
+from ..model.config import SamplingConfig, StackConfig, adapter_inputs, check_init_adapter, check_model
 
 
 
@@ -46,6 +46,14 @@ class CAIConfig(RunConfig):
     @property
     def INPUT_FILES(self) -> tuple[str, ...]:  # noqa: N802 (the RunConfig attribute)
         return tuple(name for name in ("prompts", "constitution", *self.TEMPLATE_FIELDS) if getattr(self, name))
+
+    def input_paths(self) -> dict[str, str]:
+        """The prompts, the constitution and the templates (the shipped ones when not given: an upgrade
+        that edits them changes the data) and the answering policy's adapter files."""
+        shipped = {"constitution": DEFAULT_CONSTITUTION,
+                   **{f: DEFAULT_TEMPLATES[f.removesuffix("_template")] for f in self.TEMPLATE_FIELDS}}  # fmt: skip
+        paths = {name: getattr(self, name) or default for name, default in shipped.items()}
+        return {**super().input_paths(), **paths, **adapter_inputs("init_adapter", self.init_adapter, ("policy",))}
 
     def validate(self) -> CAIConfig:
         super().validate()

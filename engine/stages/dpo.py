@@ -13,7 +13,8 @@ The policy is the LoRA policy adapter; the reference is the same base with every
 frozen copy of the starting adapter (`--init-adapter`, reference "init": ModelStack.init_policy, as PPO
 does). Sequence log-probs are sums over completion tokens of `rlhf_kernels.linear_logprobs` on hidden
 states (no [N, V] logits); chosen and rejected sequences go through ONE forward (rows [0, b) and
-[b, 2b)). With precompute_ref_logps the reference's sequence log-probs of every pair are computed once
+[b, 2b)) in which their shared prompt runs once (model.prefix; stack.shared_prefix=false: every row
+whole). With precompute_ref_logps the reference's sequence log-probs of every pair are computed once
 at the start (the reference is frozen), which saves its forward in every step.
 
 Each step of `train_dpo`:
@@ -65,7 +66,8 @@ def load_pairs(config: DPOConfig):
     check_completions(records, config.data)
     pairs, reports = build_pairs(records, config.agreement_threshold, config.exclude_flagged)
     if not pairs:
-        raise ConfigError(f"{config.data}: no preference pairs (every ranked record's completions tie)")
+        raise ConfigError(f"{config.data}: no preference pairs (every ranked record's consensus is a tie and "
+                          "no thumbs record has both an up and a down)")  # fmt: skip
     return pairs, reports
 
 
@@ -77,8 +79,8 @@ def reference_logps(stack, batch, backend: str) -> torch.Tensor:
     """(2b,) sequence log-probs of the batch's completions under the reference (bare base or the
     frozen "reference" adapter: stack.reference)."""
     with stack.evaluating():
-        hidden = stack.reference(batch.input_ids, batch.attention_mask)
-    logp, rows = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, backend)
+        hidden = stack.reference(batch.input_ids, batch.attention_mask, batch.prompt_lengths)
+    logp, rows = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, backend, **stack.head())
     return sequence_logps(logp, rows, batch.input_ids.shape[0])
 
 
@@ -88,8 +90,9 @@ def pair_forward(stack, pairs: list, config: DPOConfig, ref: torch.Tensor | None
     Returns (losses (b,), chosen_rewards (b,), rejected_rewards (b,), policy logps (2b,), real tokens)."""
     b = len(pairs)
     batch = collate_pairs(pairs, stack.tokenizer.pad_token_id).to(stack.device)
-    hidden = stack.policy(batch.input_ids, batch.attention_mask)  # (2b, T, H)
-    logp, rows = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, config.backend)  # (N,)
+    hidden = stack.policy(batch.input_ids, batch.attention_mask, batch.prompt_lengths)  # (2b, T, H), prompts once
+    logp, rows = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, config.backend,
+                                     **stack.head())  # (N,)  # fmt: skip
     policy = sequence_logps(logp, rows, 2 * b)  # (2b,)
     if ref is None:
         ref = reference_logps(stack, batch, config.backend)

@@ -36,10 +36,6 @@ class DPOConfig(SupervisedConfig):
     agreement_threshold: float = 0.3  # ranked data: flag labelers whose Kendall tau with the consensus is below this
     exclude_flagged: bool = False  # ranked data: drop flagged labelers' rankings before building the consensus
 
-    @property
-    def INPUT_FILES(self) -> tuple[str, ...]:  # noqa: N802 (the RunConfig attribute)
-        return ("data",) + (("init_adapter_file",) if self.init_adapter else ())
-
     def check_inputs(self) -> None:
         """The feedback file, read strictly before a model loads, every completion with visible text."""
         check_completions(load_feedback(self.data), self.data)

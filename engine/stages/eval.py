@@ -20,7 +20,7 @@ import torch
 
 from ..algos.rewards import ClassifierReward, FunctionReward, StackReward
 from ..algos.rollout import rollout
-from ..core.files import write_json
+from ..core.files import probe_writable, write_json, writing
 from ..core.progress import bar, hub_progress
 from ..datasets.corpus import embedded_prompts
 from ..datasets.prompts import EVAL_PROMPTS_FILE, load_prompts
@@ -61,6 +61,8 @@ def build_sources(config: EvalConfig, stack) -> list:
 def evaluate(config: EvalConfig) -> dict:
     """The before/after report (also written to config.out or POLICY/eval.json)."""
     config.validate()
+    # the report's directory must take a file before the evaluation runs, not only after it
+    probe_writable(os.path.dirname(os.path.abspath(config.out_file)))
     with hub_progress(config.progress):
         return _evaluate(config)
 
@@ -115,7 +117,8 @@ def _evaluate(config: EvalConfig) -> dict:
                     for p, b, a in list(zip(prompts, responses["reference"][:: config.samples],
                                             responses["policy"][:: config.samples]))[: config.show]],
     }  # fmt: skip
-    write_json(config.out or os.path.join(config.policy, "eval.json"), result)
+    with writing(config.out_file, "nothing else was written; rerun once it can write"):
+        write_json(config.out_file, result)
     return result
 
 

@@ -15,7 +15,7 @@ from ..core.config import DEVICES, Command, check_fields, check_out_dir, check_s
 from ..core.files import CONFIG_FILE
 from ..datasets.prompts import load_prompts
 from ..errors import ConfigError
-from ..model.config import STACK_FILE, SamplingConfig
+from ..model.config import STACK_FILE, SamplingConfig, check_model_dir, saved_stack_files
 
 
 @dataclass
@@ -58,12 +58,15 @@ class EvalConfig:
             raise ConfigError(f"policy {self.policy!r}: not a saved stack directory (no stack.json)")
         if not os.path.isfile(os.path.join(self.policy, "adapter_policy.safetensors")):
             raise ConfigError(f"policy {self.policy!r}: has no policy adapter (adapter_policy.safetensors)")
+        saved_stack_files(self.policy, ("policy", "reference", "value", "reward"))  # each whole
         if self.prompts and not os.path.isfile(self.prompts):
             raise ConfigError(f"prompts {self.prompts!r}: no such file")
         if self.reward_model and not os.path.isfile(os.path.join(self.reward_model, STACK_FILE)):
             raise ConfigError(f"reward_model {self.reward_model!r}: not an `engine rm` output directory (no stack.json)")
-        if self.reward_classifier and not os.path.isfile(os.path.join(self.reward_classifier, "config.json")):
-            raise ConfigError(f"reward_classifier {self.reward_classifier!r}: no config.json")
+        if self.reward_model:
+            saved_stack_files(self.reward_model, ("reward",))
+        if self.reward_classifier:  # a causal LM here would score through a randomly initialised head
+            check_model_dir(self.reward_classifier, "reward_classifier", "classifier")
         if min(self.max_prompts, self.batch_size, self.samples) < 1 or self.show < 0:
             raise ConfigError(f"max_prompts={self.max_prompts}, batch_size={self.batch_size}, samples={self.samples}: "
                               f"each must be >= 1; show={self.show} >= 0")  # fmt: skip
@@ -72,6 +75,11 @@ class EvalConfig:
         if self.out:
             check_out_dir(os.path.dirname(os.path.abspath(self.out)) or ".")
         return self
+
+    @property
+    def out_file(self) -> str:
+        """Where the report goes: --out, else POLICY/eval.json."""
+        return self.out or os.path.join(self.policy, "eval.json")
 
 
 def trained_sampling(policy: str) -> SamplingConfig | None:

@@ -12,7 +12,10 @@ Each step of `train_ppo`:
     2. generate     k responses per prompt from the policy (algos.rollout, model.generation)
     3. score        the reward source, then shaped (missing-EOS penalty, normalisation, clipping)
     4. forward      old log-probs, entropy, exact KL and reference log-probs straight from hidden
-                    states (rlhf_kernels.linear_token_stats / linear_logprobs: no [N, V] logits), values
+                    states (rlhf_kernels.linear_token_stats / linear_logprobs: no [N, V] logits), values;
+                    only the forwards the step reads (algos.rollout.step_forwards: no reference at
+                    beta = 0, the training forward's own log-probs at one update per rollout), each
+                    prompt once for its k responses (model.prefix)
     5. rewards      the score at the last token - beta * KL_t (or the KL goes into the loss instead)
     6. advantages   the estimator named by --advantage (algos.advantages): rlhf_kernels.gae, then
                     rlhf_kernels.masked_whiten; or, critic-free (grpo / drgrpo / rloo), each response's
@@ -40,14 +43,15 @@ import torch
 import rlhf_kernels as kernels
 
 from ..algos.advantages import estimate_advantages, explained_variance
-from ..algos.kl import KLController, assign_rewards, mean_penalty_kl
+from ..algos.kl import KL_LOG_RATIO_CLAMP, KLController, assign_rewards, mean_penalty_kl, penalty_kl
 from ..algos.losses import minibatch_weights, ppo_micro_loss
 from ..algos.overoptimization import OverOptimizationMonitor
 from ..algos.rewards import (
     ENSEMBLE_REWARDS, ClassifierReward, FunctionReward, RunningMoments, StackReward, conservative_choice, ensemble_std,
 )  # fmt: skip
 from ..algos.rollout import (
-    Trajectory, forward_stats, logprob_temperature, rollout, row_offset, score, score_sources, weighted_scores,
+    Trajectory, fill_from_training, forward_stats, logprob_temperature, rollout, row_offset, score, score_sources,
+    weighted_scores,
 )  # fmt: skip
 from ..core.device import peak_memory_mib, reset_peak_memory, resolve_device, sync_time
 from ..core.distributed import Dist, init_distributed
@@ -65,8 +69,12 @@ EVAL_SEED_OFFSET = 1_000_003  # held-out evaluations sample from their own strea
 METRIC_KEYS = (
     "reward_mean", "reward_std", "kl", "kl_k3", "entropy", "pg_loss", "vf_loss", "clipfrac", "approx_kl",
     "vf_clipfrac", "explained_variance", "response_length", "eos_fraction", "beta", "grad_norm", "tokens_per_s",
-    "time_generate_s", "time_score_s", "time_logprobs_s", "time_train_s", "peak_mem_mib",
+    "step_s", "time_generate_s", "time_score_s", "time_logprobs_s", "time_old_logprobs_s", "time_ref_logprobs_s",
+    "time_train_s", "peak_mem_mib",
 )  # fmt: skip
+# Keys that are None in a row when the step does not compute them (algos.rollout.step_forwards): "kl" (no
+# reference, or no exact KL of the policy: kl_in="loss" with a sampled estimator and one update per
+# rollout) and "kl_k3" (no reference). Held-out evaluations measure the exact KL always: eval_kl.
 
 
 # ---- building the stack and the reward ------------------------------------------------------------
@@ -152,22 +160,35 @@ def optimise(stack, traj: Trajectory, config: PPOConfig, beta: float, run: Run, 
     start = row_offset(B, dist)
     totals: dict[str, float] = {}
     grad_norms = []
+    from_training = traj.old_logprobs is None  # step 4 skipped the policy's forward: read it from this one
+    seen: list[tuple[torch.Tensor, dict]] = []
     for epoch in range(config.ppo_epochs):
         perm = seeded_permutation(G, config.seed, step * config.ppo_epochs + epoch, name="minibatches")
         for mb0 in range(0, G, config.minibatch_size):
             mine = [g - start for g in perm[mb0 : mb0 + config.minibatch_size] if start <= g < start + B]
+            if config.samples_per_prompt > 1 and config.stack.shared_prefix:
+                # a prompt's k rows side by side (rows are prompt * k + sample), so a micro-batch holds
+                # whole groups and runs each prompt once (model.prefix); the minibatch's sum is the same
+                mine.sort()
             idx = torch.tensor(mine, dtype=torch.long, device=traj.mask.device)
             weights, n_total = minibatch_weights(traj, idx, config, dist)
             optimizer.zero_grad(set_to_none=True)
             for part in torch.arange(len(idx), device=idx.device).split(config.micro_batch_size):
+                tokens = {} if from_training else None
                 loss, stats = ppo_micro_loss(stack, traj.rows(idx[part]), traj.prompt_length, config, beta,
-                                             weights[part], n_total)  # fmt: skip
+                                             weights[part], n_total, tokens)  # fmt: skip
                 run.check_finite(loss=loss.detach())
                 loss.backward()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
+                if from_training:
+                    seen.append((idx[part], tokens))
             dist.reduce_gradients(params)
             grad_norms.append(run.optimizer_step(optimizer, params, config.max_grad_norm))
+    for rows, tokens in seen:  # after the loop: every micro-batch above read old_logprobs as None
+        fill_from_training(traj, rows, tokens["logp"], tokens["ent"], tokens["kl"])
+    if traj.kl is None:
+        traj.kl = penalty_kl(traj, config)
     n_mb = config.ppo_epochs * math.ceil(G / config.minibatch_size)
     summed = dist.sum_floats(*totals.values()) if totals else []
     out = {k: v / n_mb for k, v in zip(totals, summed)}
@@ -181,17 +202,21 @@ def optimise(stack, traj: Trajectory, config: PPOConfig, beta: float, run: Run, 
 def rollout_metrics(traj: Trajectory, config: PPOConfig, dist: Dist) -> dict:
     """Global means over the step's sequences and tokens (sums and counts reduced over ranks)."""
     m = traj.mask.float()
-    k3 = kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind="k3", backend=config.backend) * m
+    has_k3 = traj.old_logprobs is not None and traj.ref_logprobs is not None
+    k3 = kernels.kl_penalty(traj.old_logprobs, traj.ref_logprobs, kind="k3", clamp=KL_LOG_RATIO_CLAMP,
+                            backend=config.backend) * m if has_k3 else None  # fmt: skip
     raw = traj.raw_scores.double()
     n, tokens, s, s2, kl, kl3, ent, eos = dist.sum_floats(
-        float(len(raw)), float(m.sum()), float(raw.sum()), float((raw**2).sum()), float(traj.kl_exact.sum()),
-        float(k3.sum()), float(traj.entropy.sum()), float(traj.stopped.float().sum()),
+        float(len(raw)), float(m.sum()), float(raw.sum()), float((raw**2).sum()),
+        float(traj.kl_exact.sum()) if traj.kl_exact is not None else 0.0, float(k3.sum()) if has_k3 else 0.0,
+        float(traj.entropy.sum()), float(traj.stopped.float().sum()),
     )  # fmt: skip
     var = max(s2 / n - (s / n) ** 2, 0.0) * n / max(n - 1, 1)
     row = {
         "reward_mean": s / n, "reward_std": math.sqrt(var),
-        "kl": kl / n,  # exact KL(policy || reference) summed over a response, mean over responses
-        "kl_k3": kl3 / n,  # the same with Schulman's k3 estimate per token
+        # exact KL(policy || reference) summed over a response, mean over responses (None: not computed)
+        "kl": kl / n if traj.kl_exact is not None else None,
+        "kl_k3": kl3 / n if has_k3 else None,  # the same with Schulman's k3 estimate per token
         "entropy": ent / max(tokens, 1), "response_length": tokens / n, "eos_fraction": eos / n,
     }  # fmt: skip
     for name, scores in traj.source_scores.items():
@@ -217,7 +242,9 @@ def evaluate_rollout(stack, prompts: list[str], sources: list, config: PPOConfig
     eval_reward_mean (the weighted score the run trains on), eval_reward/proxy (with the RM heads'
     plain mean), with k > 1 heads eval_reward/ensemble_std and eval_reward/conservative (the RM as
     rewards.conservative_choice), eval_reward/gold (the gold scorer), eval_kl (the exact KL to the
-    reference summed over a response) and eval_response_length."""
+    reference summed over a response: the one measure of it in a run whose steps skip the reference, beta
+    = 0: algos.rollout.step_forwards) and eval_response_length. Its forwards run in eval mode (no dropout,
+    so no draw from the training's random stream)."""
     if not prompts:
         return {}
     share = dist.share(len(prompts))
@@ -372,7 +399,7 @@ def train_ppo(config: PPOConfig) -> PPOResult:
             if progress.stopped_at is not None:
                 break
             t0 = sync_time(device)
-            reset_peak_memory(device)
+            reset_peak_memory(device)  # this step's peak; the run's is kept (result.json: core.device.PeakWindow)
             # step 1. this step's prompts (global indices name their randomness), this rank's share
             idx = step_prompts(len(train_prompts), config.rollout_batch_size, config.seed, step)
             share = dist.share(len(idx))
@@ -386,8 +413,9 @@ def train_ppo(config: PPOConfig) -> PPOResult:
             if gold is not None:
                 traj.gold_scores = gold.score(traj.prompts, traj.responses)
             t2 = sync_time(device)
-            # step 4. log-probs, entropy, KL and values, no grad
-            forward_stats(stack, traj, config)
+            # step 4. log-probs, entropy, KL and values, no grad: only the forwards the step reads
+            # (algos.rollout.step_forwards: no reference at beta = 0, no policy forward at one update per rollout)
+            parts = forward_stats(stack, traj, config)
             # step 5. per-token rewards
             beta = kl_ctl.beta
             assign_rewards(traj, config, beta)
@@ -400,12 +428,16 @@ def train_ppo(config: PPOConfig) -> PPOResult:
             # step 8. KL control, from the mean KL of the step's responses
             row = rollout_metrics(traj, config, dist)
             n_seq = int(dist.sum_floats(float(len(traj.responses)))[0])
-            kl_ctl.update(row["kl"] if config.kl_estimator == "exact" else mean_penalty_kl(traj, dist), n_seq)
+            if kl_ctl.target is not None:  # an adaptive beta: the reference ran (step_forwards), the KL is known
+                kl_ctl.update(row["kl"] if config.kl_estimator == "exact" else mean_penalty_kl(traj, dist), n_seq)
             # step 9. metrics, evaluation, stop, checkpoint
             tokens = row["response_length"] * n_seq
             row.update(train_stats)
-            row.update(beta=beta, lr=config.lr, tokens_per_s=tokens / max(t4 - t0, 1e-9),
+            # time_logprobs_s: step 4 (its two parts: the policy's forward + values, and the reference's
+            # forward + its vocabulary passes; 0 where skipped) and steps 5-6; step_s: steps 1-7
+            row.update(beta=beta, lr=config.lr, tokens_per_s=tokens / max(t4 - t0, 1e-9), step_s=t4 - t0,
                        time_generate_s=t1 - t0, time_score_s=t2 - t1, time_logprobs_s=t3 - t2,
+                       time_old_logprobs_s=parts["old_s"], time_ref_logprobs_s=parts["ref_s"],
                        time_train_s=t4 - t3, peak_mem_mib=peak_memory_mib(device))  # fmt: skip
             done = step + 1
             if run.due(done, config.eval_every):
@@ -433,6 +465,6 @@ def train_ppo(config: PPOConfig) -> PPOResult:
             train_prompts=len(train_prompts), eval_prompts=len(eval_prompts), files=files,
             memory=stack.memory_report(),
         )  # fmt: skip
-        run.finish(dataclasses.asdict(result))
+        run.finish(result)
     dist.barrier()
     return result

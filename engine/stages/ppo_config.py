@@ -19,7 +19,21 @@ from ..core.config import (
 )  # fmt: skip
 from ..datasets.prompts import load_prompts
 from ..errors import ConfigError
-from ..model.config import SamplingConfig, StackConfig, check_init_adapter, check_same_base
+from ..model.config import (
+    SamplingConfig, StackConfig, adapter_inputs, check_init_adapter, check_model_dir, check_same_base,
+    directory_inputs, saved_stack_files,
+)  # fmt: skip
+
+
+def reward_fn_sources(specs: tuple[str, ...]) -> dict[str, str]:
+    """input_paths() entries for the PATH.py:FUNCTION reward functions: "reward_fn[i]" -> the file (an
+    edited scoring rule changes the run; a MODULE:FUNCTION is an installed package's)."""
+    out = {}
+    for i, spec in enumerate(specs):
+        module = spec.rpartition(":")[0]
+        if module.endswith(".py") and os.path.isfile(module):
+            out[f"reward_fn[{i}]"] = module
+    return out
 
 
 @dataclass
@@ -97,6 +111,15 @@ class PPOConfig(RunConfig):
     def INPUT_FILES(self) -> tuple[str, ...]:  # noqa: N802 (the RunConfig attribute)
         return ("prompts",) if self.prompts else ()
 
+    def input_paths(self) -> dict[str, str]:
+        """Everything the run reads: the prompts, the starting adapter's files, the reward model's adapter,
+        heads and stack.json, a reward classifier directory's files and the source of each PATH.py reward
+        function; a resume refuses any of them changed."""
+        paths = {**super().input_paths(), **adapter_inputs("init_adapter", self.init_adapter, ("policy",)),
+                 **adapter_inputs("reward_model", self.reward_model, ("reward",)),
+                 **directory_inputs("reward_classifier", self.reward_classifier)}  # fmt: skip
+        return {**paths, **reward_fn_sources(self.reward_fn)}
+
     def check_inputs(self) -> None:
         """The prompt file, read strictly before a model loads."""
         if self.prompts:
@@ -126,11 +149,11 @@ class PPOConfig(RunConfig):
         return resolve_reference(self.reference, self.init_adapter)
 
     def validate(self) -> PPOConfig:
+        if isinstance(self.reward_fn, str):  # one spec given as a string (Python callers)
+            self.reward_fn = (self.reward_fn,) if self.reward_fn else ()
         super().validate()
         self.stack.validate()
         self.sampling.validate()
-        if isinstance(self.reward_fn, str):  # one spec given as a string (Python callers)
-            self.reward_fn = (self.reward_fn,) if self.reward_fn else ()
         sources = self.reward_sources
         if not sources:
             raise ConfigError("reward: give --reward-model, --reward-classifier and/or --reward-fn")
@@ -144,11 +167,12 @@ class PPOConfig(RunConfig):
             raise ConfigError(f"advantage={self.advantage!r} compares the responses of a group: --group-size >= 2 "
                               f"(got samples_per_prompt={self.samples_per_prompt})")  # fmt: skip
         check_choice("loss_agg", self.loss_agg, LOSS_AGGREGATIONS)
-        if self.reward_classifier and not os.path.isfile(os.path.join(self.reward_classifier, "config.json")):
-            raise ConfigError(f"reward_classifier {self.reward_classifier!r}: no config.json (a save_pretrained directory)")
+        if self.reward_classifier:  # a causal LM here would score through a randomly initialised head
+            check_model_dir(self.reward_classifier, "reward_classifier", "classifier")
         check_init_adapter(self.init_adapter, self.stack.model)
         if self.reward_model:
             check_same_base(self.reward_model, "reward_model", self.stack.model)
+            saved_stack_files(self.reward_model, ("reward",))  # each safetensors file whole
         check_reference(self.reference, self.init_adapter)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("kl_in", self.kl_in, KL_PLACEMENTS)

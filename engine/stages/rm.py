@@ -27,6 +27,8 @@ from torch import nn
 from ..algos.losses import ensemble_reward_loss, reward_loss
 from ..algos.rewards import bootstrap_counts, ensemble_std, load_classifier
 from ..core.config import FLOAT32_MAX
+from ..core.files import atomic_write_dir
+from ..core.device import peak_memory_mib, reset_peak_memory, sync_time
 from ..core.run import Run, StageResult
 from ..datasets.batching import TokenBatch, collate_pairs
 from ..datasets.feedback import LABELERS_FILE, build_pairs, labeler_reports, load_feedback
@@ -50,13 +52,16 @@ class StackRewardModel:
         self.tokenizer = stack.tokenizer
         self.device = stack.device
         stack.set_trainable("reward")
+        stack.release_lm_head()  # scores read hidden states only: the (V, H) head is dead weight here
 
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return self.stack.named_role_parameters("reward")
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, T) -> (N,) scores."""
-        return self.stack.reward(input_ids, attention_mask)
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """(N, T) -> (N,) scores, (N, k) with k reward heads; rows with equal prompts (prompt_lengths (N,)) run
+        them once (model.prefix)."""
+        return self.stack.reward(input_ids, attention_mask, prompt_lengths)
 
     def train(self, mode: bool = True) -> None:
         self.stack.train(mode)
@@ -79,16 +84,23 @@ class ClassifierRewardModel:
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return list(self.model.named_parameters())
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """(N, T) -> (N,) scores; every row whole (a user's classifier takes no KV cache of ours)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
     def save(self, out_dir: str) -> list[str]:
+        """OUT/classifier, written whole or not at all (core.files.atomic_write_dir)."""
         path = os.path.join(out_dir, CLASSIFIER_DIR)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+
+        def write(directory: str) -> None:
+            self.model.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+
+        atomic_write_dir(path, write)
         return [path]
 
 
@@ -148,7 +160,7 @@ def evaluate(rm, batches: list[tuple[TokenBatch, torch.Tensor]]) -> dict:
     heads, diffs = [], []  # (2B, k) scores and (B, k) chosen - rejected of every batch, for an ensemble
     for batch, margins in batches:
         batch, margins = batch.to(rm.device), margins.to(rm.device)
-        scores = rm.score(batch.input_ids, batch.attention_mask)
+        scores = rm.score(batch.input_ids, batch.attention_mask, batch.prompt_lengths)
         b = margins.shape[0]
         if scores.dim() == 2:
             heads.append(scores.float().cpu())
@@ -239,11 +251,14 @@ def train_reward_model(config: RewardConfig) -> RewardResult:
 
         last_eval: dict = {}
         for step in run.steps(total_steps):
-            # step 4. one forward over chosen and rejected together: rows [0, B) and [B, 2B)
+            t0 = sync_time(rm.device)
+            reset_peak_memory(rm.device)
+            # step 4. one forward over chosen and rejected together: rows [0, B) and [B, 2B), the prompt
+            # a pair shares run once (model.prefix)
             batch, margins = pair_batch([train_data[i] for i in order.batch(step)], pad_id)
             batch, margins = batch.to(rm.device), margins.to(rm.device)
             b = margins.shape[0]
-            scores = rm.score(batch.input_ids, batch.attention_mask)  # (2B,), or (2B, k) for k heads
+            scores = rm.score(batch.input_ids, batch.attention_mask, batch.prompt_lengths)  # (2B,), or (2B, k) for k heads
             if counts is None:
                 loss, stats = reward_loss(scores[:b], scores[b:], margins)
             else:  # each head on its own bootstrap resample of the pairs
@@ -252,13 +267,16 @@ def train_reward_model(config: RewardConfig) -> RewardResult:
 
             # step 5. update the reward parameters; a non-finite loss or gradient norm stops the run
             grad_norm = run.update(loss, optimizer, params, config.max_grad_norm)
+            t1 = sync_time(rm.device)
 
             # step 6. log, evaluate on held-out prompts, checkpoint (each when due)
             done = step + 1
             row = {
                 "epoch": done / order.steps_per_epoch, "loss": loss, "accuracy": stats.accuracy,
                 "reward_margin": stats.reward_margin, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
-            }
+                "tokens_per_s": int(batch.attention_mask.sum()) / max(t1 - t0, 1e-9), "step_s": t1 - t0,
+                "peak_mem_mib": peak_memory_mib(rm.device),
+            }  # fmt: skip
             evaluated = run.due(done, config.eval_every)
             if evaluated:
                 last_eval = evaluate(rm, eval_batches)

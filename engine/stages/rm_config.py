@@ -56,7 +56,7 @@ class RewardConfig(RunConfig):
         check_fraction("eval_fraction", self.eval_fraction)
         check_at_least(0, eval_every=self.eval_every)
         check_agreement_threshold(self.agreement_threshold)
-        self.stack.validate()
+        self.stack.validate(classifier_ok=True)  # a ...ForSequenceClassification directory trains whole
         return self
 
     def check_inputs(self) -> None:

@@ -69,7 +69,7 @@ def evaluate_sft(stack, data: list[tuple[list[int], int]], batch_size: int, back
     for idx in fixed_batches([len(ids) for ids, _ in data], batch_size):
         batch = collate([data[i] for i in idx], stack.tokenizer.pad_token_id).to(stack.device)
         hidden = stack.policy(batch.input_ids, batch.attention_mask)
-        logp, _ = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, backend)
+        logp, _ = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, backend, **stack.head())
         total -= float(logp.double().sum())
         n += logp.numel()
     stack.train(True)
@@ -83,7 +83,7 @@ def evaluate_sft(stack, data: list[tuple[list[int], int]], batch_size: int, back
 class SFTResult(StageResult):
     train_examples: int
     eval_examples: int
-    eval_loss_start: float | None  # held-out loss of the starting policy (step 0 of a fresh run)
+    eval_loss_start: float | None  # held-out loss of the starting policy (the step-0 row; None: no held-out data)
     eval_loss: float | None  # held-out loss at the end
 
 
@@ -114,10 +114,12 @@ def train_sft(config: SFTConfig) -> SFTResult:
         order = run.data_order(len(train_data), config.batch_size)
         total_steps = config.max_steps if config.max_steps is not None else config.epochs * order.steps_per_epoch
         start = run.resume()
-        last_eval, first_eval = {}, None
+        last_eval = {}
         if start == 0:  # the starting policy's held-out loss, so a curve starts where training did
             first_eval = evaluate_sft(stack, eval_data, config.micro_batch_size, config.backend)
             run.log(0, first_eval)
+        else:  # a resumed run reports the step-0 row the interrupted run logged, as an uninterrupted run would
+            first_eval = next((r for r in run.logged_rows() if r["step"] == 0), None)
 
         pad_id, device = tok.pad_token_id, stack.device
         for step in run.steps(total_steps):
@@ -133,7 +135,8 @@ def train_sft(config: SFTConfig) -> SFTResult:
             for micro in chunks(idx, config.micro_batch_size):
                 batch = collate([train_data[i] for i in micro], pad_id).to(device)
                 hidden = stack.policy(batch.input_ids, batch.attention_mask)  # (b, T, H)
-                logp, _ = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, config.backend)  # (n,)
+                logp, _ = completion_logprobs(hidden, stack.lm_head_weight, batch.labels, config.backend,
+                                              **stack.head())  # (n,)  # fmt: skip
                 loss = sft_loss(logp, n_tokens)
                 run.check_finite(loss=loss.detach())
                 loss.backward()
@@ -163,7 +166,7 @@ def train_sft(config: SFTConfig) -> SFTResult:
         files = stack.save(config.out, roles=("policy",))
         result = SFTResult(
             out=config.out, steps=max(total_steps, start), resumed_from=start, train_examples=len(train_ex),
-            eval_examples=len(eval_ex), eval_loss_start=first_eval["eval_loss"] if first_eval else None,
+            eval_examples=len(eval_ex), eval_loss_start=first_eval.get("eval_loss") if first_eval else None,
             eval_loss=last_eval["eval_loss"], files=files,
         )  # fmt: skip
         run.finish(result)

@@ -6,12 +6,11 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from ..core.config import BACKENDS, RunConfig, check_at_least, check_choice, check_fields, check_fraction
 from ..errors import ConfigError
-from ..model.config import StackConfig, check_init_adapter
+from ..model.config import StackConfig, adapter_inputs, check_init_adapter
 
 
 @dataclass
@@ -39,13 +38,13 @@ class SupervisedConfig(RunConfig):
     RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES + ("epochs", "max_steps", "eval_every")
 
     @property
-    def init_adapter_file(self) -> str:
-        """The starting adapter's weights: an input file (hashed; changed content refuses a resume)."""
-        return os.path.join(self.init_adapter, "adapter_policy.safetensors")
-
-    @property
     def INPUT_FILES(self) -> tuple[str, ...]:  # noqa: N802 (the RunConfig attribute)
-        return (("data",) if self.data else ()) + (("init_adapter_file",) if self.init_adapter else ())
+        return ("data",) if self.data else ()
+
+    def input_paths(self) -> dict[str, str]:
+        """The data and the starting adapter's files (its weights and stack.json): a resume refuses either
+        changed (a pipeline rerun with a longer SFT gives PPO and DPO a new starting policy)."""
+        return {**super().input_paths(), **adapter_inputs("init_adapter", self.init_adapter, ("policy",))}
 
     def validate(self) -> SupervisedConfig:
         check_fields(self)  # types first: the checks below read the values
