@@ -387,7 +387,8 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
 
         t = time.perf_counter()
         sweep = {"lr": config.sweep_lr, "steps": config.sweep_steps, "before": side(ev["before"]),
-                 "rows": run_sweep(config, ppo_config(config, paths, None), eval_config(config, paths), _say)}  # fmt: skip
+                 "rows": run_sweep(config, ppo_config(config, paths, None), eval_config(config, paths), _say,
+                                   train=lambda c: train_stage(f"sweep {os.path.basename(c.out)}", train_ppo, c))}  # fmt: skip
         seconds["sweep"] = time.perf_counter() - t
 
     # step 6. the report

@@ -62,33 +62,53 @@ def sweep_ppo_config(base: PPOConfig, config: PipelineConfig, out: str, setting:
     )  # fmt: skip
 
 
-def run_sweep(config: PipelineConfig, base_ppo: PPOConfig, base_eval, say) -> list[dict]:
-    """Every setting's PPO run and evaluation; returns the report's rows (row_of)."""
+def run_sweep(config: PipelineConfig, base_ppo: PPOConfig, base_eval, say, train=None) -> list[dict]:
+    """Every setting's PPO run and evaluation; returns the report's rows (row_of). `train`: how a PPO
+    config is run (the pipeline's: started over when its checkpoint is stale); stages.ppo.train_ppo by default."""
     from ..stages.eval import evaluate
     from ..stages.ppo import train_ppo
 
+    train = train or train_ppo
     rows = []
     for i, setting in enumerate(settings(config)):
         ppo_cfg = sweep_ppo_config(base_ppo, config, config.out, setting)
-        ppo = train_ppo(ppo_cfg)
+        ppo = train(ppo_cfg)
         ev = evaluate(dataclasses.replace(base_eval, policy=ppo_cfg.out, out=os.path.join(ppo_cfg.out, "eval.json")))
         rows.append(row_of(setting, ppo_cfg.out, ev, dataclasses.asdict(ppo)))
         r = rows[-1]
         say(f"      sweep {i + 1}/{len(settings(config))} {setting.name}: {r['steps']} steps"
             f"{' (stopped: over-optimisation)' if r['stopped_by'] == 'overoptimization' else ''}, held-out gold "
-            f"{r['true_score']:.3f}, RM {r['rm_reward']:.3f}, KL {r['kl']:.2f}")  # fmt: skip
+            f"{r['true_score']:.3f}, RM {r['rm_reward']:.3f}, KL {r['kl']:.2f}; during training gold peaked at "
+            f"{r['peak_gold']:.3f} (step {r['peak_step']}), ended at {r['final_gold']:.3f}")  # fmt: skip
     return rows
 
 
 def row_of(setting: Setting, run_dir: str, ev: dict, ppo: dict) -> dict:
-    """One report row: the setting, how its run ended (ppo: its result.json) and its held-out evaluation
-    (ev: its eval.json, the policy it saved against the SFT policy)."""
+    """One report row: the setting, how its run ended (ppo: its result.json), its held-out evaluation
+    (ev: its eval.json, the policy it saved against the SFT policy) and its training curve (its
+    metrics.jsonl: curve_summary)."""
     from .report import side
 
     over = ppo.get("overoptimization") or {}
     return {"setting": setting.name, "dir": run_dir, "kl_coef": setting.kl_coef, "target_kl": setting.target_kl,
             "steps": ppo["steps"], "stopped_by": ppo["stopped_by"], "alarm_step": over.get("alarm_step"),
-            "best_step": over.get("best_step"), "alarm": over.get("reason") or None, **side(ev["after"])}  # fmt: skip
+            "best_step": over.get("best_step"), "alarm": over.get("reason") or None, **side(ev["after"]),
+            **curve_summary(curve(read_metrics(os.path.join(run_dir, "metrics.jsonl"))))}  # fmt: skip
+
+
+def curve_summary(c: dict) -> dict:
+    """A run's held-out evaluations during training (curve) in a few numbers: the gold score's peak and
+    where, the proxy there, the last evaluation's gold, proxy and KL, and `hacked`: after the gold peak the
+    proxy ended higher while the gold ended lower (Gao et al.'s over-optimisation, read off the run)."""
+    gold = [(g, i) for i, g in enumerate(c["gold"]) if g is not None]
+    if not gold:
+        return {"peak_gold": None, "peak_step": None, "proxy_at_peak": None, "final_gold": None,
+                "final_proxy": None, "final_kl": None, "hacked": None}  # fmt: skip
+    peak, i = max(gold)
+    final = len(c["step"]) - 1
+    return {"peak_gold": peak, "peak_step": c["step"][i], "proxy_at_peak": c["proxy"][i],
+            "final_gold": c["gold"][final], "final_proxy": c["proxy"][final], "final_kl": c["kl"][final],
+            "hacked": c["gold"][final] < peak and c["proxy"][final] > c["proxy"][i]}  # fmt: skip
 
 
 def load_rows(out: str, config: PipelineConfig) -> list[dict]:
@@ -115,25 +135,35 @@ def format_sweep(sweep: dict) -> list[str]:
              f"PPO from the same SFT adapter against the same reward model at learning rate {sweep['lr']:g}, "
              f"{sweep['steps']} steps at most, one run per KL setting (`{SWEEP_DIR}/<setting>/`); held-out "
              "prompts as above. The proxy is the reward model, the gold score the hidden rule it learned from.", "",
-             "| setting | steps | RM score (proxy) | true score (gold) | toxicity | KL | length | over-optimisation |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+             "Columns: the saved policy on the held-out prompts (as the before/after table); then, from each run's "
+             "own held-out evaluations during training (its metrics.jsonl), the gold score's peak (at step), the "
+             "last evaluation's gold and proxy, and whether the proxy ended higher while the gold ended lower than "
+             "at that peak.", "",
+             "| setting | steps | RM score (proxy) | true score (gold) | toxicity | KL | length | training: gold peak "
+             "(step) -> last | proxy at peak -> last | proxy up, gold down | over-optimisation |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
     b = sweep["before"]
     lines.append(f"| before (SFT) | 0 | {b['rm_reward']:.3f} | {b['true_score']:.3f} | {b['toxicity_rate']:.3f} | "
-                 f"{b['kl']:.3f} | {b['response_length']:.1f} | |")  # fmt: skip
+                 f"{b['kl']:.3f} | {b['response_length']:.1f} | | | | |")  # fmt: skip
     for r in sweep["rows"]:
         alarm = "none" if r["alarm_step"] is None else f"alarm at step {r['alarm_step']} (best: step {r['best_step']})"
         if r["stopped_by"] == "overoptimization":
             alarm += ", stopped; saved the best"
+        curve_cells = "n/a | n/a | n/a" if r.get("peak_gold") is None else (
+            f"{r['peak_gold']:.3f} ({r['peak_step']}) -> {r['final_gold']:.3f} | {r['proxy_at_peak']:.3f} -> "
+            f"{r['final_proxy']:.3f} | {'yes' if r['hacked'] else 'no'}")  # fmt: skip
         lines.append(f"| {r['setting']} | {r['steps']} | {r['rm_reward']:.3f} | {r['true_score']:.3f} | "
-                     f"{r['toxicity_rate']:.3f} | {r['kl']:.3f} | {r['response_length']:.1f} | {alarm} |")  # fmt: skip
+                     f"{r['toxicity_rate']:.3f} | {r['kl']:.3f} | {r['response_length']:.1f} | {curve_cells} | "
+                     f"{alarm} |")  # fmt: skip
     lines += ["", f"![hacking]({HACKING_PNG})", ""]
     return lines
 
 
 def curve(rows: list[dict]) -> dict:
-    """A run's held-out evaluations from its metrics rows: steps, sqrt(KL), proxy, gold."""
+    """A run's held-out evaluations from its metrics rows: steps, KL, sqrt(KL), proxy, gold."""
     pts = [r for r in rows if r.get("eval_kl") is not None and r.get("eval_reward/proxy") is not None]
-    return {"step": [r["step"] for r in pts], "sqrt_kl": [math.sqrt(max(r["eval_kl"], 0.0)) for r in pts],
+    return {"step": [r["step"] for r in pts], "kl": [r["eval_kl"] for r in pts],
+            "sqrt_kl": [math.sqrt(max(r["eval_kl"], 0.0)) for r in pts],
             "proxy": [r["eval_reward/proxy"] for r in pts], "gold": [r.get("eval_reward/gold") for r in pts]}  # fmt: skip
 
 
