@@ -95,7 +95,7 @@ def test_bootstrap_counts_are_resamples_of_their_own():
     assert (counts == 0).float().mean().item() == pytest.approx(math.exp(-1), abs=0.1)  # ~37% of pairs left out
 
 
-def test_k_heads_train_to_different_weights_and_report_their_disagreement(tmp_path):
+def test_k_heads_train_to_different_weights_and_ppo_logs_their_mean_and_disagreement(tmp_path):
     data = synthetic_ranked(tmp_path / "prefs.jsonl", 16)
     result = train_reward_model(tiny(reward_preset, tmp_path, data=data, epochs=2, eval_every=3,
                                      stack=dict(model="tiny-llama", adapters=("reward",), reward_heads=3)))  # fmt: skip
@@ -110,6 +110,20 @@ def test_k_heads_train_to_different_weights_and_report_their_disagreement(tmp_pa
     assert "eval_ensemble_std" in rows(result.out)[-1]
     saved = json.load(open(os.path.join(result.out, "stack.json")))
     assert saved["stack"]["reward_heads"] == 3
+    # PPO against the 3 heads, trained on mean - lambda * std: the proxy (their plain mean) and their
+    # disagreement are logged per step and at held-out evaluations, and with no gold scorer the monitor
+    # watches the conservative reward
+    lam = 0.5
+    ppo = train_ppo(config(tmp_path, "ens", max_steps=1, reward_fn="", gold_reward_fn="", reward_model=result.out,
+                           reward_ensemble="mean_minus_std", ensemble_lambda=lam))  # fmt: skip
+    r = rows(ppo.out)[-1]
+    assert r["reward/ensemble_std"] > 0 and r["eval_reward/ensemble_std"] > 0 and "reward/gold" not in r
+    assert r["reward/rm"] == pytest.approx(r["reward/proxy"] - lam * r["reward/ensemble_std"], abs=1e-5)
+    assert r["eval_reward_mean"] == pytest.approx(r["eval_reward/conservative"], abs=1e-6)
+    assert r["eval_reward/conservative"] == pytest.approx(r["eval_reward/proxy"] - lam * r["eval_reward/ensemble_std"],
+                                                          abs=1e-5)  # fmt: skip
+    watched = {row["step"]: row["eval_reward/conservative"] for row in rows(ppo.out)}
+    assert ppo.overoptimization["best_watched"] == watched[ppo.overoptimization["best_step"]] == max(watched.values())
 
 
 # ---- the monitor ----------------------------------------------------------------------------------------
@@ -166,13 +180,16 @@ def test_the_monitor_state_round_trips_mid_streak():
 # ---- PPO acting on it -----------------------------------------------------------------------------------
 
 
+# a small rollout (4 prompts, 8 tokens, 4 held-out prompts): on seed 0 PPO raises the proxy from the first
+# step (held-out 0.113 -> 0.163 -> 0.233), so the gold falls and a patience of 2 fires at step 2
+SMALL = dict(rollout_batch_size=4, micro_batch_size=4, minibatch_size=4, eval_prompts=4,
+             sampling=dict(max_new_tokens=8, temperature=1.0, max_prompt_length=64))  # fmt: skip
+
+
 def config(tmp_path, name="out", **kw):
     # the proxy: the share of lowercase letters; the gold: 1 minus it. Evaluated at every step.
-    kw.setdefault("reward_fn", REWARD)
-    kw.setdefault("gold_reward_fn", GOLD)
-    kw.setdefault("eval_every", 1)
-    kw.setdefault("kl_coef", 0.0)
-    kw.setdefault("checkpoint_every", 1)
+    kw = {"reward_fn": REWARD, "gold_reward_fn": GOLD, "eval_every": 1, "kl_coef": 0.0, "checkpoint_every": 1,
+          **SMALL, **kw}  # fmt: skip
     return tiny(ppo_preset, tmp_path, name, **kw)
 
 
@@ -183,11 +200,11 @@ def test_stop_keeps_the_best_weights_and_a_restart_keeps_the_alarm(tmp_path):
     from rlhf_engine.model.stack import ModelStack
     from rlhf_engine.stages.ppo import evaluate_rollout
 
-    cfg = config(tmp_path, "straight", max_steps=8, on_overoptimization="stop")
+    cfg = config(tmp_path, "straight", max_steps=6, on_overoptimization="stop")
     result = train_ppo(cfg)
     over, rs = result.overoptimization, rows(cfg.out)
     assert result.stopped_by == "overoptimization" and over["alarm_step"] is not None, over
-    assert result.steps == over["alarm_step"] < 8 and rs[-1]["step"] == over["alarm_step"] and rs[-1]["alarm"] == 1
+    assert result.steps == over["alarm_step"] < 6 and rs[-1]["step"] == over["alarm_step"] and rs[-1]["alarm"] == 1
     gold = {r["step"]: r["eval_reward/gold"] for r in rs}
     assert all("reward/gold" in r and "reward/proxy" in r for r in rs[1:])  # logged at every step, never trained on
     assert gold[over["best_step"]] > gold[over["alarm_step"]] and over["best_watched"] == gold[over["best_step"]]
@@ -204,7 +221,7 @@ def test_stop_keeps_the_best_weights_and_a_restart_keeps_the_alarm(tmp_path):
     split = config(tmp_path, "split", max_steps=over["alarm_step"] - 1, on_overoptimization="stop")
     first = train_ppo(split)
     assert first.stopped_by is None and rows(split.out)[-1]["alarm_streak"] == 1  # one short of the alarm
-    resumed = train_ppo(config(tmp_path, "split", max_steps=8, on_overoptimization="stop"))
+    resumed = train_ppo(config(tmp_path, "split", max_steps=6, on_overoptimization="stop"))
     assert resumed.resumed_from == over["alarm_step"] - 1 and resumed.overoptimization == over
     assert untimed(rows(split.out)) == untimed(rs)
     a, b = saved_weights(cfg.out), saved_weights(split.out)
@@ -216,10 +233,10 @@ def test_stop_keeps_the_best_weights_and_a_restart_keeps_the_alarm(tmp_path):
 
 
 def test_warn_trains_on_and_off_watches_nothing(tmp_path, capsys):
-    warn = train_ppo(config(tmp_path, "warn", max_steps=4, overopt_patience=1))
-    assert warn.steps == 4 and warn.stopped_by is None and warn.overoptimization["alarm_step"] is not None
+    warn = train_ppo(config(tmp_path, "warn", max_steps=2, overopt_patience=1))
+    assert warn.steps == 2 and warn.stopped_by is None and warn.overoptimization["alarm_step"] is not None
     assert "ppo: over-optimisation at step" in capsys.readouterr().err
-    off = train_ppo(config(tmp_path, "off", max_steps=2, on_overoptimization="off"))
+    off = train_ppo(config(tmp_path, "off", max_steps=1, on_overoptimization="off"))
     assert off.overoptimization is None and "alarm" not in rows(off.out)[-1]
     assert "eval_reward/gold" in rows(off.out)[-1]  # the gold scorer is still logged
 
@@ -232,8 +249,9 @@ def test_two_ranks_reach_the_decision_one_rank_reaches(tmp_path):
 
     def args(out):
         return ["-m", "rlhf_engine", "ppo", "--preset", "tiny", "--reward-fn", REWARD, "--gold-reward-fn", GOLD,
-                "--out", str(out), "--no-progress", "--max-steps", "4", "--eval-every", "1", "--kl-coef", "0",
-                "--on-overoptimization", "stop", "--overopt-patience", "1"]  # fmt: skip
+                "--out", str(out), "--no-progress", "--max-steps", "2", "--eval-every", "1", "--kl-coef", "0",
+                "--on-overoptimization", "stop", "--overopt-patience", "1", "--rollout-batch-size", "4",
+                "--micro-batch-size", "4", "--minibatch-size", "4", "--eval-prompts", "4"]  # fmt: skip
 
     import socket
 
