@@ -1,7 +1,7 @@
 """The main job: the whole RLHF story end to end on ONE base (`python -m engine pipeline`, `make run`).
 
     python -m engine pipeline [--quick] [--out runs/pipeline] [--model DIR] [--data FILE]
-                              [--device auto|cpu|cuda] [--seed N]
+                              [--device auto|cpu|cuda] [--seed N] [--kl-sweep]
 
 Every stage is the engine's own stage (this module trains nothing itself; it wires them together):
 
