@@ -104,7 +104,7 @@ def curve_summary(c: dict) -> dict:
     if not gold:
         return {"peak_gold": None, "peak_step": None, "proxy_at_peak": None, "final_gold": None,
                 "final_proxy": None, "final_kl": None, "hacked": None}  # fmt: skip
-    peak, i = max(gold)
+    peak, i = max(gold, key=lambda t: (t[0], -t[1]))  # the first evaluation at the highest gold
     final = len(c["step"]) - 1
     return {"peak_gold": peak, "peak_step": c["step"][i], "proxy_at_peak": c["proxy"][i],
             "final_gold": c["gold"][final], "final_proxy": c["proxy"][final], "final_kl": c["kl"][final],
