@@ -90,7 +90,7 @@ def _parse_type(annotation: str):
 def add_config_flags(parser, cls, defaults, *, skip=()) -> list[str]:
     """One flag per field of dataclass `cls` (values shown from `defaults`), except `skip`. Returns the
     destinations added; a flag not given is absent from the parsed namespace. Tuples take comma-separated
-    values; optional fields take "none"; booleans take true/false."""
+    values; optional fields take "none"; booleans take true/false (the flag alone: true)."""
     comments = field_comments(cls)
     added = []
     for f in dataclasses.fields(cls):
@@ -100,7 +100,7 @@ def add_config_flags(parser, cls, defaults, *, skip=()) -> list[str]:
         help_text = f"{comments.get(f.name, '')} (default: {_show(getattr(defaults, f.name))})"
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if is_bool:
-            parser.add_argument(flag(f.name), type=_bool, metavar="true|false", **kwargs)
+            parser.add_argument(flag(f.name), type=_bool, metavar="true|false", nargs="?", const=True, **kwargs)  # alone: true
         elif is_tuple:
             parser.add_argument(flag(f.name), type=_tuple_of(conv), metavar="A,B", **kwargs)
         else:
@@ -170,7 +170,8 @@ def add_command(sub, command: Command) -> argparse.ArgumentParser:
     switches = [name for name in ("resume", "progress") if hasattr(d, name)]
     flags = {"top": add_config_flags(p, type(d), d)}
     if "stack" in nested:
-        skip = ("adapters", "seed", "target_modules") + (() if "value" in d.stack.adapters else ("value_mode",))
+        skip = ("adapters", "seed", "target_modules") + (() if "value" in d.stack.adapters else ("value_mode",)) \
+            + (() if "reward" in d.stack.adapters else ("reward_heads",))  # PPO reads an RM's heads from its directory
         flags["stack"] = add_config_flags(p.add_argument_group("model stack"), StackConfig, d.stack, skip=skip)
     if "sampling" in nested:
         flags["sampling"] = add_config_flags(p.add_argument_group("sampling"), SamplingConfig, d.sampling)

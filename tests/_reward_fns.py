@@ -25,3 +25,9 @@ def lowercase_share(prompts, responses):
     """A dense rule-based reward a tiny random model can learn quickly: the share of the response's
     characters that are ASCII lowercase letters (about 10% for uniformly random bytes)."""
     return [sum("a" <= c <= "z" for c in r) / max(1, len(r)) for r in responses]
+
+
+def not_lowercase(prompts, responses):
+    """A gold reward that falls exactly as lowercase_share rises (1 minus it): a proxy that is always
+    wrong, so an over-optimisation monitor watching it must fire as soon as PPO learns the proxy."""
+    return [1.0 - s for s in lowercase_share(prompts, responses)]

@@ -108,6 +108,99 @@ def test_rerun_on_the_same_out_reuses_every_stage_and_reproduces_the_report(quic
         assert second[key] == first[key], key
 
 
+
+# ---- reward hacking (issue 19), on the quick run's SFT adapter and reward model -------------------------
+
+# PPO at beta = 0 from the quick run's SFT policy, held-out evaluations every 2 steps, measured on seed 0
+# (2026-12-07, CPU, 2 threads): at learning rate 2e-3 the hidden score rose from -1.00 to 1.71 (step 4),
+# then fell to 1.38 and 1.28 (steps 6, 8) while the RM's score rose from 8.07 to 8.73 and 8.62 and the KL
+# to the SFT policy went 36 -> 159 nats: the alarm fires at step 8. (At 1e-3 the hidden score peaked at
+# step 8 and fell too, but the RM's score levelled off just below its value there: no alarm in 30 steps.)
+HACK_LR = 2e-3
+
+
+def test_beta_0_hacks_the_reward_model_and_stop_keeps_the_best_policy(quick):
+    from dataclasses import replace
+
+    from rlhf_engine.algos.rewards import FunctionReward
+    from rlhf_engine.core.distributed import Dist
+    from rlhf_engine.datasets.prompts import EVAL_PROMPTS_FILE, load_prompts
+    from rlhf_engine.model.stack import ModelStack
+    from rlhf_engine.pipeline import sweep, world
+    from rlhf_engine.pipeline.pipeline import Paths, ppo_config
+    from rlhf_engine.pipeline.pipeline_config import PIPELINE_PRESETS
+    from rlhf_engine.stages.ppo import evaluate_rollout, train_ppo
+
+    cfg = replace(PIPELINE_PRESETS["quick"], out=str(quick), sweep_lr=HACK_LR, sweep_steps=12)
+    beta_0 = sweep.settings(cfg)[0]
+    assert beta_0.kl_coef == 0.0 and beta_0.target_kl is None
+    ppo = replace(sweep.sweep_ppo_config(ppo_config(cfg, Paths.under(str(quick)), None), cfg, str(quick), beta_0),
+                  out=str(quick / "hack"), eval_every=2, on_overoptimization="stop", progress=False)  # fmt: skip
+    result = train_ppo(ppo)
+    over = result.overoptimization
+    assert result.stopped_by == "overoptimization" and result.steps == over["alarm_step"] < 12, over
+    evals = {r["step"]: r for r in jsonl(quick / "hack" / "metrics.jsonl") if "eval_reward/gold" in r}
+    gold = {s: r["eval_reward/gold"] for s, r in evals.items()}
+    proxy = {s: r["eval_reward/proxy"] for s, r in evals.items()}
+    best, alarm = over["best_step"], over["alarm_step"]
+    assert max(evals) == alarm and gold[best] == max(gold.values()) == over["best_watched"]
+    # the hump: the gold rose from the SFT policy, then fell while the proxy rose past its value at the peak
+    assert gold[0] < gold[best] and gold[alarm] < gold[best] and proxy[alarm] > proxy[best]
+    assert all(gold[s] < gold[best] and proxy[s] > proxy[best] for s in evals if s > best)
+    # what `stop` saved is the peak's policy, not the last step's: its held-out gold, evaluated again (the
+    # same prompts and draws), is the peak's, above what the last step's weights scored
+    stack = ModelStack.from_saved(ppo.out)
+    prompts = load_prompts(os.path.join(ppo.out, EVAL_PROMPTS_FILE))
+    again = evaluate_rollout(stack, prompts, [("gold", FunctionReward(world.SCORE_FN), 1.0)], ppo, Dist())
+    assert again["eval_reward_mean"] == pytest.approx(gold[best], abs=1e-9) and again["eval_reward_mean"] > gold[alarm]
+
+
+def test_the_kl_sweep_reports_rows_of_its_own_runs(quick, capsys):
+    from rlhf_engine.pipeline import sweep
+    from rlhf_engine.pipeline.pipeline_config import PIPELINE_PRESETS
+    from rlhf_engine.pipeline.report import side
+
+    # the quick run again with the sweep: every stage is reused, then 3 PPO runs of 4 steps from its SFT and RM
+    assert main(["pipeline", "--quick", "--out", str(quick), "--no-progress", "--kl-sweep", "--sweep-steps", "4"]) == 0
+    assert "sweep 3/3 adaptive-4" in capsys.readouterr().out
+    report = load(quick / "report.json")
+    rows = report["kl_sweep"]["rows"]
+    assert [r["setting"] for r in rows] == ["beta-0", "beta-0.1", "adaptive-4"]
+    assert report["kl_sweep"]["before"] == report["before"]
+    md = (quick / "report.md").read_text()
+    for r in rows:
+        run = quick / "sweep" / r["setting"]
+        assert r["dir"] == str(run) and load(run / "result.json")["steps"] == r["steps"] == 4
+        # the row's held-out numbers are its own run's evaluation (eval.json) ...
+        after = side(load(run / "eval.json")["after"])
+        assert {k: r[k] for k in after} == after
+        # ... and its training numbers its own metrics file's held-out evaluations
+        metrics = jsonl(run / "metrics.jsonl")
+        evals = [m for m in metrics if "eval_reward/gold" in m]
+        peak = max(evals, key=lambda m: m["eval_reward/gold"])
+        assert (r["peak_gold"], r["peak_step"], r["proxy_at_peak"]) == (
+            peak["eval_reward/gold"], peak["step"], peak["eval_reward/proxy"])  # fmt: skip
+        assert (r["final_gold"], r["final_proxy"], r["final_kl"]) == (
+            evals[-1]["eval_reward/gold"], evals[-1]["eval_reward/proxy"], evals[-1]["eval_kl"])  # fmt: skip
+        line = next(x for x in md.splitlines() if x.startswith(f"| {r['setting']} |"))
+        assert f"| {r['true_score']:.3f} |" in line and f"| {r['kl']:.3f} |" in line
+        betas = {m["beta"] for m in metrics if m.get("beta") is not None}
+        assert betas == {0.0} if r["setting"] == "beta-0" else len(betas) > 1 if r["target_kl"] else betas == {0.1}
+    cfg = replace_quick(out=str(quick), sweep_steps=4)
+    assert sweep.load_rows(str(quick), cfg) == rows  # the rows again from the runs' files alone
+    with open(quick / "hacking.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert PIPELINE_PRESETS["quick"].kl_sweep is False  # the sweep is asked for, never a default
+
+
+def replace_quick(**kw):
+    from dataclasses import replace
+
+    from rlhf_engine.pipeline.pipeline_config import PIPELINE_PRESETS
+
+    return replace(PIPELINE_PRESETS["quick"], **kw)
+
+
 def test_user_data_and_model_directory(tmp_path, capsys):
     from rlhf_engine.model.loading import build_preset
 

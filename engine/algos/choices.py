@@ -10,4 +10,6 @@ LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "token_sum_norm")  # l
 KL_ESTIMATORS = ("exact", "k1", "k2", "k3")  # kl.penalty_kl: the full-vocabulary KL, or a sampled estimate
 KL_PLACEMENTS = ("reward", "loss")  # -beta KL_t in every token's reward, or + beta KL in the loss
 REWARD_NORMALIZATIONS = ("none", "batch", "running")  # rewards.shape_scores
+REWARD_ENSEMBLES = ("mean", "mean_minus_std", "min")  # rewards.ENSEMBLE_REWARDS: k reward heads -> one PPO reward
+OVEROPTIMIZATION_POLICIES = ("off", "warn", "stop")  # what PPO does when overoptimization.OverOptimizationMonitor fires
 DPO_LOSSES = ("dpo", "ipo", "cdpo")  # losses.dpo_losses

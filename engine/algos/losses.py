@@ -42,6 +42,28 @@ def reward_loss(
     return loss, stats
 
 
+def ensemble_reward_loss(
+    chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | float, weights: torch.Tensor
+) -> tuple[torch.Tensor, RewardLossStats]:
+    """The Bradley-Terry loss of k reward heads at once, each on its own bootstrap resample of the pairs
+    (the ensemble of Coste et al. 2023 on one shared reward adapter): scores (B, k), weights (B, k) each
+    pair's count in each head's resample (rewards.bootstrap_counts), margin a float or (B,):
+
+        loss = (1 / k) sum_h (1 / B) sum_b w[b, h] * -log sigmoid(s_c[b, h] - s_r[b, h] - margin_b)
+
+    Dividing by B, not by sum_b w[b, h], keeps each head's loss an unbiased estimate of its mean loss
+    over its own resample (a batch's counts sum to B in expectation). One head with unit weights is
+    reward_loss. Stats are of the ensemble mean's margin."""
+    diff = chosen_scores.float() - rejected_scores.float()  # (B, k)
+    m = torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
+    m = m[:, None] if m.dim() == 1 else m
+    loss = (-F.logsigmoid(diff - m) * weights.to(diff.dtype)).mean()
+    with torch.no_grad():
+        mean_diff = diff.mean(dim=1)
+        stats = RewardLossStats((mean_diff > 0).float().mean(), mean_diff.mean())
+    return loss, stats
+
+
 # ---- SFT ----------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,10 @@ Sources (each scores (prompt, response) text pairs -> one float per pair):
     FunctionReward    a Python callable `score(prompts, responses) -> list[float]` named as
                       "module:function" or "path/to/file.py:function" (rules, classifiers, harnesses)
 
+Ensembles: an `engine rm` output may hold k reward heads on its one reward adapter (stack.reward gives
+(B, k)); ENSEMBLE_REWARDS turns them into the PPO reward (the mean, or a conservative choice), and
+ensemble_std is their disagreement, the over-optimisation signal of Coste et al. 2023.
+
 Shaping (shape_scores): a penalty for responses that never stopped, clipping, normalisation.
 """
 
@@ -25,10 +29,11 @@ from dataclasses import dataclass
 import torch
 
 from ..core.config import short_repr
+from ..core.order import epoch_seed
 from ..core.tensors import pad
 from ..datasets.layout import format_sample, sample_ids
 from ..errors import ConfigError, RewardError
-from .choices import REWARD_NORMALIZATIONS
+from .choices import REWARD_ENSEMBLES, REWARD_NORMALIZATIONS
 
 
 def check_scores(name: str, values, n: int, what: str = "reward") -> torch.Tensor:
@@ -122,17 +127,25 @@ def load_function(spec: str) -> Callable:
 
 
 class StackReward:
-    """The stack's own `reward` adapter + head (trained by `engine rm`), read at the last token of the
-    sample the RM was trained on (datasets.layout.sample_ids of the prompt and the response)."""
+    """The stack's own `reward` adapter + head(s) (trained by `engine rm`), read at the last token of the
+    sample the RM was trained on (datasets.layout.sample_ids of the prompt and the response). With k > 1
+    heads (an ensemble) `score` is their `ensemble` combination (ENSEMBLE_REWARDS) and `score_heads`
+    gives each head's score."""
 
-    def __init__(self, stack, *, max_length: int, batch_size: int = 16):
+    def __init__(self, stack, *, max_length: int, batch_size: int = 16, ensemble: str = "mean",
+                 ensemble_lambda: float = 1.0):  # fmt: skip
         if "reward" not in stack.config.adapters:
             raise ConfigError("the stack has no reward adapter (load an `engine rm` output directory)")
+        if ensemble not in ENSEMBLE_REWARDS:
+            raise ConfigError(f"reward ensemble {ensemble!r}: expected one of {', '.join(ENSEMBLE_REWARDS)}")
         self.name = "rm"
         self.stack, self.max_length, self.batch_size = stack, max_length, batch_size
+        self.ensemble, self.ensemble_lambda = ensemble, ensemble_lambda
+        self.heads = stack.config.reward_heads
 
     @torch.no_grad()
-    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def score_heads(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """(B, k) fp32: every head's score of each (prompt, response); k = 1 for a single head."""
         tok = self.stack.tokenizer
         out = []
         for i in range(0, len(responses), self.batch_size):
@@ -140,8 +153,70 @@ class StackReward:
                     for p, r in zip(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])]
             ids, mask = pad(seqs, tok.pad_token_id)
             with self.stack.evaluating():  # the frozen RM is a fixed function: no LoRA dropout in a training stack
-                out.append(self.stack.reward(ids.to(self.stack.device), mask.to(self.stack.device)).float().cpu())
-        return check_scores(self.name, torch.cat(out), len(responses))
+                scores = self.stack.reward(ids.to(self.stack.device), mask.to(self.stack.device)).float().cpu()
+            out.append(scores.reshape(len(seqs), self.heads))
+        heads = torch.cat(out) if out else torch.zeros(0, self.heads)
+        for h in range(self.heads):  # each head's output is checked as a source's would be
+            check_scores(self.name if self.heads == 1 else f"{self.name} head {h}", heads[:, h], len(responses))
+        return heads
+
+    def combine(self, heads: torch.Tensor) -> torch.Tensor:
+        """(B, k) head scores -> (B,) the reward PPO trains on."""
+        return ENSEMBLE_REWARDS[self.ensemble](heads, self.ensemble_lambda)
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return self.combine(self.score_heads(prompts, responses))
+
+
+# ---- reward-model ensembles ----------------------------------------------------------------------
+# Letters: B sequences, k heads. Coste et al. 2023, "Reward model ensembles help mitigate
+# overoptimization": k reward models' mean is a better proxy than any one of them, and a conservative
+# objective (their UWO, mean - lambda * variance; WCO, the worst member) keeps the policy where the
+# members agree. We penalise the std rather than the variance: it is in the reward's units, so lambda
+# is a plain number of standard deviations whatever the RM's scale.
+
+
+def ensemble_std(heads: torch.Tensor) -> torch.Tensor:
+    """(B, k) -> (B,) the heads' disagreement: the population std over the k heads,
+    sqrt(mean_i (r_i - mean r)^2); 0 for one head or equal heads."""
+    return heads.float().std(dim=1, unbiased=False) if heads.shape[1] > 1 else torch.zeros_like(heads[:, 0]).float()
+
+
+def _mean(heads: torch.Tensor, lam: float) -> torch.Tensor:
+    return heads.float().mean(dim=1)
+
+
+def _mean_minus_std(heads: torch.Tensor, lam: float) -> torch.Tensor:
+    """Uncertainty-weighted (Coste et al.'s UWO with the std): mean_i r_i - lam * std_i r_i."""
+    return heads.float().mean(dim=1) - lam * ensemble_std(heads)
+
+
+def _min(heads: torch.Tensor, lam: float) -> torch.Tensor:
+    """Worst-case (Coste et al.'s WCO): min_i r_i."""
+    return heads.float().min(dim=1).values
+
+
+# (B, k) head scores, lambda -> (B,) the PPO reward
+ENSEMBLE_REWARDS = {"mean": _mean, "mean_minus_std": _mean_minus_std, "min": _min}
+assert tuple(ENSEMBLE_REWARDS) == REWARD_ENSEMBLES, "algos.choices.REWARD_ENSEMBLES and the registry disagree"
+
+
+def conservative_choice(ensemble: str) -> str:
+    """The conservative reward the over-optimisation monitor watches when there is no gold scorer: the
+    configured one, or mean - lambda * std when PPO trains on the plain mean."""
+    return "mean_minus_std" if ensemble == "mean" else ensemble
+
+
+def bootstrap_counts(n: int, k: int, seed: int) -> torch.Tensor:
+    """(k, n) int64: how often each of n training pairs appears in head h's bootstrap resample (n draws
+    with replacement; Efron 1979), a pure function of (n, k, seed, h). Head h's loss weighs pair j by
+    counts[h, j], so each head fits its own resample of the data while every head shares the one
+    forward pass over the batch. Every column sums to about k on average; each row sums to n."""
+    rows = []
+    for h in range(k):
+        g = torch.Generator().manual_seed(epoch_seed(seed, h, "rm-bootstrap"))
+        rows.append(torch.bincount(torch.randint(0, n, (n,), generator=g), minlength=n))
+    return torch.stack(rows)
 
 
 def load_classifier(path: str, device, what: str):

@@ -21,7 +21,7 @@ from ..datasets.layout import prompt_ids, stop_token_ids
 from ..model.config import SamplingConfig
 from ..model.generation import sample
 from ..core.distributed import Dist
-from .rewards import RunningMoments, shape_scores
+from .rewards import RunningMoments, StackReward, shape_scores
 
 
 @dataclass
@@ -39,6 +39,9 @@ class Trajectory:
     raw_scores: torch.Tensor | None = None  # (B,) the sources' scores, weighted and summed
     source_scores: dict | None = None  # name -> (B,) each source's own scores (logged as reward/<name>)
     scores: torch.Tensor | None = None  # (B,) after shaping: what PPO maximises
+    ensemble: torch.Tensor | None = None  # (B, k) each reward head's score, when a source is the stack's RM
+    proxy_scores: torch.Tensor | None = None  # (B,) raw_scores with the RM's heads' plain mean (no conservative term)
+    gold_scores: torch.Tensor | None = None  # (B,) the gold scorer's, logged only (never in the update)
     # Steps 4 and 7 fill these; step_forwards says which step 4 skips (None until the training forward
     # fills the policy's; the reference's stay None when nothing reads the reference):
     old_logprobs: torch.Tensor | None = None  # (B, R) log-probs under the policy that sampled (no grad)
@@ -81,12 +84,35 @@ def rollout(stack, prompts: list[str], keys: list[int], sampling: SamplingConfig
     )  # fmt: skip
 
 
+def score_sources(sources: list, prompts: list[str], responses: list[str]) -> tuple[dict, torch.Tensor | None]:
+    """Each source's (B,) scores by name, and (B, k) the head scores of the stack's RM when it is a source
+    (its (B,) score then combines them: rewards.ENSEMBLE_REWARDS)."""
+    scores, heads = {}, None
+    for name, src, _ in sources:
+        if isinstance(src, StackReward):
+            heads = src.score_heads(prompts, responses)
+            scores[name] = src.combine(heads)
+        else:
+            scores[name] = src.score(prompts, responses)
+    return scores, heads
+
+
+def weighted_scores(sources: list, scores: dict, heads: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_i w_i scores_i over the sources; given the RM's heads, the RM counts with their plain mean (the
+    proxy PPO optimises, before any conservative term)."""
+    return sum(w * (heads.mean(dim=1) if heads is not None and isinstance(src, StackReward) else scores[name])
+               for name, src, w in sources)  # fmt: skip
+
+
 def score(traj: Trajectory, sources: list, config, moments: RunningMoments, dist: Dist) -> None:
     """Step 3 of PPO: each source's scores, their weighted sum, then shaped over the GLOBAL batch
     (normalisation sees every rank's scores)."""
     device = traj.mask.device
-    traj.source_scores = {name: src.score(traj.prompts, traj.responses).to(device) for name, src, _ in sources}
-    traj.raw_scores = sum(w * traj.source_scores[name] for name, _, w in sources)
+    scores, heads = score_sources(sources, traj.prompts, traj.responses)
+    traj.source_scores = {name: v.to(device) for name, v in scores.items()}
+    traj.ensemble = None if heads is None else heads.to(device)
+    traj.raw_scores = weighted_scores(sources, traj.source_scores)
+    traj.proxy_scores = weighted_scores(sources, traj.source_scores, traj.ensemble)
     every = dist.gather_rows(traj.raw_scores)
     stopped = dist.gather_rows(traj.stopped)
     shaped = shape_scores(every, stopped, missing_eos_penalty=config.missing_eos_penalty, clip=config.reward_clip,

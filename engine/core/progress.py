@@ -17,6 +17,13 @@ def bar(total: int, desc: str, *, enabled: bool = True, unit: str = "batch", ini
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, file=sys.stderr)
 
 
+def note(line: str) -> None:
+    """One line on stderr that leaves a running progress bar intact (tqdm.write)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stderr)
+
+
 @contextlib.contextmanager
 def hub_progress(enabled: bool) -> Iterator[None]:
     """With progress off, transformers' and huggingface_hub's own bars ("Loading weights", downloads)

@@ -80,6 +80,7 @@ class StackConfig:
     # LoRA adapters to create on the base; "reference" holds a frozen copy of the policy's starting
     # weights (stack.reference() then uses it instead of the bare base)
     adapters: tuple[str, ...] = ("policy", "value", "reward")
+    reward_heads: int = 1  # scalar heads on the reward adapter's hidden state: k > 1 is an ensemble (engine rm trains each on its own bootstrap of the pairs)
     seed: int = 0  # seeds the random init of a preset base and of the adapters and heads
     shared_prefix: bool = True  # rows that share a prompt run it once (model/prefix.py); False: every row whole
 
@@ -96,6 +97,8 @@ class StackConfig:
             raise ConfigError(f"device {self.device!r}: expected auto, cpu or cuda")
         if self.value_mode not in VALUE_MODES:
             raise ConfigError(f"value_mode {self.value_mode!r}: expected one of {VALUE_MODES}")
+        if self.reward_heads < 1:
+            raise ConfigError(f"reward_heads={self.reward_heads}: must be >= 1")
         if self.lora_r < 1 or self.lora_alpha <= 0:
             raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}: both must be positive")
         if not 0.0 <= self.lora_dropout < 1.0:

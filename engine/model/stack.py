@@ -9,7 +9,8 @@ field of every LoRA layer, never by copying weights:
     reference   (none)      hidden (B, T, H), no grad: the base with every adapter disabled
     values      value       values (B, T): scalar head on the value adapter's hidden state, or on the
                             policy's hidden state when value_mode="policy_head" (no extra base forward)
-    reward      reward      scores (B,): scalar head on the hidden state of the last real token
+    reward      reward      scores (B,): scalar head on the hidden state of the last real token; (B, k)
+                            with StackConfig.reward_heads = k > 1 (an ensemble of heads on one adapter)
 
 The lm_head is never adapted: every role shares `stack.lm_head_weight` (V, H) and `stack.lm_head_bias` (V,)
 or None; a model that multiplies its logits by a constant (Cohere's logit_scale, Granite's logits_scaling)
@@ -52,16 +53,18 @@ HEADS_FILE = "heads.safetensors"
 
 
 class ScalarHead(nn.Module):
-    """hidden (..., H) -> scalar (...), computed in fp32 whatever the base dtype."""
+    """hidden (..., H) -> scalar (...), computed in fp32 whatever the base dtype; with n > 1 outputs,
+    (..., n): n heads, each row of the weight its own random init (an ensemble)."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, n: int = 1):
         super().__init__()
-        self.proj = nn.Linear(hidden_size, 1)
+        self.proj = nn.Linear(hidden_size, n)
         nn.init.normal_(self.proj.weight, std=hidden_size**-0.5)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden.float()).squeeze(-1)
+        out = self.proj(hidden.float())
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 class ModelStack:
@@ -114,7 +117,8 @@ class ModelStack:
             for name in rest:
                 model.add_adapter(name, lora)
             hidden = base.config.hidden_size
-            heads = nn.ModuleDict({r: ScalarHead(hidden) for r in ROLES_WITH_HEADS if r in config.adapters})
+            outputs = {"value": 1, "reward": config.reward_heads}
+            heads = nn.ModuleDict({r: ScalarHead(hidden, outputs[r]) for r in ROLES_WITH_HEADS if r in config.adapters})
             if config.value_mode == "policy_head" and "policy" in config.adapters:
                 heads["value"] = ScalarHead(hidden)
         heads.to(device)
@@ -318,8 +322,8 @@ class ModelStack:
 
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """(B,) reward-model score read at the last real token of each sequence (prefix_lengths:
-        hidden_states; the last real token is never inside a shared prompt)."""
+        """(B,) reward-model score read at the last real token of each sequence; (B, k) for k reward heads
+        (prefix_lengths: hidden_states; the last real token is never inside a shared prompt)."""
         hidden = self.hidden_states("reward", input_ids, attention_mask, prefix_lengths)  # (B, T, H)
         last = last_token_index(attention_mask)
         return self.heads["reward"](hidden[torch.arange(hidden.shape[0], device=hidden.device), last])

@@ -1,7 +1,7 @@
 """The main job: the whole RLHF story end to end on ONE base (`python -m engine pipeline`, `make run`).
 
     python -m engine pipeline [--quick] [--out runs/pipeline] [--model DIR] [--data FILE]
-                              [--device auto|cpu|cuda] [--seed N]
+                              [--device auto|cpu|cuda] [--seed N] [--kl-sweep]
 
 Every stage is the engine's own stage (this module trains nothing itself; it wires them together):
 
@@ -16,7 +16,12 @@ Every stage is the engine's own stage (this module trains nothing itself; it wir
                  reaches the labelers' favourite completions' mean or the step cap       -> OUT/ppo/
     5. eval      held-out prompts no stage trained on: the SFT policy (before) vs the PPO policy
                  (after), scored by the hidden score, the toxicity rule and the RM       -> OUT/eval.json
-    6. report    OUT/report.json, OUT/report.md, OUT/curves.png (pipeline.report)
+       sweep     with --kl-sweep: PPO again from the same SFT and RM per KL setting, each evaluated
+                 the same way (pipeline.sweep)                                            -> OUT/sweep/
+    6. report    OUT/report.json, OUT/report.md, OUT/curves.png, OUT/hacking.png (pipeline.report)
+
+PPO logs the hidden score as its gold reward beside the RM at every held-out evaluation (never trained
+on) and watches for over-optimisation (--on-overoptimization, algos.overoptimization).
 
 OUT/data/ holds what the stages read: sft.jsonl, prompts.jsonl (training prompts), heldout.jsonl.
 Rerunning on the same OUT resumes: each stage resumes from its own checkpoint, or returns at once
@@ -151,6 +156,7 @@ def ppo_config(config: PipelineConfig, paths: Paths, threshold: float | None) ->
         micro_batch_size=min(8, sequences), ppo_epochs=config.ppo_epochs, lr=config.ppo_lr, vf_coef=0.5,
         kl_coef=config.kl_coef, max_steps=config.ppo_steps, eval_every=5, eval_prompts=config.ppo_eval_prompts,
         reward_threshold=threshold, checkpoint_every=10,
+        gold_reward_fn=world.SCORE_FN, on_overoptimization=config.on_overoptimization,  # logged, never trained on
     )  # fmt: skip
 
 
@@ -302,7 +308,7 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
     from ..stages.ppo import train_ppo
     from ..stages.rm import train_reward_model
     from ..stages.sft import train_sft
-    from .report import build_report, number, write_report
+    from .report import build_report, number, side, write_report
 
     state = State(os.path.join(paths.out, STATE_FILE), config.resume)
     seconds: dict[str, float] = {}
@@ -375,11 +381,20 @@ def _run(config: PipelineConfig, paths: Paths) -> dict:
         seconds["eval"] = state.record("eval", time.perf_counter() - t, key=key)
     _say(f"[5/6] eval: {ev['prompts']} held-out prompts x {ev['samples_per_prompt']} samples, "
          f"{'SFT' if sft else 'base'} vs PPO ({seconds['eval']:.1f} s)")  # fmt: skip
+    sweep = None
+    if config.kl_sweep:  # PPO again per KL setting from the same SFT and RM, each evaluated as above
+        from .sweep import run_sweep
+
+        t = time.perf_counter()
+        sweep = {"lr": config.sweep_lr, "steps": config.sweep_steps, "before": side(ev["before"]),
+                 "rows": run_sweep(config, ppo_config(config, paths, None), eval_config(config, paths), _say,
+                                   train=lambda c: train_stage(f"sweep {os.path.basename(c.out)}", train_ppo, c))}  # fmt: skip
+        seconds["sweep"] = time.perf_counter() - t
 
     # step 6. the report
     reused = [name for name in seconds if name in reused]  # in stage order
     report = build_report(config, ev, sft=sft, rm=rm, ppo=ppo, feedback=feedback, threshold=threshold,
-                          seconds=seconds, corpus=corpus, paths=paths, reused=reused)  # fmt: skip
+                          seconds=seconds, corpus=corpus, paths=paths, reused=reused, sweep=sweep)  # fmt: skip
     files = write_report(report, paths)
     _say(f"[6/6] report: {', '.join(files)}")
     return report

@@ -11,7 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from ..algos.choices import ADVANTAGES
+from ..algos.choices import ADVANTAGES, OVEROPTIMIZATION_POLICIES
 from ..core.config import Command, check_at_least, check_choice, check_fields, check_out_dir, check_seed, from_data
 from ..datasets.samples import load_sft_data
 from ..errors import ConfigError, DataError
@@ -42,6 +42,7 @@ class PipelineConfig:
     labeler_noise: float = 0.3  # std of the Gaussian noise each labeler adds to the hidden score
     rm_epochs: int = 3  # reward-model passes over the labelers' pairs
     rm_lr: float = 3e-3  # reward-model learning rate
+    rm_heads: int = 1  # reward heads on the one reward adapter: k > 1 is an ensemble (each head its own bootstrap of the pairs)
     max_length: int = 256  # tokens of prompt + completion the SFT and reward-model stages read (the last ones)
     ppo_steps: int = 60  # PPO step cap (rollout + optimisation rounds)
     ppo_lr: float = 1e-4  # PPO learning rate of the policy and value adapters
@@ -52,6 +53,11 @@ class PipelineConfig:
     ppo_epochs: int = 2  # PPO passes over each rollout
     ppo_eval_prompts: int = 64  # held-out training prompts of PPO's own evaluation (its reward threshold), at most
     kl_coef: float = 0.1  # beta of the KL penalty against the SFT policy (per token, in the reward; RM scores normalised)
+    on_overoptimization: str = "warn"  # PPO's over-optimisation alarm, the hidden score as gold: "off", "warn", "stop"
+    kl_sweep: bool = False  # then PPO again per KL setting (beta 0, kl_coef, adaptive) -> OUT/sweep/, report rows, hacking.png
+    sweep_lr: float = 3e-4  # the sweep's PPO learning rate (high enough for beta = 0 to over-optimise the RM)
+    sweep_steps: int = 60  # the sweep's PPO steps per setting (no reward threshold)
+    sweep_target_kl: float = 4.0  # the adaptive setting's target KL to the SFT policy (nats per response)
     max_new_tokens: int = 40  # tokens per sampled completion (every stage)
     temperature: float = 1.0  # sampling temperature (every stage)
     eval_samples: int = 4  # completions per held-out prompt and policy in the before/after evaluation
@@ -75,8 +81,12 @@ class PipelineConfig:
         check_at_least(2, max_length=self.max_length, group_size=self.group_size)
         check_choice("advantage", self.advantage, ADVANTAGES)
         check_choice("value_mode", self.value_mode, VALUE_MODES)
-        if min(self.sft_lr, self.rm_lr, self.ppo_lr) <= 0 or self.kl_coef < 0 or self.labeler_noise < 0:
-            raise ConfigError("sft_lr, rm_lr, ppo_lr must be > 0; kl_coef and labeler_noise >= 0")
+        check_choice("on_overoptimization", self.on_overoptimization, OVEROPTIMIZATION_POLICIES)
+        check_at_least(1, rm_heads=self.rm_heads, sweep_steps=self.sweep_steps)
+        if min(self.sft_lr, self.rm_lr, self.ppo_lr, self.sweep_lr) <= 0 or self.kl_coef < 0 or self.labeler_noise < 0:
+            raise ConfigError("sft_lr, rm_lr, ppo_lr, sweep_lr must be > 0; kl_coef and labeler_noise >= 0")
+        if not self.sweep_target_kl > 0:
+            raise ConfigError(f"sweep_target_kl={self.sweep_target_kl}: must be > 0")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature}: must be > 0 (the completions are sampled)")
         return self
@@ -101,7 +111,7 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
         model="smollm2-135m-instruct", sft_steps=0, samples_per_prompt=4, feedback_prompts=24, rm_epochs=2,
         rm_lr=5e-4, max_length=160, ppo_steps=12, ppo_lr=5e-5, rollout_batch_size=4, advantage="rloo", group_size=4,
         ppo_epochs=1, ppo_eval_prompts=8, kl_coef=0.05, max_new_tokens=48, temperature=1.0, eval_samples=2,
-        heldout_prompts=12,
+        heldout_prompts=12, sweep_lr=2e-4, sweep_steps=24,  # the sweep (--kl-sweep) is sized, not yet run here
     ),
 }
 # a named base's own preset: `--model NAME` without --preset starts from it (the defaults are the toy's)
@@ -131,9 +141,10 @@ def distinct_prompts(records: list[dict]) -> list[str]:
 
 def stack_config(config: PipelineConfig, adapters: tuple[str, ...]) -> StackConfig:
     """One base for every stage: same model, quantization, seed (a preset's weights) and LoRA rank (the
-    LoRA scale alpha / r = 2)."""
+    LoRA scale alpha / r = 2); the reward role has rm_heads heads."""
     return StackConfig(model=config.model, quantization=config.quantization, device=config.device,
-                       lora_r=config.lora_r, lora_alpha=2 * config.lora_r, adapters=adapters, seed=config.seed)  # fmt: skip
+                       lora_r=config.lora_r, lora_alpha=2 * config.lora_r, adapters=adapters, seed=config.seed,
+                       reward_heads=config.rm_heads if "reward" in adapters else 1)  # fmt: skip
 
 
 def _preset_of_the_model(args, data: dict) -> dict:

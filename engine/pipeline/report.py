@@ -1,6 +1,8 @@
 """The pipeline's report: OUT/report.json (the numbers), OUT/report.md (the before/after table, the
-stages, the labelers, the memory line and a few completions side by side) and OUT/curves.png (reward,
-KL and entropy over the PPO steps; the reward model's held-out accuracy over its steps).
+stages, the labelers, the memory line and a few completions side by side; with --kl-sweep one row per
+KL setting) and OUT/curves.png (reward, KL and entropy over the PPO steps; the proxy against the gold
+score and the RM ensemble's disagreement at the held-out evaluations, the over-optimisation alarm; the
+reward model's held-out accuracy over its steps); with --kl-sweep OUT/hacking.png (pipeline.sweep).
 
 Pure functions of the stages' results and metrics files; matplotlib only for the figure.
 """
@@ -53,9 +55,10 @@ def memory_line(memory: dict) -> dict:
 
 
 def build_report(config, ev: dict, *, sft, rm, ppo, feedback: dict, threshold: float, seconds: dict, corpus,
-                 paths, reused: list[str] = ()) -> dict:  # fmt: skip
+                 paths, reused: list[str] = (), sweep: dict | None = None) -> dict:  # fmt: skip
     """The report as plain data (what report.json holds); `reused`: the stages this run took as they were
-    (their numbers and seconds are those of the run that made them)."""
+    (their numbers and seconds are those of the run that made them); `sweep`: the KL sweep's rows
+    (pipeline.sweep)."""
     import torch
 
     from ..core.device import resolve_device
@@ -80,9 +83,11 @@ def build_report(config, ev: dict, *, sft, rm, ppo, feedback: dict, threshold: f
         "labelers": {"flagged": rm.flagged_labelers,
                      "kendall_tau": {name: rep["tau"] for name, rep in labelers.items()}},  # fmt: skip
         "rm": {"steps": rm.steps, "train_pairs": rm.train_pairs, "heldout_pairs": rm.eval_pairs,
-               "heldout_accuracy": rm.eval_accuracy},  # fmt: skip
+               "heldout_accuracy": rm.eval_accuracy, "ensemble": rm.ensemble},  # fmt: skip
         "ppo": {"steps": ppo.steps, "stopped_at_threshold": ppo.stopped_at_threshold, "reward_threshold": threshold,
-                "heldout_rm_reward": ppo.eval_reward_mean},  # fmt: skip
+                "heldout_rm_reward": ppo.eval_reward_mean, "stopped_by": ppo.stopped_by,
+                "overoptimization": ppo.overoptimization},  # fmt: skip
+        "kl_sweep": sweep,
         "memory": memory_line(ppo.memory),
         "samples": ev["samples"],
         "model": config.model,
@@ -127,7 +132,7 @@ def format_markdown(report: dict) -> str:
         f"pairs, held-out accuracy {number(report['rm']['heldout_accuracy'])} |",
         f"| ppo | {report['stage_seconds']['ppo']:.1f} | {report['ppo']['steps']} steps, "
         f"{'stopped at the reward threshold' if report['ppo']['stopped_at_threshold'] else 'step cap'} "
-        f"({report['ppo']['reward_threshold']:.3f}) |",
+        f"({report['ppo']['reward_threshold']:.3f}){alarm_note(report['ppo'])} |",
         f"| eval | {report['stage_seconds']['eval']:.1f} | |", "",
         f"Labelers (Kendall tau with the consensus): {taus}; flagged and left out: "
         f"{', '.join(lab['flagged']) or 'none'}.", "",
@@ -139,7 +144,20 @@ def format_markdown(report: dict) -> str:
     for s in report["samples"]:
         lines += [f"**{s['prompt']}**", "", f"- before: {json.dumps(s['before'])}",
                   f"- after: {json.dumps(s['after'])}", ""]  # fmt: skip
+    if report.get("kl_sweep"):
+        from .sweep import format_sweep
+
+        lines += format_sweep(report["kl_sweep"])
     return "\n".join(lines)
+
+
+def alarm_note(ppo: dict) -> str:
+    """What the over-optimisation monitor said of the pipeline's PPO run, for its stage row."""
+    over = ppo.get("overoptimization") or {}
+    if over.get("alarm_step") is None:
+        return ""
+    stopped = "; stopped, the best evaluation's weights saved" if ppo.get("stopped_by") == "overoptimization" else ""
+    return f"; over-optimisation alarm at step {over['alarm_step']}: {over['reason']}{stopped}"
 
 
 def number(x: float | None) -> str:
@@ -148,7 +166,9 @@ def number(x: float | None) -> str:
 
 
 def plot_curves(ppo_metrics: list[dict], rm_metrics: list[dict], threshold: float | None, path: str) -> None:
-    """curves.png: PPO reward (train and held-out), KL and entropy per step; RM held-out accuracy."""
+    """curves.png: PPO reward (train and held-out), the held-out proxy against the gold score, KL,
+    entropy and the RM ensemble's disagreement per step (the over-optimisation alarm marked); RM
+    held-out accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,7 +178,8 @@ def plot_curves(ppo_metrics: list[dict], rm_metrics: list[dict], threshold: floa
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         return [s for s, _ in pts], [v for _, v in pts]
 
-    fig, ax = plt.subplots(2, 2, figsize=(10, 7))
+    alarm = next((r["step"] for r in ppo_metrics if r.get("alarm")), None)
+    fig, ax = plt.subplots(2, 3, figsize=(15, 7))
     steps, values = series(ppo_metrics, "reward_mean")
     ax[0, 0].plot(steps, values, label="rollout")
     steps, values = series(ppo_metrics, "eval_reward_mean")
@@ -167,20 +188,42 @@ def plot_curves(ppo_metrics: list[dict], rm_metrics: list[dict], threshold: floa
         ax[0, 0].axhline(threshold, ls="--", c="gray", label="threshold")
     ax[0, 0].set(title="PPO: reward model score", xlabel="step")
     ax[0, 0].legend()
-    for a, key, title in ((ax[0, 1], "kl", "PPO: exact KL to the starting policy (per response)"),
-                          (ax[1, 0], "entropy", "PPO: policy entropy (per token)")):  # fmt: skip
-        a.plot(*series(ppo_metrics, key))
+    a = ax[0, 1]  # proxy and gold on the held-out prompts, each on its own scale
+    a.plot(*series(ppo_metrics, "eval_reward/proxy"), "o-", c="C0", label="proxy: RM")
+    a.set(title="PPO held-out: proxy vs gold", xlabel="step")
+    a.set_ylabel("proxy (RM)", color="C0")
+    gold = series(ppo_metrics, "eval_reward/gold")
+    if gold[0]:
+        g = a.twinx()
+        g.plot(*gold, "s-", c="C3", label="gold: hidden score")
+        g.set_ylabel("gold (hidden score)", color="C3")
+    for a, keys, title in ((ax[0, 2], ("kl", "eval_kl"), "PPO: exact KL to the starting policy (per response)"),
+                           (ax[1, 0], ("entropy",), "PPO: policy entropy (per token)"),
+                           (ax[1, 1], ("reward/ensemble_std", "eval_reward/ensemble_std"),
+                            "PPO: RM ensemble disagreement (std of the heads)")):  # fmt: skip
+        for key, style in zip(keys, ("-", "o-")):
+            steps, values = series(ppo_metrics, key)
+            if steps:
+                a.plot(steps, values, style, label="held-out" if key.startswith("eval_") else "rollout")
+        if len(keys) > 1 and a.lines:
+            a.legend()
+        if not a.lines:
+            a.text(0.5, 0.5, "one reward head: no ensemble", ha="center", va="center", transform=a.transAxes)
         a.set(title=title, xlabel="step")
+    if alarm is not None:
+        for a in (ax[0, 0], ax[0, 1], ax[0, 2], ax[1, 0], ax[1, 1]):
+            a.axvline(alarm, ls=":", c="red")
+        ax[0, 1].text(alarm, 1.0, " over-optimisation alarm", color="red", va="top", transform=ax[0, 1].get_xaxis_transform())
     steps, values = series(rm_metrics, "eval_accuracy")
-    ax[1, 1].plot(steps, values, "o-")
-    ax[1, 1].set(title="reward model: held-out pairwise accuracy", xlabel="step", ylim=(0, 1))
+    ax[1, 2].plot(steps, values, "o-")
+    ax[1, 2].set(title="reward model: held-out pairwise accuracy", xlabel="step", ylim=(0, 1))
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
 def write_report(report: dict, paths) -> list[str]:
-    """OUT/report.json, OUT/report.md, OUT/curves.png; returns their paths."""
+    """OUT/report.json, OUT/report.md, OUT/curves.png (and OUT/hacking.png with a KL sweep); returns their paths."""
     out = paths.out
     files = [os.path.join(out, name) for name in ("report.json", "report.md", "curves.png")]
     write_json(files[0], report)
@@ -188,4 +231,9 @@ def write_report(report: dict, paths) -> list[str]:
     atomic_write(files[1], lambda f: f.write(md.encode()))
     plot_curves(read_metrics(os.path.join(paths.ppo, "metrics.jsonl")),
                 read_metrics(os.path.join(paths.rm, "metrics.jsonl")), report["ppo"]["reward_threshold"], files[2])  # fmt: skip
+    if report.get("kl_sweep"):
+        from .sweep import HACKING_PNG, plot_hacking
+
+        files.append(os.path.join(out, HACKING_PNG))
+        plot_hacking(report["kl_sweep"], files[-1])
     return files

@@ -74,7 +74,10 @@ def _evaluate(config: EvalConfig) -> dict:
     adapters = tuple(saved["stack"]["adapters"])
     if config.reward_model and "reward" not in adapters:
         adapters += ("reward",)
-    stack = ModelStack.from_saved(config.policy, device=config.device, adapters=adapters).eval()
+    heads = {}  # as many reward heads as the reward model has (an ensemble: k > 1)
+    if config.reward_model:
+        heads["reward_heads"] = read_stack_meta(config.reward_model, "reward_model")["stack"].get("reward_heads", 1)
+    stack = ModelStack.from_saved(config.policy, device=config.device, adapters=adapters, **heads).eval()
     prompts = eval_prompts(config)
     sources = build_sources(config, stack)
     temperature = config.sampling.temperature or 1.0

@@ -23,7 +23,9 @@ Each step of `train_ppo`:
     7. optimise     PPO epochs x minibatches (x micro-batches) of algos.losses.ppo_micro_loss: ppo_loss
                     + vf_coef * value_loss - ent_coef * entropy (+ beta * KL with kl_in="loss"), per loss_agg
     8. KL control   fixed beta, or adapted towards target_kl
-    9. log          metrics row, held-out evaluation, stop at the reward threshold, checkpoint
+    9. log          metrics row, held-out evaluation (proxy, gold, ensemble disagreement, KL), the
+                    over-optimisation monitor (algos.overoptimization: warn, or stop and keep the best
+                    evaluation's weights), stop at the reward threshold, checkpoint
 
 Letters: B sequences of this rank's rollout, P prompt tokens (left-padded), R response positions, H
 hidden, V vocabulary. Per-token tensors live on the response grid (B, R): position j is the j-th
@@ -43,17 +45,23 @@ import rlhf_kernels as kernels
 from ..algos.advantages import estimate_advantages, explained_variance
 from ..algos.kl import KL_LOG_RATIO_CLAMP, KLController, assign_rewards, mean_penalty_kl, penalty_kl
 from ..algos.losses import minibatch_weights, ppo_micro_loss
-from ..algos.rewards import ClassifierReward, FunctionReward, RunningMoments, StackReward
+from ..algos.overoptimization import OverOptimizationMonitor
+from ..algos.rewards import (
+    ENSEMBLE_REWARDS, ClassifierReward, FunctionReward, RunningMoments, StackReward, conservative_choice, ensemble_std,
+)  # fmt: skip
 from ..algos.rollout import (
-    Trajectory, fill_from_training, forward_stats, logprob_temperature, rollout, row_offset, score,
+    Trajectory, fill_from_training, forward_stats, logprob_temperature, rollout, row_offset, score, score_sources,
+    weighted_scores,
 )  # fmt: skip
 from ..core.device import peak_memory_mib, reset_peak_memory, resolve_device, sync_time
 from ..core.distributed import Dist, init_distributed
 from ..core.files import write_jsonl
 from ..core.order import seeded_permutation
+from ..core.progress import note
 from ..core.run import Run, StageResult
 from ..datasets.corpus import embedded_prompts
 from ..datasets.prompts import EVAL_PROMPTS_FILE, heldout_split, load_prompts
+from ..model.config import read_stack_meta
 from ..model.logprobs import policy_reference_stats
 from .ppo_config import PPOConfig
 
@@ -88,11 +96,16 @@ def build_stack(config: PPOConfig):
         adapters.append("reward")
     if config.reference_mode == "init":
         adapters.append("reference")
-    stack = ModelStack.build(dataclasses.replace(config.stack, adapters=tuple(adapters), value_mode=value_mode))
+    stack_config = dataclasses.replace(config.stack, adapters=tuple(adapters), value_mode=value_mode)
+    if config.reward_model:  # as many reward heads as the RM has (an ensemble: k > 1)
+        heads = read_stack_meta(config.reward_model, "reward_model")["stack"].get("reward_heads", 1)
+        stack_config = dataclasses.replace(stack_config, reward_heads=heads)
+    stack = ModelStack.build(stack_config)
     sources = []
     if config.reward_model:  # the bases match (validate)
         stack.load_roles(config.reward_model, roles=("reward",))
-        sources.append(StackReward(stack, max_length=config.reward_max_length, batch_size=config.forward_batch_size))
+        sources.append(StackReward(stack, max_length=config.reward_max_length, batch_size=config.forward_batch_size,
+                                   ensemble=config.reward_ensemble, ensemble_lambda=config.ensemble_lambda))  # fmt: skip
     if config.reward_classifier:
         sources.append(ClassifierReward(config.reward_classifier, resolve_device(config.stack.device),
                                         positive_label=config.reward_positive_label or None,
@@ -102,6 +115,12 @@ def build_stack(config: PPOConfig):
     stack.init_policy(config.init_adapter, frozen_reference=config.reference_mode == "init")
     stack.set_trainable(*trained_roles(config))
     return stack, [(s.name, s, w) for s, w in zip(sources, weights)]
+
+
+def gold_scorer(config: PPOConfig) -> FunctionReward | None:
+    """The gold reward (config.gold_reward_fn): scored beside the proxy for the metrics and the
+    over-optimisation monitor, never part of the reward PPO trains on."""
+    return FunctionReward(config.gold_reward_fn) if config.gold_reward_fn else None
 
 
 def trained_roles(config: PPOConfig) -> tuple[str, ...]:
@@ -202,6 +221,12 @@ def rollout_metrics(traj: Trajectory, config: PPOConfig, dist: Dist) -> dict:
     }  # fmt: skip
     for name, scores in traj.source_scores.items():
         row[f"reward/{name}"] = dist.sum_floats(float(scores.double().sum()))[0] / n
+    # the proxy (the RM heads' plain mean), their disagreement, the gold scorer's: logged, never trained on
+    row["reward/proxy"] = dist.sum_floats(float(traj.proxy_scores.double().sum()))[0] / n
+    if traj.ensemble is not None and traj.ensemble.shape[1] > 1:
+        row["reward/ensemble_std"] = dist.sum_floats(float(ensemble_std(traj.ensemble).double().sum()))[0] / n
+    if traj.gold_scores is not None:
+        row["reward/gold"] = dist.sum_floats(float(traj.gold_scores.double().sum()))[0] / n
     if config.critic:
         values, returns = dist.gather_rows(traj.old_values), dist.gather_rows(traj.returns)
         row["explained_variance"] = explained_variance(values, returns, dist.gather_rows(traj.mask, fill=False))
@@ -211,49 +236,129 @@ def rollout_metrics(traj: Trajectory, config: PPOConfig, dist: Dist) -> dict:
 
 
 def evaluate_rollout(stack, prompts: list[str], sources: list, config: PPOConfig, dist: Dist, *,
-                     adapter="policy") -> dict:  # fmt: skip
-    """Mean (weighted) score, response length and exact KL to the reference (summed over a response) of
-    `adapter`'s responses to the held-out prompts (sampled as in training, from a fixed seed: every
-    evaluation sees the same draws); this rank's share of the prompts. The KL is the one measure of it
-    in a run whose steps skip the reference (beta = 0: algos.rollout.step_forwards); its forwards run
-    in eval mode (no dropout, so no draw from the training's random stream)."""
+                     adapter="policy", gold: FunctionReward | None = None) -> dict:  # fmt: skip
+    """`adapter`'s responses to the held-out prompts (sampled as in training, from a fixed seed: every
+    evaluation sees the same draws), this rank's share, means over every rank's responses:
+    eval_reward_mean (the weighted score the run trains on), eval_reward/proxy (with the RM heads'
+    plain mean), with k > 1 heads eval_reward/ensemble_std and eval_reward/conservative (the RM as
+    rewards.conservative_choice), eval_reward/gold (the gold scorer), eval_kl (the exact KL to the
+    reference summed over a response: the one measure of it in a run whose steps skip the reference, beta
+    = 0: algos.rollout.step_forwards) and eval_response_length. Its forwards run in eval mode (no dropout,
+    so no draw from the training's random stream)."""
     if not prompts:
         return {}
     share = dist.share(len(prompts))
     mine = prompts[share]
-    n, s, length, kl = 0.0, 0.0, 0.0, 0.0
+    ensemble = stack.config.reward_heads > 1 and any(isinstance(src, StackReward) for _, src, _ in sources)
+    sums = dict.fromkeys(("n", "reward", "proxy", "std", "conservative", "gold", "kl", "length"), 0.0)
     if mine:
         traj = rollout(stack, mine, list(range(share.start, share.stop)), config.sampling,
                        seed=config.seed + EVAL_SEED_OFFSET, adapter=adapter)  # fmt: skip
-        scores = sum(w * src.score(traj.prompts, traj.responses).double() for _, src, w in sources)
-        n, s, length = float(len(scores)), float(scores.sum()), float(traj.mask.sum())
-        with stack.evaluating():
-            for rows in torch.arange(len(scores), device=traj.mask.device).split(config.forward_batch_size):
-                st = policy_reference_stats(stack, traj.input_ids[rows], traj.attention_mask[rows], traj.labels[rows],
-                                            traj.prompt_length, logprob_temperature(config), config.backend,
-                                            adapter=adapter)  # fmt: skip
-                kl += float((st["kl"] * traj.mask[rows]).sum())
-    n, s, length, kl = dist.sum_floats(n, s, length, kl)
-    return {"eval_reward_mean": s / n, "eval_response_length": length / n, "eval_kl": kl / n}
+        scores, heads = score_sources(sources, traj.prompts, traj.responses)
+        sums["n"], sums["length"] = float(len(traj.responses)), float(traj.mask.sum())
+        sums["reward"] = float(sum(w * scores[name].double() for name, _, w in sources).sum())
+        sums["proxy"] = float(weighted_scores(sources, scores, heads).double().sum())
+        if ensemble:
+            conservative = ENSEMBLE_REWARDS[conservative_choice(config.reward_ensemble)](heads, config.ensemble_lambda)
+            sums["std"] = float(ensemble_std(heads).double().sum())
+            sums["conservative"] = float(weighted_scores(sources, {**scores, "rm": conservative}).double().sum())
+        if gold is not None:
+            sums["gold"] = float(gold.score(traj.prompts, traj.responses).double().sum())
+        sums["kl"] = held_out_kl(stack, traj, config, adapter)
+    n, reward, proxy, std, conservative, gold_sum, kl, length = dist.sum_floats(*sums.values())
+    out = {"eval_reward_mean": reward / n, "eval_reward/proxy": proxy / n}
+    if ensemble:
+        out.update({"eval_reward/ensemble_std": std / n, "eval_reward/conservative": conservative / n})
+    if gold is not None:
+        out["eval_reward/gold"] = gold_sum / n
+    out.update(eval_kl=kl / n, eval_response_length=length / n)
+    return out
+
+
+@torch.no_grad()
+def held_out_kl(stack, traj: Trajectory, config: PPOConfig, adapter: str) -> float:
+    """The exact KL(adapter || reference) summed over the responses of `traj` (eval mode: a fixed policy)."""
+    total = 0.0
+    with stack.evaluating():
+        for rows in torch.arange(traj.input_ids.shape[0], device=traj.mask.device).split(config.forward_batch_size):
+            st = policy_reference_stats(stack, traj.input_ids[rows], traj.attention_mask[rows], traj.labels[rows],
+                                        traj.prompt_length, logprob_temperature(config), config.backend,
+                                        adapter=adapter)  # fmt: skip
+            total += float((st["kl"] * traj.mask[rows]).sum())
+    return total
+
+
+class BestWeights:
+    """A copy of the trained weights at the best held-out evaluation by the watched score
+    (algos.overoptimization), tracked so that a restarted run still holds it; `stop` saves these
+    instead of the last step's."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]]):
+        self.named = dict(named)
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def keep(self) -> None:
+        self.saved = {n: p.detach().cpu().clone() for n, p in self.named.items()}
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for n, p in self.named.items():
+                p.copy_(self.saved[n])
+
+    def state_dict(self) -> dict:
+        return dict(self.saved)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and set(state) != set(self.named):
+            raise ValueError(f"best weights: {len(state)} tensors, the run trains {len(self.named)}")
+        self.saved = dict(state)
+
+
+def watch(monitor: OverOptimizationMonitor, best: BestWeights, progress, step: int, ev: dict, config: PPOConfig,
+          dist: Dist) -> dict:  # fmt: skip
+    """One held-out evaluation into the over-optimisation monitor: the watched score is the gold one, else
+    the conservative ensemble reward, else the proxy; keep the best weights; warn or stop on an alarm.
+    Returns the alarm state for the metrics row."""
+    if config.on_overoptimization == "off" or not ev:
+        return {}
+    proxy = ev["eval_reward/proxy"]
+    watched = ev.get("eval_reward/gold", ev.get("eval_reward/conservative", proxy))
+    verdict = monitor.observe(step, proxy=proxy, watched=watched, kl=ev["eval_kl"])
+    if verdict.new_best:
+        best.keep()
+    if verdict.fired:
+        stop = config.on_overoptimization == "stop"
+        action = (f"stopping; the saved weights are step {monitor.best_step}'s" if stop else f"the best evaluation "
+                  f"so far is step {monitor.best_step}'s (--on-overoptimization stop would end the run here)")
+        if dist.main:
+            note(f"ppo: over-optimisation at step {step}: {monitor.reason}; {action}")
+        if stop and progress.stopped_at is None:
+            progress.stopped_at, progress.stopped_by = step, "overoptimization"
+    return monitor.metrics()
 
 
 class Progress:
-    """What the run remembers besides weights: whether it stopped at the reward threshold."""
+    """What the run remembers besides weights: whether it stopped (at the reward threshold, or on
+    over-optimisation) and where."""
 
     def __init__(self):
         self.stopped_at: int | None = None
+        self.stopped_by: str | None = None  # "reward threshold" or "overoptimization"
         self.eval_reward: float | None = None
 
     def state_dict(self) -> dict:
-        return {"stopped_at": self.stopped_at, "eval_reward": self.eval_reward}
+        return {"stopped_at": self.stopped_at, "stopped_by": self.stopped_by, "eval_reward": self.eval_reward}
 
     def load_state_dict(self, state: dict) -> None:
-        self.stopped_at, self.eval_reward = state["stopped_at"], state["eval_reward"]
+        self.stopped_at, self.stopped_by = state["stopped_at"], state["stopped_by"]
+        self.eval_reward = state["eval_reward"]
 
 
 @dataclass
 class PPOResult(StageResult):
     stopped_at_threshold: bool  # the held-out reward reached reward_threshold
+    stopped_by: str | None  # "reward threshold", "overoptimization" (then the saved weights are the best evaluation's)
+    overoptimization: dict | None  # the monitor at the end (OverOptimizationMonitor.summary); None when off
     eval_reward_mean: float | None  # the last held-out evaluation
     train_prompts: int
     eval_prompts: int
@@ -278,12 +383,17 @@ def train_ppo(config: PPOConfig) -> PPOResult:
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         kl_ctl = KLController(config.beta, config.target_kl, config.kl_horizon)
         moments, progress = RunningMoments(), Progress()
+        gold = gold_scorer(config)
+        monitor = OverOptimizationMonitor(config.overopt_patience, config.overopt_tolerance, config.kl_budget)
+        named = [(n, p) for role in roles for n, p in stack.named_role_parameters(role)]
+        best = BestWeights(named)
         run.data_order(len(train_prompts), config.rollout_batch_size, name="prompts")  # recorded and vetted
-        run.track(weights=[(n, p) for role in roles for n, p in stack.named_role_parameters(role)],
-                  optimizer=optimizer, kl_ctl=kl_ctl, moments=moments, progress=progress)  # fmt: skip
+        run.track(weights=named, optimizer=optimizer, kl_ctl=kl_ctl, moments=moments, progress=progress,
+                  monitor=monitor, best=best)  # fmt: skip
         start = run.resume()
         if start == 0:
-            run.log(0, evaluate_rollout(stack, eval_prompts, sources, config, dist))
+            ev = evaluate_rollout(stack, eval_prompts, sources, config, dist, gold=gold)
+            run.log(0, {**ev, **watch(monitor, best, progress, 0, ev, config, dist)})
 
         for step in run.steps(config.max_steps):
             if progress.stopped_at is not None:
@@ -298,8 +408,10 @@ def train_ppo(config: PPOConfig) -> PPOResult:
             traj = rollout(stack, [train_prompts[i] for i in idx[share]], keys, config.sampling,
                            samples_per_prompt=config.samples_per_prompt, seed=config.seed)  # fmt: skip
             t1 = sync_time(device)
-            # step 3. score
+            # step 3. score (and the gold scorer's, for the log only)
             score(traj, sources, config, moments, dist)
+            if gold is not None:
+                traj.gold_scores = gold.score(traj.prompts, traj.responses)
             t2 = sync_time(device)
             # step 4. log-probs, entropy, KL and values, no grad: only the forwards the step reads
             # (algos.rollout.step_forwards: no reference at beta = 0, no policy forward at one update per rollout)
@@ -329,21 +441,27 @@ def train_ppo(config: PPOConfig) -> PPOResult:
                        time_train_s=t4 - t3, peak_mem_mib=peak_memory_mib(device))  # fmt: skip
             done = step + 1
             if run.due(done, config.eval_every):
-                row.update(evaluate_rollout(stack, eval_prompts, sources, config, dist))
+                ev = evaluate_rollout(stack, eval_prompts, sources, config, dist, gold=gold)
+                row.update(ev)
                 progress.eval_reward = row.get("eval_reward_mean")
                 threshold = config.reward_threshold
                 if threshold is not None and progress.eval_reward is not None and progress.eval_reward >= threshold:
-                    progress.stopped_at = done
+                    progress.stopped_at, progress.stopped_by = done, "reward threshold"
+                row.update(watch(monitor, best, progress, done, ev, config, dist))
             run.end_step(done, row, log=progress.stopped_at is not None)
             if progress.stopped_at is not None and run.last_checkpoint != done:
                 run.checkpoint(done)
 
+        if progress.stopped_by == "overoptimization" and best.saved:  # the best evaluation's weights, not the last
+            best.restore()
         # every role's adapter and head (the reward's and the reference's too, for `engine eval`), the
         # base named in stack.json
         files = stack.save(config.out, roles=stack.roles) if dist.main else []
         result = PPOResult(
             out=config.out, steps=progress.stopped_at or max(config.max_steps, run.start), resumed_from=run.start,
-            stopped_at_threshold=progress.stopped_at is not None, eval_reward_mean=progress.eval_reward,
+            stopped_at_threshold=progress.stopped_by == "reward threshold", stopped_by=progress.stopped_by,
+            overoptimization=None if config.on_overoptimization == "off" else monitor.summary(),
+            eval_reward_mean=progress.eval_reward,
             train_prompts=len(train_prompts), eval_prompts=len(eval_prompts), files=files,
             memory=stack.memory_report(),
         )  # fmt: skip

@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..algos.choices import ADVANTAGES, KL_ESTIMATORS, KL_PLACEMENTS, LOSS_AGGREGATIONS, REWARD_NORMALIZATIONS
+from ..algos.choices import (
+    ADVANTAGES, KL_ESTIMATORS, KL_PLACEMENTS, LOSS_AGGREGATIONS, OVEROPTIMIZATION_POLICIES, REWARD_ENSEMBLES,
+    REWARD_NORMALIZATIONS,
+)  # fmt: skip
 from ..core.config import (
     BACKENDS, Command, RunConfig, check_at_least, check_choice, check_fraction, check_reference, from_data, preset,
     resolve_reference,
@@ -57,6 +60,8 @@ class PPOConfig(RunConfig):
     missing_eos_penalty: float | None = None  # added to the score of a response that never stopped (e.g. -1.0)
     reward_clip: float | None = None  # scores clipped to [-c, c] after normalisation
     reward_normalization: str = "none"  # "none", "batch" (this batch's mean/std) or "running" (all batches so far)
+    reward_ensemble: str = "mean"  # a reward model with k heads: their "mean", or conservative "mean_minus_std" or "min"
+    ensemble_lambda: float = 1.0  # mean_minus_std's lambda: the reward is the heads' mean - lambda * their std
     # ---- rollout ----
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=64))
     samples_per_prompt: int = 1  # responses per prompt (the group size of grpo / drgrpo / rloo: --group-size)
@@ -93,6 +98,12 @@ class PPOConfig(RunConfig):
     reward_threshold: float | None = None  # stop once the held-out mean score reaches this
     eval_prompts: int = 64  # held-out prompts used per evaluation (at most)
     backend: str = "auto"  # rlhf_kernels backend for every op ("torch": the unfused references)
+    # ---- over-optimisation (algos.overoptimization): watched at each held-out evaluation ----
+    gold_reward_fn: str = ""  # MODULE:FUNCTION or PATH.py:FUNCTION: the true reward, logged, never trained on
+    on_overoptimization: str = "warn"  # "off"; "warn": a line + the alarm metrics; "stop": end, keep the best weights
+    overopt_patience: int = 2  # evaluations in a row with the watched score below its best, the proxy above
+    overopt_tolerance: float = 0.0  # "below its best" means by more than this (the watched score's units)
+    kl_budget: float | None = None  # alarm once the held-out KL to the reference passes this (nats per response)
 
     RESUMABLE_CHANGES = RunConfig.RESUMABLE_CHANGES + ("max_steps", "eval_every", "reward_threshold")
 
@@ -166,6 +177,12 @@ class PPOConfig(RunConfig):
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_choice("kl_in", self.kl_in, KL_PLACEMENTS)
         check_choice("reward_normalization", self.reward_normalization, REWARD_NORMALIZATIONS)
+        check_choice("reward_ensemble", self.reward_ensemble, REWARD_ENSEMBLES)
+        check_choice("on_overoptimization", self.on_overoptimization, OVEROPTIMIZATION_POLICIES)
+        check_at_least(1, overopt_patience=self.overopt_patience)
+        if self.ensemble_lambda < 0 or self.overopt_tolerance < 0 or not (self.kl_budget is None or self.kl_budget > 0):
+            raise ConfigError(f"ensemble_lambda={self.ensemble_lambda}, overopt_tolerance={self.overopt_tolerance} "
+                              f"must be >= 0 and kl_budget={self.kl_budget} > 0")  # fmt: skip
         check_choice("backend", self.backend, BACKENDS)
         check_at_least(1, samples_per_prompt=self.samples_per_prompt, rollout_batch_size=self.rollout_batch_size,
                        forward_batch_size=self.forward_batch_size, ppo_epochs=self.ppo_epochs,

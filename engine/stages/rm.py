@@ -6,7 +6,13 @@
 adapter + scalar head of a ModelStack (default) or, when the model directory holds a
 `...ForSequenceClassification` model with one label, that model itself (all of it trains).
 
-Letters: B pairs in a batch, T time.
+An ensemble (`--reward-heads k`, k > 1): k scalar heads on the one reward adapter's hidden state, each
+with its own random init and its own bootstrap resample of the training pairs (algos.rewards.
+bootstrap_counts weighs each pair per head in algos.losses.ensemble_reward_loss); one forward serves
+every head, and a head costs H + 1 parameters. The held-out metrics are the ensemble mean's, plus how
+far the heads disagree (eval_ensemble_std against the spread of the scores, eval_head_correlation).
+
+Letters: B pairs in a batch, T time, k reward heads.
 """
 
 from __future__ import annotations
@@ -18,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..algos.losses import reward_loss
-from ..algos.rewards import load_classifier
+from ..algos.losses import ensemble_reward_loss, reward_loss
+from ..algos.rewards import bootstrap_counts, ensemble_std, load_classifier
 from ..core.config import FLOAT32_MAX
 from ..core.files import atomic_write_dir
 from ..core.device import peak_memory_mib, reset_peak_memory, sync_time
@@ -53,7 +59,8 @@ class StackRewardModel:
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """(N, T) -> (N,) scores; rows with equal prompts (prompt_lengths (N,)) run them once (model.prefix)."""
+        """(N, T) -> (N,) scores, (N, k) with k reward heads; rows with equal prompts (prompt_lengths (N,)) run
+        them once (model.prefix)."""
         return self.stack.reward(input_ids, attention_mask, prompt_lengths)
 
     def train(self, mode: bool = True) -> None:
@@ -113,6 +120,9 @@ def load_reward_model(stack_config: StackConfig):
     from ..model.stack import ModelStack
 
     if is_sequence_classifier(stack_config.model):
+        if stack_config.reward_heads != 1:
+            raise ConfigError(f"reward_heads={stack_config.reward_heads}: a sequence classifier is one reward model; "
+                              "an ensemble of heads needs a base with a reward adapter")  # fmt: skip
         return ClassifierRewardModel(stack_config.model, resolve_device(stack_config.device))
     if "reward" not in stack_config.adapters:
         raise ConfigError(f"adapters {stack_config.adapters}: reward-model training needs the 'reward' adapter")
@@ -141,21 +151,52 @@ def pair_batch(encoded: list[tuple], pad_id: int) -> tuple[TokenBatch, torch.Ten
 
 @torch.no_grad()
 def evaluate(rm, batches: list[tuple[TokenBatch, torch.Tensor]]) -> dict:
-    """Held-out pairwise accuracy and loss over all pairs of `batches`."""
+    """Held-out pairwise accuracy and loss over all pairs of `batches` (of the ensemble mean when the RM
+    has k heads, plus how much the heads disagree: ensemble_diversity)."""
     if not batches:
         return {"eval_accuracy": None, "eval_loss": None, "eval_pairs": 0}
     rm.train(False)
     correct = loss_sum = n = 0.0
+    heads, diffs = [], []  # (2B, k) scores and (B, k) chosen - rejected of every batch, for an ensemble
     for batch, margins in batches:
         batch, margins = batch.to(rm.device), margins.to(rm.device)
         scores = rm.score(batch.input_ids, batch.attention_mask, batch.prompt_lengths)
         b = margins.shape[0]
+        if scores.dim() == 2:
+            heads.append(scores.float().cpu())
+            diffs.append((scores[:b] - scores[b:]).float().cpu())
+            scores = scores.float().mean(dim=1)
         loss, stats = reward_loss(scores[:b], scores[b:], margins)
         correct += stats.accuracy.item() * b
         loss_sum += loss.item() * b
         n += b
     rm.train(True)
-    return {"eval_accuracy": correct / n, "eval_loss": loss_sum / n, "eval_pairs": int(n)}
+    out = {"eval_accuracy": correct / n, "eval_loss": loss_sum / n, "eval_pairs": int(n)}
+    if heads:
+        out.update(ensemble_diversity(torch.cat(heads), torch.cat(diffs)))
+    return out
+
+
+DIVERSITY = ("eval_ensemble_std", "eval_score_std", "eval_head_correlation", "eval_head_accuracy_min",
+             "eval_head_accuracy_max")  # fmt: skip
+
+
+def ensemble_diversity(heads: torch.Tensor, diffs: torch.Tensor) -> dict:
+    """How different k heads are on held-out sequences: heads (N, k) scores, diffs (P, k) each pair's
+    chosen - rejected score per head. eval_ensemble_std: the heads' std per sequence, mean over
+    sequences; eval_score_std: the std of the ensemble mean across sequences (the scale to read the
+    disagreement against); eval_head_correlation: the mean Pearson correlation of two heads' scores
+    over the sequences (1: the heads rank everything alike); each head's pairwise accuracy, worst and best."""
+    k = heads.shape[1]
+    corr = torch.corrcoef(heads.double().T)  # (k, k)
+    off = corr[~torch.eye(k, dtype=torch.bool)]
+    accuracy = (diffs > 0).double().mean(dim=0)  # (k,)
+    return {
+        "eval_ensemble_std": float(ensemble_std(heads).double().mean()),
+        "eval_score_std": float(heads.double().mean(dim=1).std()) if heads.shape[0] > 1 else 0.0,
+        "eval_head_correlation": float(off.mean()),
+        "eval_head_accuracy_min": float(accuracy.min()), "eval_head_accuracy_max": float(accuracy.max()),
+    }  # fmt: skip
 
 
 # ---- the trainer -----------------------------------------------------------------------------
@@ -168,6 +209,7 @@ class RewardResult(StageResult):
     eval_accuracy: float | None  # held-out pairwise accuracy at the end
     eval_loss: float | None
     flagged_labelers: list[str]
+    ensemble: dict | None = None  # k > 1 heads: their count and how much they disagree at the end (ensemble_diversity)
 
 
 def train_reward_model(config: RewardConfig) -> RewardResult:
@@ -200,6 +242,8 @@ def train_reward_model(config: RewardConfig) -> RewardResult:
         eval_batches = [pair_batch(eval_data[i : i + config.batch_size], pad_id)
                         for i in range(0, len(eval_data), config.batch_size)]  # fmt: skip
         order = run.data_order(len(train_data), config.batch_size)
+        k = config.stack.reward_heads
+        counts = bootstrap_counts(len(train_data), k, config.seed).T if k > 1 else None  # (pairs, k)
         total_steps = config.max_steps if config.max_steps is not None else config.epochs * order.steps_per_epoch
         start = run.resume()
         if start == 0 and eval_batches:  # the untrained baseline, so a curve starts at chance
@@ -214,8 +258,12 @@ def train_reward_model(config: RewardConfig) -> RewardResult:
             batch, margins = pair_batch([train_data[i] for i in order.batch(step)], pad_id)
             batch, margins = batch.to(rm.device), margins.to(rm.device)
             b = margins.shape[0]
-            scores = rm.score(batch.input_ids, batch.attention_mask, batch.prompt_lengths)  # (2B,)
-            loss, stats = reward_loss(scores[:b], scores[b:], margins)
+            scores = rm.score(batch.input_ids, batch.attention_mask, batch.prompt_lengths)  # (2B,), or (2B, k) for k heads
+            if counts is None:
+                loss, stats = reward_loss(scores[:b], scores[b:], margins)
+            else:  # each head on its own bootstrap resample of the pairs
+                weights = counts[order.batch(step)].to(rm.device)
+                loss, stats = ensemble_reward_loss(scores[:b], scores[b:], margins, weights)
 
             # step 5. update the reward parameters; a non-finite loss or gradient norm stops the run
             grad_norm = run.update(loss, optimizer, params, config.max_grad_norm)
@@ -244,6 +292,8 @@ def train_reward_model(config: RewardConfig) -> RewardResult:
             out=config.out, steps=max(total_steps, start), resumed_from=start, train_pairs=len(train_pairs),
             eval_pairs=len(eval_pairs), eval_accuracy=last_eval["eval_accuracy"], eval_loss=last_eval["eval_loss"],
             flagged_labelers=flagged, files=files,
-        )
+            ensemble=None if counts is None else {
+                "heads": k, **{key.removeprefix("eval_"): v for key, v in last_eval.items() if key in DIVERSITY}},
+        )  # fmt: skip
         run.finish(result)
     return result
