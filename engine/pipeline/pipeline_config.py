@@ -108,9 +108,9 @@ PIPELINE_PRESETS: dict[str, PipelineConfig] = {
     # SmolLM2-135M-Instruct (`make run-real`): no SFT; its own answers to the world's situations, ranked by the
     # rubric; RLOO groups with the exact KL to the base; sized for at most 20 minutes on a 2-core CPU
     "real": PipelineConfig(
-        model="smollm2-135m-instruct", sft_steps=0, samples_per_prompt=4, feedback_prompts=24, rm_epochs=2,
-        rm_lr=5e-4, max_length=160, ppo_steps=12, ppo_lr=5e-5, rollout_batch_size=4, advantage="rloo", group_size=4,
-        ppo_epochs=1, ppo_eval_prompts=8, kl_coef=0.05, max_new_tokens=48, temperature=1.0, eval_samples=2,
+        model="smollm2-135m-instruct", sft_steps=0, samples_per_prompt=4, feedback_prompts=0, rm_epochs=1,
+        rm_lr=3e-4, max_length=160, ppo_steps=12, ppo_lr=1e-4, rollout_batch_size=4, advantage="rloo", group_size=4,
+        ppo_epochs=1, ppo_eval_prompts=8, kl_coef=0.05, max_new_tokens=48, temperature=0.7, eval_samples=2,
         heldout_prompts=12, sweep_lr=2e-4, sweep_steps=24,  # the sweep (--kl-sweep) is sized, not yet run here
     ),
 }
