@@ -25,8 +25,8 @@ Gradient rule (kernels/_autograd.py): the quantized weight is frozen; x gets gra
 Why not bitsandbytes' own Linear4bit on CPU: with the avx512-bf16 repack off (the engine turns it off)
 every call runs ~55 us of Python dispatch, dequantizes the block scales and then the whole weight into a
 fresh fp32 tensor, then F.linear. Summed over SmolLM2-135M's four projection shapes at M = 32 (2 threads,
-this 2-core Zen 4 CPU, 2026-12-07) Linear4bit took 1.72x nn.Linear's fp32 time, this op 1.01x; at
-M = 1 / 8: 3.19x / 2.33x against 0.89x / 0.73x. Design and timings of the C++ kernel: csrc/nf4_linear.cpp;
+this 2-core Zen 4 CPU, 2026-12-07, quiet) Linear4bit took 1.76x nn.Linear's fp32 time, this op 1.07x; at
+M = 1 / 8: 3.42x / 2.59x against 0.93x / 0.72x (bench/RESULTS.md, "A real model on CPU"). Design and timings of the C++ kernel: csrc/nf4_linear.cpp;
 the benchmark: bench/bench_nf4_linear.py.
 """
 
