@@ -512,7 +512,7 @@ def test_an_extreme_log_ratio_stays_finite_in_the_trainer(tmp_path):
     sign = torch.where(torch.arange(m.shape[1]) % 2 == 0, 1.0, -1.0)
     traj.old_logprobs = torch.where(m, traj.old_logprobs + 50.0 * sign, 0)  # policy log-ratios -50 and +50
     traj.ref_logprobs = torch.where(m, traj.old_logprobs + 100.0 * sign, 0)  # KL log-ratios -100 and +100
-    traj.raw_scores, traj.scores, traj.source_scores = torch.ones(4), torch.ones(4), {}
+    traj.raw_scores, traj.scores, traj.proxy_scores, traj.source_scores = torch.ones(4), torch.ones(4), torch.ones(4), {}
     for kl_in in ("loss", "reward"):
         c = config(tmp_path, samples_per_prompt=2, kl_estimator="k3", kl_in=kl_in)
         assign_rewards(traj, c, beta=0.05)
