@@ -45,8 +45,12 @@ def probe() -> dict:
 
 
 def trl_reward(prompts, completions, **kwargs):
-    """bench_trainers.reward with TRL's reward-function signature (keyword arguments)."""
-    return reward(prompts, completions)
+    """bench_trainers.reward with TRL's reward-function signature (keyword arguments); conversational
+    records (a chat template) come as message lists: the user's prompt and the assistant's reply texts."""
+    def text(x):
+        return x[-1]["content"] if isinstance(x, list) else x
+
+    return reward([text(p) for p in prompts], [text(c) for c in completions])
 
 
 _FOLDED_MIB = [0.0]  # the largest VmHWM seen before a reset: the process's peak survives the step resets
@@ -155,7 +159,20 @@ def run_trl(spec: dict) -> dict:
                   use_cpu=True, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
                   seed=SEED, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
     files = spec["data"]
-    pairs = [{"prompt": r["prompt"] + SEPARATOR, "chosen": r["chosen"], "rejected": r["rejected"]}
+    # the records as ours lays them out (rlhf_engine.datasets.layout): with a chat template (an instruct
+    # model) a prompt is a user turn and a completion the assistant's reply, which TRL renders through the
+    # same template when its records are conversational; without one, the prompt, a newline, the completion
+    chat = bool(getattr(tok, "chat_template", None))
+    if chat:
+        notes.append("chat template: conversational records on TRL's side (user prompt, assistant completion), as ours")
+
+    def prompt_of(text: str):
+        return [{"role": "user", "content": text}] if chat else text + SEPARATOR
+
+    def reply_of(text: str):
+        return [{"role": "assistant", "content": text}] if chat else text
+
+    pairs = [{"prompt": prompt_of(r["prompt"]), "chosen": reply_of(r["chosen"]), "rejected": reply_of(r["rejected"])}
              for r in _read_jsonl(files["pairs"])]  # fmt: skip
     grpo = kind in ("grpo", "grpo_kl")
     if kind in ("dpo", "dpo_precomputed", "sft") and hasattr(tok, "_add_eos_if_not_present"):
@@ -169,7 +186,8 @@ def run_trl(spec: dict) -> dict:
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
                                  peft_config=lora)  # fmt: skip
     elif kind == "sft":
-        data = [{"prompt": r["prompt"] + SEPARATOR, "completion": r["completion"]} for r in _read_jsonl(files["sft"])]
+        data = [{"prompt": prompt_of(r["prompt"]), "completion": reply_of(r["completion"])}
+                for r in _read_jsonl(files["sft"])]  # fmt: skip
         args = trl.SFTConfig(**common, per_device_train_batch_size=sh["micro"],
                              gradient_accumulation_steps=sh["pairs"] // sh["micro"], max_length=max_length,
                              packing=False, completion_only_loss=True)  # fmt: skip
@@ -199,7 +217,7 @@ def run_trl(spec: dict) -> dict:
                               beta=GRPO_KL_BETA if kind == "grpo_kl" else 0.0, loss_type="dapo", scale_rewards="group",
                               epsilon=0.2, use_bias_correction_kl=False, num_iterations=1, generation_kwargs=gen_kwargs,
                               log_completions=False)  # fmt: skip
-        prompts = [{"prompt": r["prompt"] + SEPARATOR} for r in _read_jsonl(files["prompts"])]
+        prompts = [{"prompt": prompt_of(r["prompt"])} for r in _read_jsonl(files["prompts"])]
         trainer = trl.GRPOTrainer(model=model, reward_funcs=trl_reward, args=args,
                                   train_dataset=Dataset.from_list(prompts), processing_class=tok, peft_config=lora)
     else:
