@@ -219,14 +219,16 @@ def rollout_metrics(traj: Trajectory, config: PPOConfig, dist: Dist) -> dict:
         "kl_k3": kl3 / n if has_k3 else None,  # the same with Schulman's k3 estimate per token
         "entropy": ent / max(tokens, 1), "response_length": tokens / n, "eos_fraction": eos / n,
     }  # fmt: skip
-    for name, scores in traj.source_scores.items():
-        row[f"reward/{name}"] = dist.sum_floats(float(scores.double().sum()))[0] / n
-    # the proxy (the RM heads' plain mean), their disagreement, the gold scorer's: logged, never trained on
-    row["reward/proxy"] = dist.sum_floats(float(traj.proxy_scores.double().sum()))[0] / n
+    # each source's mean; the proxy (the RM heads' plain mean), their disagreement, the gold scorer's:
+    # logged, never trained on. One reduction over ranks for all of them.
+    per_row = {f"reward/{name}": scores for name, scores in traj.source_scores.items()}
+    per_row["reward/proxy"] = traj.proxy_scores
     if traj.ensemble is not None and traj.ensemble.shape[1] > 1:
-        row["reward/ensemble_std"] = dist.sum_floats(float(ensemble_std(traj.ensemble).double().sum()))[0] / n
+        per_row["reward/ensemble_std"] = ensemble_std(traj.ensemble)
     if traj.gold_scores is not None:
-        row["reward/gold"] = dist.sum_floats(float(traj.gold_scores.double().sum()))[0] / n
+        per_row["reward/gold"] = traj.gold_scores
+    sums = dist.sum_floats(*(float(v.double().sum()) for v in per_row.values()))
+    row.update({name: total / n for name, total in zip(per_row, sums)})
     if config.critic:
         values, returns = dist.gather_rows(traj.old_values), dist.gather_rows(traj.returns)
         row["explained_variance"] = explained_variance(values, returns, dist.gather_rows(traj.mask, fill=False))
