@@ -18,8 +18,9 @@ builds both and runs this. Both sides get:
   - the same synthetic data: JSONL for us, read into a datasets.Dataset for TRL (prompt + "\\n", our
     layout: rlhf_engine.datasets.layout.format_sample);
   - the same threads: --threads N sets torch.set_num_threads(N) and OMP/MKL_NUM_THREADS in the child
-    (each side with its own OpenMP wait policy: ours passive, rlhf_engine.core.threads; TRL's libgomp's
-    default, unless the environment sets OMP_WAIT_POLICY for both).
+    (each side with its own OpenMP wait policy: ours as `import rlhf_engine` chooses it by the machine's
+    load, rlhf_engine.core.threads; TRL's libgomp's default, unless the environment sets OMP_WAIT_POLICY for
+    both; each --json row records the policy its processes ran with, omp_wait_policy).
 
 Kinds (--kinds, all by default):
   dpo              DPO (sigmoid, beta 0.1), reference forward every step (the base: adapters off)
@@ -126,6 +127,33 @@ def write_data(work: str, shape: dict, n_steps: int) -> dict:
     return files
 
 
+def write_pair_ids(work: str, model: str, files: dict) -> dict:
+    """The reward model's pairs as our RM stage lays them out (rlhf_engine.datasets.samples.encode_pairs: the
+    chat template where the tokenizer has one, ending at the end-of-turn token), written as TRL's processed
+    records (chosen_ids / rejected_ids), so that TRL's RewardTrainer scores the very sequences ours does: a
+    conversational record is rendered by TRL with a newline after the end-of-turn token, and its classifier
+    reads the last token, so the two sides would score different positions. Also the pad id TRL's model must
+    use: one no pair contains (with pad == EOS, as SmolLM2's <|im_end|>, transformers' sequence classifier
+    would score the last token that is not EOS, i.e. skip the end-of-turn token ours scores)."""
+    from transformers import AutoTokenizer
+
+    from rlhf_engine.datasets.feedback import PreferencePair
+    from rlhf_engine.datasets.samples import encode_pairs
+
+    tok = AutoTokenizer.from_pretrained(model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # as rlhf_engine.model.loading
+    pairs = [PreferencePair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
+             for r in map(json.loads, open(files["pairs"]))]  # fmt: skip
+    encoded = encode_pairs(tok, pairs, max_length=sys.maxsize)
+    used = {i for (c, _), (r, _) in encoded for i in c + r}
+    pad = tok.pad_token_id if tok.pad_token_id not in used else min(set(range(len(tok))) - used)
+    path = os.path.join(work, "pair_ids.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"chosen_ids": c, "rejected_ids": r}) + "\n" for (c, _), (r, _) in encoded)
+    return {**files, "pair_ids": path, "pair_pad_id": pad}
+
+
 def save_preset(name: str, out_dir: str) -> None:
     """A MODEL_PRESETS base (seed SEED) written with save_pretrained, as the engine builds its presets."""
     from rlhf_engine.model.loading import build_preset  # the engine's own writer: the same base as --model NAME
@@ -136,7 +164,7 @@ def save_preset(name: str, out_dir: str) -> None:
 def stack_overrides(model: str, shape: dict, adapters: tuple) -> dict:
     return dict(model=model, quantization="nf4", compute_dtype="float32", device="cpu", lora_r=shape["lora_r"],
                 lora_alpha=shape["lora_alpha"], lora_dropout=0.0, target_modules="all-linear", adapters=adapters,
-                seed=SEED)  # fmt: skip
+                seed=SEED, fused_layers=shape.get("fused_layers", True))  # fmt: skip
 
 
 def write_initial_adapters(work: str, model: str, shape: dict, roles: set) -> dict:
@@ -376,6 +404,7 @@ def summarize(kind: str, side: str, threads: int, results: list[dict], shape: di
     for key in ("notes", "trainable_params"):
         if key in results[0]:
             row[key] = results[0][key]
+    row["omp_wait_policy"] = sorted({r.get("omp_wait_policy") or "?" for r in results})  # per process, as chosen
     return row
 
 
@@ -450,6 +479,8 @@ def parse_args(argv):
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one child may run (default 1800)")
     p.add_argument("--workdir", help="keep data, logs and outputs here (default: a temporary directory)")
     p.add_argument("--json", metavar="PATH", help="write one JSON row per (kind, threads, side) to PATH")
+    p.add_argument("--no-fused", action="store_true",
+                   help="ours with the model's own norm and MLP modules (stack.fused_layers=false; model/fused.py)")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -493,8 +524,10 @@ def _run(args, kinds, thread_counts, shape, work) -> int:
     model = os.path.abspath(args.model) if args.model else os.path.join(work, "model")
     if not args.model:
         save_preset(shape["model"], model)
-    shape = {**shape, "model": args.model or shape["model"]}
+    shape = {**shape, "model": args.model or shape["model"], **({"fused_layers": False} if args.no_fused else {})}
     files = write_data(work, shape, args.warmup + args.steps)
+    if "rm" in kinds:
+        files = write_pair_ids(work, model, files)
     init = write_initial_adapters(work, model, shape, {"reward" if k == "rm" else "policy" for k in kinds})
     peer = probe_peer(args.peer_python, work)
     meta = {"device": cpu_name(), "versions": {"ours": versions_ours(), "trl": peer.get("versions")},
@@ -568,6 +601,7 @@ def worker(argv: list[str]) -> int:
         # before torch, as the engine's own command line does: it sets its OpenMP wait policy while
         # libgomp is not yet loaded (rlhf_engine.core.threads); TRL's side runs with the library default
         import rlhf_engine  # noqa: F401
+    policy = os.environ.get("OMP_WAIT_POLICY") or "default"  # what libgomp reads when torch loads it
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -577,6 +611,7 @@ def worker(argv: list[str]) -> int:
         result = run_trl(spec)
     else:
         result = run_ours(spec)
+    result["omp_wait_policy"] = policy
     with open(spec["result"], "w") as f:
         json.dump(result, f)
     return 0

@@ -194,9 +194,14 @@ def run_trl(spec: dict) -> dict:
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok,
                                  peft_config=lora)  # fmt: skip
     elif kind == "rm":
+        # our RM stage's own token ids and a pad id absent from them (bench_trainers.write_pair_ids says why)
+        pad = files["pair_pad_id"]
+        model.config.pad_token_id = pad
+        notes.append(f"reward model: TRL gets our token ids (processed records) and pad id {pad}, so both score the "
+                     "same last token")  # fmt: skip
         args = trl.RewardConfig(**common, per_device_train_batch_size=sh["pairs"], gradient_accumulation_steps=1,
-                                max_length=max_length)  # ours has no micro-batches for the RM
-        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                                max_length=max_length, pad_token=tok.convert_ids_to_tokens(pad))  # no RM micro-batches
+        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(_read_jsonl(files["pair_ids"])),
                                     processing_class=tok, peft_config=lora)  # fmt: skip
     elif grpo:
         if hasattr(tok, "_add_eos_if_not_present"):

@@ -43,6 +43,8 @@ else:
     from rlhf_kernels.logprobs import logprobs, logprobs_ref
     from rlhf_kernels.nf4_linear import nf4_linear, nf4_linear_ref
     from rlhf_kernels.ppo_loss import PPOStats, ppo_loss, ppo_loss_ref
+    from rlhf_kernels.rms_norm import rms_norm, rms_norm_ref
+    from rlhf_kernels.swiglu import swiglu, swiglu_ref
     from rlhf_kernels.token_stats import token_stats, token_stats_ref
     from rlhf_kernels.value_loss import ValueStats, value_loss, value_loss_ref
     from rlhf_kernels.whiten import masked_whiten, masked_whiten_ref
@@ -51,4 +53,5 @@ else:
                "token_stats_ref", "gae", "gae_ref", "ppo_loss", "ppo_loss_ref", "PPOStats", "value_loss",
                "value_loss_ref", "ValueStats", "masked_whiten", "masked_whiten_ref", "kl_penalty", "kl_penalty_ref",
                "linear_logprobs", "linear_logprobs_ref", "linear_token_stats", "linear_token_stats_ref", "nf4_linear",
-               "nf4_linear_ref", "gumbel_argmax", "gumbel_argmax_ref", "gumbel_noise", "gumbel_streams"]
+               "nf4_linear_ref", "gumbel_argmax", "gumbel_argmax_ref", "gumbel_noise", "gumbel_streams",
+               "rms_norm", "rms_norm_ref", "swiglu", "swiglu_ref"]

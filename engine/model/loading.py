@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .config import MODEL_PRESETS, PRESET_TOKENIZERS, StackConfig
+from .fused import fuse_layers
 from .named import is_named, resolve_named
 from .tokenizers import TOKENIZERS
 
@@ -187,6 +188,8 @@ def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype
         disable_bnb_cpu_repack(model)
         if device.type == "cpu":
             route_nf4_through_kernels(model)
+    if config.fused_layers:
+        fuse_layers(model, dtype)
     copy_off_checkpoint_file(model)
     model.requires_grad_(False)
     return model, tokenizer
