@@ -20,9 +20,13 @@
 //  - M <= kTiledMaxRows: tiles of ~kTileBytes of weight rows are dequantized into a per-thread L2
 //    buffer and each multiplied by one single-threaded at::mm into its columns of y; threads split the
 //    tiles. 2 threads: M = 8: 0.93-1.20x; M = 32: 0.84-1.06x; M = 64: 0.97-1.07x.
-//  - larger M (training): the whole weight is dequantized (all threads) into one fp32 [N, K], then one
-//    multithreaded at::mm (M = 256: 0.99-1.07x; the dequantization is < 1% of the GEMM at M = 2048).
-// The backward (grad_x = grad_y @ W, training shapes) takes the last path at every M.
+//  - larger M (training): the tiled path on chunks of kTiledMaxRows rows of x, each chunk dequantizing
+//    the weight again: 1.01-1.04x at::mm at M = 384-1024, where the whole weight dequantized into a fresh
+//    fp32 [N, K] and one multithreaded at::mm (the path before) took 1.06-1.18x (medians of 15, summed
+//    over the four projections, 2 threads, quiet, 2026-12-07).
+// The backward (grad_x = grad_y @ W, any M): the whole weight dequantized, one multithreaded at::mm
+// (1.02-1.11x at::mm at M = 128-1024). Column tiles of W (every row's span [k0, k1) dequantized into a
+// per-thread buffer, one single-threaded at::mm into grad_x's columns) were tried and took 1.23-1.35x.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -444,16 +448,16 @@ at::Tensor nf4_linear_fwd(const at::Tensor& x, const at::Tensor& packed, const a
                 "nf4_linear_fwd: bias must be a contiguous fp32 [N] CPU tensor");
     b = bias->const_data_ptr<float>();
   }
-  if (M > kTiledMaxRows) {
-    const at::Tensor W = dequant_all(w, x.options());
-    return bias.has_value() ? at::addmm(*bias, x, W.t()) : at::mm(x, W.t());
-  }
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (M <= kFusedMaxRows || K == 0) {
     fused_forward(w, x.const_data_ptr<float>(), M, b, y.data_ptr<float>());
   } else {
-    tiled_forward(w, x, b, y);
+    for (int64_t m0 = 0; m0 < M; m0 += kTiledMaxRows) {  // chunks of up to kTiledMaxRows rows
+      const int64_t mr = std::min(kTiledMaxRows, M - m0);
+      at::Tensor y_rows = y.narrow(0, m0, mr);
+      tiled_forward(w, x.narrow(0, m0, mr), b, y_rows);
+    }
   }
   return y;
 }

@@ -1,7 +1,7 @@
 """kernels.nf4_linear against bitsandbytes (the dequantized weight, bit for bit) and the float64 reference
 (the exact fp32 weights, float64 x and matmul), on the C++ backend's three forward paths (M <= 16: fused,
 weight tiles of 6 rows dequantized in L1 and split over threads; M <= 256: weight tiles dequantized into
-per-thread L2 buffers, one at::mm each; larger M and every backward: the whole weight, one at::mm).
+per-thread L2 buffers, one at::mm each; larger M: the same on chunks of rows; the backward: the whole weight, one at::mm).
 
 Letters: M rows of x, K in-features, N out-features. Sizes are odd and prime where bitsandbytes allows:
 it quantizes any [N, K] as one flat sequence (blocks span rows when K % blocksize != 0, rows start on a
@@ -173,7 +173,8 @@ def test_quant_storage_other_than_uint8():
         (17, 30, 37, 32),  # the first tiled M
         (32, 192, 576, 64),  # tiled, the decode shape (8 prompts x 4 samples) of k/v proj
         (256, 67, 96, 64),  # the last tiled M; K % blocksize != 0 (blocks span rows)
-        (257, 23, 64, 64),  # the whole weight, one at::mm
+        (257, 23, 64, 64),  # two row chunks (256 + 1)
+        (600, 40, 688, 64),  # three row chunks; K % blocksize != 0 (blocks span rows)
     ],
 )
 def test_against_float64_reference(backend, M, N, K, blocksize, bias, double_quant):
