@@ -22,6 +22,9 @@ builds both and runs this. Both sides get:
     load, rlhf_engine.core.threads; TRL's libgomp's default, unless the environment sets OMP_WAIT_POLICY for
     both; each --json row records the policy its processes ran with, omp_wait_policy).
 
+Ours runs with the fused layers on (stack.fused_layers=true: rlhf_engine.model.fused; the engine's own
+default is off, see there); --no-fused runs ours with the model's own norm and MLP modules.
+
 Kinds (--kinds, all by default):
   dpo              DPO (sigmoid, beta 0.1), reference forward every step (the base: adapters off)
   dpo_precomputed  the same with the reference log-probs computed once before training
@@ -164,7 +167,7 @@ def save_preset(name: str, out_dir: str) -> None:
 def stack_overrides(model: str, shape: dict, adapters: tuple) -> dict:
     return dict(model=model, quantization="nf4", compute_dtype="float32", device="cpu", lora_r=shape["lora_r"],
                 lora_alpha=shape["lora_alpha"], lora_dropout=0.0, target_modules="all-linear", adapters=adapters,
-                seed=SEED, fused_layers=shape.get("fused_layers", True))  # fmt: skip
+                seed=SEED, fused_layers=shape.get("fused_layers", True))  # fmt: skip  (the bench measures ours fused)
 
 
 def write_initial_adapters(work: str, model: str, shape: dict, roles: set) -> dict:
@@ -480,7 +483,8 @@ def parse_args(argv):
     p.add_argument("--workdir", help="keep data, logs and outputs here (default: a temporary directory)")
     p.add_argument("--json", metavar="PATH", help="write one JSON row per (kind, threads, side) to PATH")
     p.add_argument("--no-fused", action="store_true",
-                   help="ours with the model's own norm and MLP modules (stack.fused_layers=false; model/fused.py)")
+                   help="ours with the model's own norm and MLP modules (the engine's default, stack.fused_layers=false; "
+                        "the bench runs ours with fused_layers=true otherwise: model/fused.py)")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
