@@ -140,14 +140,13 @@ def write_pair_ids(work: str, model: str, files: dict) -> dict:
     would score the last token that is not EOS, i.e. skip the end-of-turn token ours scores)."""
     from transformers import AutoTokenizer
 
-    from rlhf_engine.datasets.feedback import PreferencePair
+    from rlhf_engine.datasets.feedback import build_pairs, load_feedback
     from rlhf_engine.datasets.samples import encode_pairs
 
     tok = AutoTokenizer.from_pretrained(model)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # as rlhf_engine.model.loading
-    pairs = [PreferencePair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
-             for r in map(json.loads, open(files["pairs"]))]  # fmt: skip
+    pairs, _ = build_pairs(load_feedback(files["pairs"]))  # read as the RM stage reads them
     encoded = encode_pairs(tok, pairs, max_length=sys.maxsize)
     used = {i for (c, _), (r, _) in encoded for i in c + r}
     pad = tok.pad_token_id if tok.pad_token_id not in used else min(set(range(len(tok))) - used)

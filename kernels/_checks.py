@@ -1,4 +1,4 @@
-"""Input checks shared by the public ops: every bad input is one clear ValueError."""
+"""Input checks and the dtype rule shared by the public ops: every bad input is one clear ValueError."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import torch
 from rlhf_kernels._dispatch import debug_checks
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def math_dtype(*tensors) -> torch.dtype:
+    """The dtype a kernel's reference math runs in: float64 when any input is, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def check_float(name: str, t: torch.Tensor, *, min_dim: int = 0) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 from rlhf_kernels._autograd import first_order_only
-from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels._checks import check_float, check_same_device, math_dtype
 from rlhf_kernels._dispatch import resolve, triton_interpreted
 from rlhf_kernels._masks import check_scalar
 from rlhf_kernels._rows import as_rows3
@@ -45,11 +45,6 @@ def rms_norm_ref(x, weight, eps=1e-6):
     h = x.to(torch.promote_types(x.dtype, torch.float32))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
-
-
-def _math_dtype(*tensors):
-    wide = any(t.dtype == torch.float64 for t in tensors)
-    return torch.float64 if wide else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,7 +233,7 @@ class _RMSNormTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, rstd, weight = ctx.saved_tensors
-        dtype = _math_dtype(x, weight, grad_y)
+        dtype = math_dtype(x, weight, grad_y)
         h = x.to(dtype)
         if torch.is_grad_enabled():
             # create_graph: the saved rstd is a constant; recompute it from x

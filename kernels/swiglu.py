@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from rlhf_kernels._autograd import first_order_only
-from rlhf_kernels._checks import check_float, check_same_device
+from rlhf_kernels._checks import check_float, check_same_device, math_dtype
 from rlhf_kernels._dispatch import resolve
 from rlhf_kernels._masks import check_same_shape
 from rlhf_kernels._triton import flat_block, next_pow2, on_device, tl, triton
@@ -39,11 +39,6 @@ AUTO = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 def swiglu_ref(gate, up):
     """PyTorch reference, as HF's LlamaMLP (act_fn = silu); differentiable."""
     return F.silu(gate) * up
-
-
-def _math_dtype(*tensors):
-    wide = any(t.dtype == torch.float64 for t in tensors)
-    return torch.float64 if wide else torch.float32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,7 +168,7 @@ class _SwiGLUTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gate, up = ctx.saved_tensors
-        dtype = _math_dtype(gate, up, grad_out)
+        dtype = math_dtype(gate, up, grad_out)
         a, b, g = gate.to(dtype), up.to(dtype), grad_out.to(dtype)
         s = torch.sigmoid(a)
         d_gate = d_up = None

@@ -39,10 +39,14 @@ def test_the_wait_policy_is_set_before_torch_loads(given):
     assert out.stdout.strip().splitlines()[-1] == (given or "PASSIVE")
 
 
-def test_the_policy_follows_the_machine():
+def test_the_policy_follows_the_machine(tmp_path):
     from rlhf_engine.core.threads import _others_running, wait_policy
 
     assert wait_policy(0.3, 0, 2) is None and wait_policy(2.0, 0, 2) is None  # quiet (our own load included)
     assert wait_policy(1.7, 1, 2) == "PASSIVE"  # a task runnable now, before the load average shows it
     assert wait_policy(2.01, 0, 2) == "PASSIVE" and wait_policy(9.0, 0, 8) == "PASSIVE" and wait_policy(7.9, 0, 8) is None
-    assert _others_running() >= 0
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("1.73 1.70 1.57 3/125 15901\n")  # 3 runnable: this process and 2 others
+    assert _others_running(str(loadavg)) == 2
+    loadavg.write_text("0.10 0.20 0.30 1/125 15901\n")  # only this process
+    assert _others_running(str(loadavg)) == 0

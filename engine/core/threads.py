@@ -1,6 +1,6 @@
-"""OpenMP's wait policy for every CPU kernel of the process, chosen by the machine's load before torch loads: torch's ATen and
-MKL, and rlhf_kernels' C++ kernels (at::parallel_for), all run on the libgomp that torch bundles, which
-reads OMP_WAIT_POLICY once, when it is loaded.
+"""OpenMP's wait policy for every CPU kernel of the process, chosen by the machine's load before torch
+loads: torch's ATen and MKL, and rlhf_kernels' C++ kernels (at::parallel_for), all run on the libgomp that
+torch bundles, which reads OMP_WAIT_POLICY once, when it is loaded.
 
 libgomp's default lets a thread that finished its share of a parallel region spin (GOMP_SPINCOUNT,
 300000 iterations) before it sleeps. On a machine whose cores other processes also want, the spinning
@@ -41,14 +41,14 @@ def wait_policy(load1: float, others_running: int, cpus: int) -> str | None:
     return "PASSIVE" if others_running > 0 or load1 > cpus else None
 
 
-def _others_running() -> int:
+def _others_running(path: str = "/proc/loadavg") -> int:
     """Tasks the kernel finds runnable besides this one (/proc/loadavg's fourth field, R of R/T; the
     smallest of a few reads, so that a task waking for a moment does not count)."""
     counts = []
     for i in range(RUNNABLE_SAMPLES):
         if i:
             time.sleep(RUNNABLE_GAP_S)
-        with open("/proc/loadavg", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             counts.append(int(f.read().split()[3].split("/")[0]) - 1)
     return max(0, min(counts))
 
