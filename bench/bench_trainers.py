@@ -22,8 +22,8 @@ builds both and runs this. Both sides get:
     load, rlhf_engine.core.threads; TRL's libgomp's default, unless the environment sets OMP_WAIT_POLICY for
     both; each --json row records the policy its processes ran with, omp_wait_policy).
 
-Ours runs with the fused layers on (stack.fused_layers=true: rlhf_engine.model.fused; the engine's own
-default is off, see there); --no-fused runs ours with the model's own norm and MLP modules.
+Ours runs with the fused layers on (stack.fused_layers=true, the engine's default: rlhf_engine.model.fused);
+--no-fused runs ours with the model's own norm and MLP modules.
 
 Kinds (--kinds, all by default):
   dpo              DPO (sigmoid, beta 0.1), reference forward every step (the base: adapters off)
@@ -482,7 +482,7 @@ def parse_args(argv):
     p.add_argument("--workdir", help="keep data, logs and outputs here (default: a temporary directory)")
     p.add_argument("--json", metavar="PATH", help="write one JSON row per (kind, threads, side) to PATH")
     p.add_argument("--no-fused", action="store_true",
-                   help="ours with the model's own norm and MLP modules (the engine's default, stack.fused_layers=false; "
+                   help="ours with the model's own norm and MLP modules (stack.fused_layers=false; "
                         "the bench runs ours with fused_layers=true otherwise: model/fused.py)")
     args = p.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]

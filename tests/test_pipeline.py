@@ -112,11 +112,11 @@ def test_rerun_on_the_same_out_reuses_every_stage_and_reproduces_the_report(quic
 # ---- reward hacking (issue 19), on the quick run's SFT adapter and reward model -------------------------
 
 # PPO at beta = 0 from the quick run's SFT policy, held-out evaluations every 2 steps, measured on seed 0
-# (2026-12-07, CPU, 2 threads): at learning rate 2e-3 the hidden score rose from -1.00 to 1.71 (step 4),
-# then fell to 1.38 and 1.28 (steps 6, 8) while the RM's score rose from 8.07 to 8.73 and 8.62 and the KL
-# to the SFT policy went 36 -> 159 nats: the alarm fires at step 8. (At 1e-3 the hidden score peaked at
-# step 8 and fell too, but the RM's score levelled off just below its value there: no alarm in 30 steps.)
-HACK_LR = 2e-3
+# (2026-12-08, CPU, 2 threads, fused layers on): at learning rate 1.5e-3 the hidden score rose from -1.00
+# to 2.08 (step 4), then fell to 1.87 and 1.80 (steps 6, 8) while the RM's score rose from 6.90 to 7.91 and
+# 8.58: the alarm fires at step 8. (At 2e-3 the hidden score peaked at step 4 and fell, but the RM's score
+# fell with it: no alarm in 12 steps. The run is chaotic: fp32 rounding moves it, e.g. the fused layers'.)
+HACK_LR = 1.5e-3
 
 
 def test_beta_0_hacks_the_reward_model_and_stop_keeps_the_best_policy(quick):

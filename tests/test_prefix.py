@@ -166,6 +166,31 @@ def test_k_responses_to_left_padded_prompts_equal_the_unshared_forward(stack, un
     assert_same_grads(got_g, want_g)
 
 
+@pytest.mark.parametrize("role", ["reward", "policy"])
+def test_a_shared_prefix_backward_is_bitwise_the_same_every_time(stack, role):
+    # Rows that share a prompt sum their gradients into it: through the expanded cache (both roles) and
+    # the prefix's last hidden state, which the policy's rows read (it predicts their first token). On a
+    # CPU, advanced indexing's backward adds repeated rows in parallel in the threads' order: the same
+    # backward then differed in the last bits call to call (2 threads), which sent a chaotic PPO run to a
+    # different end each time. 4 prompts x 8 responses (a prompt's rows spread over the batch, as chosen
+    # and rejected halves are, so both threads add into it), 2 threads, six backward passes of one batch.
+    g = torch.Generator().manual_seed(5)
+    P, R = 40, 12
+    ids = torch.zeros(32, P + R, dtype=torch.long)
+    for b in range(32):
+        ids[b, :P] = torch.tensor(tokens(torch.Generator().manual_seed(b % 4), P))
+        ids[b, P:] = torch.tensor(tokens(g, R))
+    mask, caps = torch.ones_like(ids), torch.full((32,), P)
+    forward = {"reward": lambda: stack.reward(ids, mask, caps), "policy": lambda: stack.policy(ids, mask, caps)[:, P - 1 :]}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = {tuple(t.numpy().tobytes() for t in run(stack, forward[role], [role])[1].values()) for _ in range(6)}
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1
+
+
 def test_nothing_shared_is_the_plain_forward(stack):
     # distinct prompts: no plan, the one plain forward (bit for bit)
     batch = collate([(p[0][0], p[0][1]) for p in pairs(seed=4)], pad_id=0)

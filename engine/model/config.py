@@ -83,7 +83,7 @@ class StackConfig:
     reward_heads: int = 1  # scalar heads on the reward adapter's hidden state: k > 1 is an ensemble (engine rm trains each on its own bootstrap of the pairs)
     seed: int = 0  # seeds the random init of a preset base and of the adapters and heads
     shared_prefix: bool = True  # rows that share a prompt run it once (model/prefix.py); False: every row whole
-    fused_layers: bool = False  # True: RMSNorm and SwiGLU MLPs through rlhf_kernels' fused ops (model/fused.py), less memory kept for backward; off by default until its run-to-run nondeterminism is found
+    fused_layers: bool = True  # RMSNorm and SwiGLU MLPs through rlhf_kernels' fused ops (model/fused.py): less memory kept for backward; False: the model's own modules
 
     def validate(self, *, classifier_ok: bool = False) -> StackConfig:
         """The checks of every field; `classifier_ok`: the model may be a ...ForSequenceClassification

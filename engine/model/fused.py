@@ -18,11 +18,9 @@ equals down(silu(gate(x)) * up(x)) on a probe (whatever its activation's class).
 probe per module class (and activation class), on the module itself, before LoRA wraps its linear layers
 (peft replaces them as attributes, which the fused forward reads at call time).
 
-Off by default (StackConfig.fused_layers, `--fused-layers true`): with it on, two runs of the same PPO test
-(tests/test_pipeline.py's beta = 0 run at a learning rate of 2e-3) ended at different scores (best held-out
-gold 1.09, 1.16, 1.19 across runs; identical runs with it off), while every unit comparison here agrees with
-the model's own modules to fp32 rounding. Turning off the norms or the product's recompute alone did not
-remove it; the cause is not found yet (2026-12-07).
+On by default (StackConfig.fused_layers; `--fused-layers false` keeps the model's own modules). Runs with it
+on are bit-reproducible: a run-to-run difference once blamed on it was the shared-prefix gathers' parallel
+backward (model/prefix.py, 2026-12-08).
 """
 
 from __future__ import annotations

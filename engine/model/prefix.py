@@ -110,7 +110,7 @@ def prefix_hidden(stack, adapter: str | None, plan: PrefixPlan) -> torch.Tensor:
     # step 1. the G prefixes, left-padded, filling the cache
     pre = stack.hidden_states(adapter, plan.prefix_ids, plan.prefix_mask, past_key_values=cache)  # (G, L, H)
     # step 2. one cache row per row (a gather: its backward sums each row's gradient into its prefix)
-    cache.batch_select_indices(plan.group)
+    _expand_cache(cache, plan.group)
     L, S = plan.prefix_ids.shape[1], plan.suffix_ids.shape[1]
     mask = torch.cat([plan.prefix_mask[plan.group], plan.suffix_mask], dim=1)  # (B, L + S)
     positions = plan.prefix_length[:, None] + torch.arange(S, device=mask.device)[None, :]
@@ -119,5 +119,34 @@ def prefix_hidden(stack, adapter: str | None, plan: PrefixPlan) -> torch.Tensor:
     # step 3. back to the caller's layout
     H = own.shape[-1]
     flat = torch.cat([own.new_zeros(1, H), pre[:, -1], own.reshape(-1, H)])
-    return flat[plan.gather]
+    return _gather_rows(flat, plan.gather)
+
+
+def _expand_cache(cache, group: torch.Tensor) -> None:
+    """Every layer's cached keys and values, (G, ...) -> (B, ...) by `group`: DynamicCache's own
+    batch_select_indices on CUDA; on a CPU the same gather through index_select, whose backward sums the
+    rows sharing a prefix in a fixed order (_gather_rows says why)."""
+    from transformers.cache_utils import DynamicLayer
+
+    own_select = all(type(layer).batch_select_indices is DynamicLayer.batch_select_indices for layer in cache.layers)
+    if group.device.type == "cuda" or not own_select:  # a layer that selects more than keys and values
+        cache.batch_select_indices(group)
+        return
+    for layer in cache.layers:
+        if layer.get_seq_length() > 0:
+            layer.keys = layer.keys.index_select(0, group)
+            layer.values = layer.values.index_select(0, group)
+
+
+def _gather_rows(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """flat[index] (index (B, T) into flat's rows), with a backward that sums repeated rows in a fixed
+    order. The gather repeats rows (the zero row at every unfilled position, a prefix's last state in every
+    row sharing it), so its backward accumulates. On a CPU, advanced indexing's backward (index_put_ with
+    accumulate) adds in parallel in whatever order the threads take: the same step gave gradients that
+    differed in the last bits from run to run with 2 threads (a shared-prefix reward-model step, 2026-12-08),
+    enough to send a chaotic PPO run elsewhere. index_select's backward (index_add_) adds in index order on
+    a CPU; on CUDA it adds with atomics, where index_put_'s sorted accumulate is the deterministic one."""
+    if flat.device.type == "cuda":
+        return flat[index]
+    return flat.index_select(0, index.reshape(-1)).view(*index.shape, flat.shape[-1])
 
