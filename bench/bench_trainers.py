@@ -20,7 +20,9 @@ builds both and runs this. Both sides get:
   - the same threads: --threads N sets torch.set_num_threads(N) and OMP/MKL_NUM_THREADS in the child
     (each side with its own OpenMP wait policy: ours as `import rlhf_engine` chooses it by the machine's
     load, rlhf_engine.core.threads; TRL's libgomp's default, unless the environment sets OMP_WAIT_POLICY for
-    both; each --json row records the policy its processes ran with, omp_wait_policy).
+    both; each --json row records the policy its processes ran with, omp_wait_policy); ours with the
+    engine's caching allocator for large CPU tensors unless RLHF_CPU_ALLOCATOR=system (rlhf_engine.core.
+    allocator; recorded per row as cpu_allocator).
 
 Ours runs with the fused layers on (stack.fused_layers=true, the engine's default: rlhf_engine.model.fused);
 --no-fused runs ours with the model's own norm and MLP modules.
@@ -407,6 +409,8 @@ def summarize(kind: str, side: str, threads: int, results: list[dict], shape: di
         if key in results[0]:
             row[key] = results[0][key]
     row["omp_wait_policy"] = sorted({r.get("omp_wait_policy") or "?" for r in results})  # per process, as chosen
+    if any("cpu_allocator" in r for r in results):
+        row["cpu_allocator"] = sorted({r["cpu_allocator"] for r in results if "cpu_allocator" in r})
     return row
 
 
@@ -615,6 +619,10 @@ def worker(argv: list[str]) -> int:
     else:
         result = run_ours(spec)
     result["omp_wait_policy"] = policy
+    if spec["side"] == "ours":  # which allocator served its large CPU tensors (rlhf_engine.core.allocator)
+        from rlhf_engine.core.allocator import cpu_allocator_stats
+
+        result["cpu_allocator"] = "caching" if cpu_allocator_stats() else "system"
     with open(spec["result"], "w") as f:
         json.dump(result, f)
     return 0

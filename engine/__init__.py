@@ -6,6 +6,7 @@ importing only the ones before it (tests/test_layout.py checks it):
 
     errors.py   the exceptions a user can act on (one `error:` line on the command line)
     core/       run machinery: configs' base and shared checks, files, the lock, seeded orders, devices,
+                the CPU allocator and OpenMP wait policy,
                 padding, the Run (checkpoint, resume, metrics, progress), data parallel
     model/      the one base with its LoRA roles (ModelStack), tokenizers, generation, hidden states ->
                 log-probs through rlhf_kernels            datasets/   readers, the text layout, batching

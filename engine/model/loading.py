@@ -16,6 +16,7 @@ import tempfile
 import torch
 from torch import nn
 
+from ..core.allocator import use_chosen_cpu_allocator
 from ..errors import ConfigError
 from .config import MODEL_PRESETS, PRESET_TOKENIZERS, StackConfig
 from .fused import fuse_layers
@@ -158,6 +159,8 @@ def load_causal_lm(config: StackConfig, device: torch.device, dtype: torch.dtype
     """(model, tokenizer) for config.model, quantized as configured, every base weight frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    if device.type == "cpu":
+        use_chosen_cpu_allocator()  # large CPU tensors through the caching allocator (core/allocator.py)
     with contextlib.ExitStack() as stack:
         path = config.model
         if config.model in MODEL_PRESETS:
