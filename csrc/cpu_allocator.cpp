@@ -23,13 +23,11 @@
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 #include <torch/library.h>
-#include <unistd.h>
 
 #include <cstdint>
 #include <list>
 #include <map>
 #include <mutex>
-#include <new>
 #include <unordered_map>
 #include <vector>
 
@@ -62,16 +60,16 @@ class CachingCPUAllocator final : public c10::Allocator {
     void* ptr = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      // an idle block of this class, or of a class at most kReuseSlack above it (best fit)
+      // an idle block of this class, or of a class at most 1/kReuseSlack above it (best fit; idle_ holds
+      // no empty class)
       auto it = idle_.lower_bound(bytes);
-      while (it != idle_.end() && it->second.empty() && it->first <= bytes + bytes / kReuseSlack) ++it;
-      if (it != idle_.end() && !it->second.empty() && it->first <= bytes + bytes / kReuseSlack) {
+      if (it != idle_.end() && it->first <= bytes + bytes / kReuseSlack) {
         auto pos = it->second.back();
-        it->second.pop_back();
-        ptr = pos->first;
         bytes = it->first;
+        ptr = pos->first;
+        it->second.pop_back();
+        if (it->second.empty()) idle_.erase(it);
         lru_.erase(pos);
-        idle_bytes_ -= bytes;
         ++hits_;
       } else {
         ++misses_;
@@ -109,7 +107,6 @@ class CachingCPUAllocator final : public c10::Allocator {
     live_bytes_ -= bytes;
     lru_.emplace_back(ptr, bytes);
     idle_[bytes].push_back(std::prev(lru_.end()));
-    idle_bytes_ += bytes;
   }
 
   // Unmap every idle block (what torch.ops.rlhf_kernels.cpu_allocator_trim does).
@@ -121,7 +118,6 @@ class CachingCPUAllocator final : public c10::Allocator {
       freed += static_cast<int64_t>(bytes);
     }
     mapped_bytes_ -= static_cast<size_t>(freed);
-    idle_bytes_ = 0;
     lru_.clear();
     idle_.clear();
     return freed;
@@ -129,7 +125,8 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    return {static_cast<int64_t>(min_bytes_), static_cast<int64_t>(live_bytes_), static_cast<int64_t>(idle_bytes_),
+    return {static_cast<int64_t>(min_bytes_), static_cast<int64_t>(live_bytes_),
+            static_cast<int64_t>(mapped_bytes_ - live_bytes_),  // idle: every mapped block is live or idle
             static_cast<int64_t>(mapped_bytes_), static_cast<int64_t>(peak_mapped_), static_cast<int64_t>(peak_live_),
             hits_, misses_, evictions_};
   }
@@ -140,21 +137,20 @@ class CachingCPUAllocator final : public c10::Allocator {
   // a block of ours returns to the cache, any other pointer goes to the fallback's own deleter.
   c10::DeleterFnPtr raw_deleter() const override { return &release_block; }
 
-  c10::Allocator* fallback() const { return fallback_; }
-
  private:
   void evict_oldest() {  // with mu_ held
     auto [old, old_bytes] = lru_.front();
-    auto& list = idle_[old_bytes];
+    auto cls = idle_.find(old_bytes);
+    auto& list = cls->second;
     for (auto p = list.begin(); p != list.end(); ++p) {
       if ((*p)->first == old) {
         list.erase(p);
         break;
       }
     }
+    if (list.empty()) idle_.erase(cls);
     lru_.pop_front();
     munmap(old, old_bytes);
-    idle_bytes_ -= old_bytes;
     mapped_bytes_ -= old_bytes;
     ++evictions_;
   }
@@ -164,9 +160,9 @@ class CachingCPUAllocator final : public c10::Allocator {
   size_t min_bytes_;
   std::mutex mu_;
   Lru lru_;                                                     // idle blocks, least recently freed first
-  std::map<size_t, std::vector<Lru::iterator>> idle_;  // size class -> its idle blocks
+  std::map<size_t, std::vector<Lru::iterator>> idle_;  // size class -> its idle blocks (never empty)
   std::unordered_map<void*, size_t> live_;                      // block -> its size class
-  size_t live_bytes_ = 0, idle_bytes_ = 0, mapped_bytes_ = 0, peak_mapped_ = 0, peak_live_ = 0;
+  size_t live_bytes_ = 0, mapped_bytes_ = 0, peak_mapped_ = 0, peak_live_ = 0;
   int64_t hits_ = 0, misses_ = 0, evictions_ = 0;
 };
 
@@ -188,16 +184,6 @@ bool install_cpu_allocator(int64_t min_bytes) {
   return c10::GetCPUAllocator() == g_allocator;
 }
 
-// Give CPU allocations back to the allocator that was in place before installation (blocks already
-// handed out still return to the cache when freed); false when it was never installed.
-bool uninstall_cpu_allocator() {
-  std::lock_guard<std::mutex> lock(g_install_mu);
-  if (g_allocator == nullptr) return false;
-  c10::SetCPUAllocator(g_allocator->fallback(), /*priority=*/UINT8_MAX);
-  g_allocator->trim();
-  return true;
-}
-
 bool cpu_allocator_installed() { return g_allocator != nullptr && c10::GetCPUAllocator() == g_allocator; }
 
 // [min_bytes, live, idle, mapped, peak mapped, peak live (bytes), hits, misses, evictions]; empty before
@@ -210,7 +196,6 @@ int64_t cpu_allocator_trim() { return g_allocator ? g_allocator->trim() : 0; }
 
 TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
   m.def("install_cpu_allocator(int min_bytes) -> bool", &install_cpu_allocator);
-  m.def("uninstall_cpu_allocator() -> bool", &uninstall_cpu_allocator);
   m.def("cpu_allocator_installed() -> bool", &cpu_allocator_installed);
   m.def("cpu_allocator_stats() -> int[]", &cpu_allocator_stats);
   m.def("cpu_allocator_trim() -> int", &cpu_allocator_trim);

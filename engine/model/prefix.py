@@ -123,30 +123,32 @@ def prefix_hidden(stack, adapter: str | None, plan: PrefixPlan) -> torch.Tensor:
 
 
 def _expand_cache(cache, group: torch.Tensor) -> None:
-    """Every layer's cached keys and values, (G, ...) -> (B, ...) by `group`: DynamicCache's own
-    batch_select_indices on CUDA; on a CPU the same gather through index_select, whose backward sums the
-    rows sharing a prefix in a fixed order (_gather_rows says why)."""
+    """Every layer's cached keys and values, (G, ...) -> (B, ...) by `group`, through _select_rows (what
+    DynamicCache.batch_select_indices does, with a backward in a fixed order); a cache whose layers select
+    more than keys and values keeps its own method."""
     from transformers.cache_utils import DynamicLayer
 
-    own_select = all(type(layer).batch_select_indices is DynamicLayer.batch_select_indices for layer in cache.layers)
-    if group.device.type == "cuda" or not own_select:  # a layer that selects more than keys and values
+    if any(type(layer).batch_select_indices is not DynamicLayer.batch_select_indices for layer in cache.layers):
         cache.batch_select_indices(group)
         return
     for layer in cache.layers:
         if layer.get_seq_length() > 0:
-            layer.keys = layer.keys.index_select(0, group)
-            layer.values = layer.values.index_select(0, group)
+            layer.keys = _select_rows(layer.keys, group)
+            layer.values = _select_rows(layer.values, group)
 
 
 def _gather_rows(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """flat[index] (index (B, T) into flat's rows), with a backward that sums repeated rows in a fixed
-    order. The gather repeats rows (the zero row at every unfilled position, a prefix's last state in every
-    row sharing it), so its backward accumulates. On a CPU, advanced indexing's backward (index_put_ with
-    accumulate) adds in parallel in whatever order the threads take: the same step gave gradients that
-    differed in the last bits from run to run with 2 threads (a shared-prefix reward-model step, 2026-12-08),
-    enough to send a chaotic PPO run elsewhere. index_select's backward (index_add_) adds in index order on
-    a CPU; on CUDA it adds with atomics, where index_put_'s sorted accumulate is the deterministic one."""
-    if flat.device.type == "cuda":
-        return flat[index]
-    return flat.index_select(0, index.reshape(-1)).view(*index.shape, flat.shape[-1])
+    """flat[index]: index (B, T) into flat's rows -> (B, T, H), through _select_rows."""
+    return _select_rows(flat, index.reshape(-1)).view(*index.shape, flat.shape[-1])
 
+
+def _select_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index] for a 1-D index into dim 0, with a backward that sums repeated rows in a fixed order. Both
+    gathers here repeat rows (a prefix's cache and last state in every row sharing it, the zero row at
+    every unfilled position), so their backward accumulates. On a CPU, advanced indexing's backward
+    (index_put_ with accumulate) adds in parallel in whatever order the threads take: the same step gave
+    gradients that differed in the last bits from run to run with 2 threads (a shared-prefix reward-model
+    step, 2026-12-08), enough to send a chaotic PPO run elsewhere. index_select's backward (index_add_) adds
+    in index order on a CPU; on CUDA it adds with atomics, where index_put_'s sorted accumulate is the
+    deterministic one."""
+    return t[index] if t.device.type == "cuda" else t.index_select(0, index)
