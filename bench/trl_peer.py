@@ -1,5 +1,5 @@
 """TRL's side of `python -m bench trainers`: run in the peer environment (.venv-bench, `make bench-venv`) by
-bench_trainers' worker entry, never by hand. Imports nothing of ours beyond bench_trainers' constants and
+trainer_sides' worker entry, never by hand. Imports nothing of ours beyond trainer_sides' constants and
 reward: rlhf_engine is not installed there, and TRL is not installed in ours.
 
 TRL 1.16 differs from our trainers in ways the bench keeps (they are how TRL works) and in ways it turns
@@ -14,7 +14,7 @@ import os
 import platform
 import time
 
-from bench.bench_trainers import DPO_BETA, GRPO_KL_BETA, LR, SEED, SEPARATOR, reward
+from bench.trainer_sides import DPO_BETA, GRPO_KL_BETA, LR, SEED, SEPARATOR, reward
 
 TRAINERS = {"dpo": "DPOTrainer", "dpo_precomputed": "DPOTrainer", "grpo": "GRPOTrainer", "grpo_kl": "GRPOTrainer",
             "sft": "SFTTrainer", "rm": "RewardTrainer", "ppo": "PPOTrainer"}  # fmt: skip
@@ -45,7 +45,7 @@ def probe() -> dict:
 
 
 def trl_reward(prompts, completions, **kwargs):
-    """bench_trainers.reward with TRL's reward-function signature (keyword arguments); conversational
+    """trainer_sides.reward with TRL's reward-function signature (keyword arguments); conversational
     records (a chat template) come as message lists: the user's prompt and the assistant's reply texts."""
     def text(x):
         return x[-1]["content"] if isinstance(x, list) else x
@@ -128,7 +128,7 @@ def load_initial_weights(model, spec: dict, role: str) -> int:
 
 def run_trl(spec: dict) -> dict:
     """TRL's trainer for spec["kind"] on the same base, data, adapter and sizes as ours; -> per-step times,
-    peaks, losses (the same fields as bench_trainers.run_ours)."""
+    peaks, losses (the same fields as trainer_sides.run_ours)."""
     import torch
     import trl
     from datasets import Dataset
@@ -194,7 +194,7 @@ def run_trl(spec: dict) -> dict:
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(data), processing_class=tok,
                                  peft_config=lora)  # fmt: skip
     elif kind == "rm":
-        # our RM stage's own token ids and a pad id absent from them (bench_trainers.write_pair_ids says why)
+        # our RM stage's own token ids and a pad id absent from them (trainer_sides.write_pair_ids says why)
         pad = files["pair_pad_id"]
         model.config.pad_token_id = pad
         notes.append(f"reward model: TRL gets our token ids (processed records) and pad id {pad}, so both score the "
